@@ -1,0 +1,22 @@
+"""rateq: per-head rate-distortion bit allocation for the KV cache of transformers models.
+
+calibrate (measure distortion curves) → solve (bits per head at a budget) → apply (a packed mixed-precision
+cache) → eval (perplexity, KL, routing flips at matched storage).
+"""
+
+from .curves import Curves
+from .errors import RateQError
+from .models import DEFAULT_MODEL, ModelFingerprint, fingerprint, load_model
+from .plan import Plan
+from .policy import CachePolicy
+from .quant.spec import KIVI, QuantSpec, parse_spec
+from .simulate import plan_transform, simulate, simulate_plan
+from .text import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, load_text, text_windows, token_windows, tokenize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CachePolicy", "Curves", "DEFAULT_CALIBRATION_TEXT", "DEFAULT_EVAL_TEXT", "DEFAULT_MODEL", "KIVI",
+    "ModelFingerprint", "Plan", "QuantSpec", "RateQError", "fingerprint", "load_model", "load_text", "parse_spec",
+    "plan_transform", "simulate", "simulate_plan", "text_windows", "token_windows", "tokenize", "__version__",
+]

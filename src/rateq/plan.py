@@ -1,0 +1,109 @@
+"""`Plan`: bits and quantizer per unit (layer, KV head, K or V) — the solver's output, the runtime's input.
+
+Saving and loading as a safetensors profile, and JSON export, live in `rateq.profile`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import RateQError
+from .models import ModelFingerprint
+from .policy import CachePolicy
+from .quant.spec import KIVI, QuantSpec
+
+
+@dataclass
+class Plan:
+    k_bits: torch.Tensor  # (L, H) int: code bits of each layer's KV head keys (16 = unquantized fp16)
+    v_bits: torch.Tensor  # (L, H) int
+    k_quantizer: torch.Tensor  # (L, H) int: index into `quantizers`
+    v_quantizer: torch.Tensor  # (L, H) int
+    quantizers: list[QuantSpec]
+    model: ModelFingerprint
+    budget_bits: float | None = None  # the effective-bits budget it was solved for (None: hand-made)
+    policy: CachePolicy = field(default_factory=CachePolicy)  # runtime defaults (residual, block, sinks)
+    calibration: dict = field(default_factory=dict)  # data, tokens, metric, seed, … of the curves behind it
+    solver: dict = field(default_factory=dict)  # method, predicted distortion, gap, seconds
+    weights: torch.Tensor | None = None  # (L, H, 2) elements per unit (counts); None = all equal
+
+    def __post_init__(self):
+        L, H = self.model.num_layers, self.model.num_kv_heads
+        for name in ("k_bits", "v_bits", "k_quantizer", "v_quantizer"):
+            t = torch.as_tensor(getattr(self, name)).to(torch.int64)
+            if tuple(t.shape) != (L, H):
+                raise RateQError(f"plan {name} has shape {tuple(t.shape)}, expected ({L}, {H}) for {self.model.name}")
+            setattr(self, name, t)
+        for bits in (self.k_bits, self.v_bits):
+            bad = ~(((bits >= 1) & (bits <= 8)) | (bits == 16))
+            if bad.any():
+                raise RateQError(f"plan bits must be 1..8 or 16, found {sorted(set(bits[bad].tolist()))}")
+        nq = len(self.quantizers)
+        for q in (self.k_quantizer, self.v_quantizer):
+            if q.numel() and (q.min() < 0 or q.max() >= nq):
+                raise RateQError(f"plan quantizer ids must be in 0..{nq - 1}")
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, model: ModelFingerprint, k_bits: int, v_bits: int | None = None,
+                spec: QuantSpec = KIVI, **kw) -> "Plan":
+        """Every head at the same bits (KxVy); `v_bits` defaults to `k_bits`."""
+        L, H = model.num_layers, model.num_kv_heads
+        v_bits = k_bits if v_bits is None else v_bits
+        full = lambda v: torch.full((L, H), int(v), dtype=torch.int64)  # noqa: E731
+        return cls(full(k_bits), full(v_bits), full(0), full(0), [spec], model, **kw)
+
+    # -- per-unit views --------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.model.num_kv_heads
+
+    def bits(self, role: str) -> torch.Tensor:
+        return self.k_bits if role == "k" else self.v_bits
+
+    def quantizer_ids(self, role: str) -> torch.Tensor:
+        return self.k_quantizer if role == "k" else self.v_quantizer
+
+    def spec(self, layer: int, head: int, role: str) -> QuantSpec:
+        return self.quantizers[int(self.quantizer_ids(role)[layer, head])]
+
+    def unit_bits_per_element(self) -> torch.Tensor:
+        """`(L, H, 2)` effective bits per element of every unit (code + metadata)."""
+        out = torch.empty(self.num_layers, self.num_kv_heads, 2, dtype=torch.float64)
+        for r, role in enumerate(("k", "v")):
+            bits, qid = self.bits(role), self.quantizer_ids(role)
+            for i, spec in enumerate(self.quantizers):
+                for b in bits.unique().tolist():
+                    sel = (qid == i) & (bits == b)
+                    if sel.any():
+                        out[..., r][sel] = spec.bits_per_element(int(b))
+        return out
+
+    def _mean(self, x: torch.Tensor) -> float:
+        if self.weights is None:
+            return float(x.mean())
+        w = self.weights.to(torch.float64)
+        return float((x * w).sum() / w.sum())
+
+    @property
+    def effective_bits(self) -> float:
+        """Average stored bits per cached K/V element, metadata included (what `--budget` means)."""
+        return self._mean(self.unit_bits_per_element())
+
+    @property
+    def nominal_bits(self) -> float:
+        """Average code bits per cached K/V element (what most papers report)."""
+        return self._mean(torch.stack([self.k_bits, self.v_bits], -1).to(torch.float64))
+
+    def mean_bits(self, role: str) -> float:
+        return float(self.bits(role).to(torch.float64).mean())
+
+    def describe(self) -> str:
+        return (f"{self.model.name}: {self.effective_bits:.3f} effective bits ({self.nominal_bits:.3f} nominal), "
+                f"K {self.mean_bits('k'):.2f} / V {self.mean_bits('v'):.2f} mean code bits")

@@ -1,0 +1,60 @@
+"""Which cached tokens are stored quantized, shared by the runtime cache and the one-pass evaluation.
+
+With `n` tokens in the cache (KIVI's policy, plus optional sinks):
+- the first `sinks` tokens stay full precision for good;
+- values are quantized per token as they leave the full-precision residual window of the last `residual`
+  tokens: positions `[sinks, n - residual)` are quantized;
+- keys are quantized per channel over blocks of `block` tokens (blocks counted from `sinks`), once a block
+  lies wholly outside the residual window. At most `residual + block - 1` keys are full precision.
+Stored codes are never re-quantized: the quantized prefix only grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import RateQError
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    residual: int = 0
+    block: int = 32
+    sinks: int = 0
+
+    def __post_init__(self):
+        if self.residual < 0 or self.sinks < 0 or self.block < 1:
+            raise RateQError("residual and sinks must be ≥ 0 and block ≥ 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def quantized_values(self, n: int) -> int:
+        """End (exclusive) of the quantized value range `[sinks, ·)` with `n` tokens cached."""
+        return max(self.sinks, n - self.residual)
+
+    def quantized_keys(self, n: int) -> int:
+        """End (exclusive) of the quantized key range `[sinks, ·)`: whole blocks out of the residual window."""
+        span = max(0, n - self.residual - self.sinks)
+        return self.sinks + (span // self.block) * self.block
+
+    def view_lengths(self, q_len: int, prefill: int | None = None) -> torch.Tensor:
+        """Cache length each query position sees: a prefill of `prefill` tokens is written at once (every query
+        inside it sees the cache after the whole prefill); later tokens arrive one by one."""
+        pos = torch.arange(q_len)
+        if prefill is None:
+            prefill = q_len
+        return torch.maximum(pos + 1, torch.full_like(pos, min(prefill, q_len)))
+
+    def quantized_masks(self, q_len: int, kv_len: int | None = None, prefill: int | None = None):
+        """Boolean `(q_len, kv_len)` masks: True where query i sees key/value j in its quantized form."""
+        kv_len = q_len if kv_len is None else kv_len
+        n = self.view_lengths(q_len, prefill)  # (q_len,)
+        j = torch.arange(kv_len)
+        kend = torch.tensor([self.quantized_keys(int(v)) for v in n])
+        vend = torch.tensor([self.quantized_values(int(v)) for v in n])
+        kmask = (j[None, :] >= self.sinks) & (j[None, :] < kend[:, None])
+        vmask = (j[None, :] >= self.sinks) & (j[None, :] < vend[:, None])
+        return kmask, vmask

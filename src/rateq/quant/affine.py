@@ -1,0 +1,129 @@
+"""Uniform group quantization: pure functions, no state.
+
+Tensors here are K or V of one layer laid out `(B, H, T, D)` (batch, KV heads, tokens, head_dim).
+`to_groups` views them as `(..., n_groups, G)` with the group as the last dim, whichever direction the
+groups run in, so `quantize_groups` / `dequantize_groups` only ever reduce over the last dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .spec import FULL_PRECISION_BITS, QuantSpec
+
+_STORE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    return _STORE_DTYPE[name]
+
+
+def _round_to(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Round fp32 `x` to the storage format `name` and back (what the stored metadata really holds)."""
+    return x.to(_STORE_DTYPE[name]).to(torch.float32)
+
+
+@dataclass
+class QuantizedGroups:
+    """Codes `(..., n_groups, G)` uint8 plus per-group metadata `(..., n_groups, 1)` in fp32 (already rounded
+    to the storage format). `zero` is the group minimum (float zero), the integer zero-point (code zero), or
+    None (symmetric)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
+def quantize_groups(x: torch.Tensor, bits: int, spec: QuantSpec) -> QuantizedGroups:
+    """Quantize `(..., G)` groups along the last dim at `bits` in 1..8."""
+    x = x.to(torch.float32)
+    levels = (1 << bits) - 1
+    if spec.kind == "symmetric":
+        # Mid-rise: 2**bits levels at ±(i + 1/2)·s, no zero level, so even 1 bit is a usable sign code.
+        amax = x.abs().amax(-1, keepdim=True)
+        scale = _round_to(amax / (levels / 2.0), spec.scale_dtype).clamp_min(1e-12)
+        codes = torch.clamp(torch.floor(x / scale + (levels + 1) / 2.0), 0, levels)
+        return QuantizedGroups(codes.to(torch.uint8), scale, None)
+    lo = x.amin(-1, keepdim=True)
+    hi = x.amax(-1, keepdim=True)
+    scale = _round_to((hi - lo) / levels, spec.scale_dtype).clamp_min(1e-12)
+    if spec.zero == "code":
+        zero = torch.clamp(torch.round(-lo / scale), 0, levels)
+        codes = torch.clamp(torch.round(x / scale) + zero, 0, levels)
+    else:
+        zero = _round_to(lo, spec.scale_dtype)
+        codes = torch.clamp(torch.round((x - zero) / scale), 0, levels)
+    return QuantizedGroups(codes.to(torch.uint8), scale, zero)
+
+
+def dequantize_groups(q: QuantizedGroups, bits: int, spec: QuantSpec, dtype=torch.float32) -> torch.Tensor:
+    codes = q.codes.to(torch.float32)
+    if spec.kind == "symmetric":
+        levels = (1 << bits) - 1
+        out = (codes - levels / 2.0) * q.scale
+    elif spec.zero == "code":
+        out = (codes - q.zero) * q.scale
+    else:
+        out = codes * q.scale + q.zero
+    return out.to(dtype)
+
+
+def to_groups(x: torch.Tensor, axis: str, group_size: int) -> torch.Tensor:
+    """`(B, H, T, D)` → `(B, H, n, G)`-shaped groups. `tokens`: T must be a multiple of G; `channels`: D must."""
+    B, H, T, D = x.shape
+    if axis == "tokens":
+        if T % group_size:
+            raise ValueError(f"{T} tokens do not split into groups of {group_size}")
+        # (B, H, T/G, G, D) → (B, H, T/G, D, G): one group per (block, channel)
+        return x.reshape(B, H, T // group_size, group_size, D).transpose(-1, -2).reshape(B, H, -1, group_size)
+    if D % group_size:
+        raise ValueError(f"head_dim {D} does not split into groups of {group_size}")
+    return x.reshape(B, H, T * (D // group_size), group_size)
+
+
+def from_groups(g: torch.Tensor, axis: str, group_size: int, shape: torch.Size) -> torch.Tensor:
+    """Inverse of `to_groups`."""
+    B, H, T, D = shape
+    if axis == "tokens":
+        return g.reshape(B, H, T // group_size, D, group_size).transpose(-1, -2).reshape(B, H, T, D)
+    return g.reshape(B, H, T, D)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str) -> torch.Tensor:
+    """Quantize and dequantize `(B, H, T, D)` K or V (role 'k'/'v') at one bit width; same dtype out.
+
+    Along tokens, T must be a multiple of the group size (callers quantize only complete key blocks).
+    """
+    if bits >= FULL_PRECISION_BITS:
+        return x.to(torch.float16).to(x.dtype)
+    axis = spec.axis_for(role)
+    groups = to_groups(x, axis, spec.group_size)
+    q = quantize_groups(groups, bits, spec)
+    return from_groups(dequantize_groups(q, bits, spec), axis, spec.group_size, x.shape).to(x.dtype)
+
+
+def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str) -> torch.Tensor:
+    """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)`.
+
+    The grouped layout is built once and every candidate is returned in one tensor, so calibration scores all
+    bit widths of a unit in one pass.
+    """
+    axis = spec.axis_for(role)
+    groups = to_groups(x, axis, spec.group_size).to(torch.float32)
+    outs = []
+    for b in bits:
+        if b >= FULL_PRECISION_BITS:
+            outs.append(x.to(torch.float16).to(torch.float32))
+            continue
+        q = quantize_groups(groups, b, spec)
+        outs.append(from_groups(dequantize_groups(q, b, spec), axis, spec.group_size, x.shape))
+    return torch.stack(outs).to(x.dtype)
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's `compute_error`)."""
+    x = x.to(torch.float64)
+    err = (x - x_hat.to(torch.float64)).pow(2).sum()
+    return float(10 * torch.log10(x.pow(2).sum() / err.clamp_min(1e-300)))

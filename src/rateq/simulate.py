@@ -1,0 +1,105 @@
+"""One-pass fake-quant evaluation: the whole sequence in one forward, each query seeing the cache as the runtime
+would have stored it when that query ran.
+
+A `KVTransform(layer, role, x)` returns the stored (quantized → dequantized) form of every position of
+`x (B, Hkv, T, D)`. The `CachePolicy` says which positions a query at step t sees in stored form: keys in
+complete blocks out of the residual window, values out of the residual window, never the sinks. Because
+stored history is never re-quantized, a position's stored form does not depend on the query, so one transform
+per layer and a mask per (query, key) pair reproduce token-by-token decoding through `RateQCache` exactly.
+
+With `residual=0, sinks=0` and a full-sequence prefill every position is stored quantized for every query:
+the standard simulated-quantization protocol of the papers (e.g. KVQuant's teacher-forced perplexity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from .errors import RateQError
+from .hooks import attention_hook, plain_attention, repeat_kv
+from .plan import Plan
+from .policy import CachePolicy
+from .quant.affine import fake_quantize
+
+KVTransform = Callable[[int, str, torch.Tensor], torch.Tensor]
+
+
+def plan_transform(plan: Plan, policy: CachePolicy) -> KVTransform:
+    """The stored form of K/V under `plan`: heads grouped by (bits, quantizer), one quantize call per group.
+
+    Keys are quantized over whole blocks from `policy.sinks`; the ragged tail (never seen quantized by any
+    query) is left as is. Values are quantized per token at every position.
+    """
+
+    def transform(layer: int, role: str, x: torch.Tensor) -> torch.Tensor:
+        bits, qids = plan.bits(role)[layer], plan.quantizer_ids(role)[layer]  # (H,)
+        out = x.clone()
+        start = policy.sinks
+        end = x.shape[2]
+        if role == "k":
+            end = start + ((end - start) // policy.block) * policy.block
+        if end <= start:
+            return out
+        for b, qi in torch.unique(torch.stack([bits, qids], 1), dim=0).tolist():
+            heads = ((bits == b) & (qids == qi)).nonzero().flatten()
+            spec = plan.quantizers[qi]
+            if role == "k" and spec.axis_for("k") == "tokens" and policy.block % spec.group_size:
+                raise RateQError(f"key block {policy.block} is not a multiple of quantizer group {spec.group_size}")
+            seg = x[:, heads, start:end]  # (B, h, T', D)
+            out[:, heads, start:end] = fake_quantize(seg, int(b), spec, role)
+        return out
+
+    return transform
+
+
+def _mixed_attention(module, query, key, value, key_hat, value_hat, kmask, vmask, attention_mask, scaling):
+    """Eager attention where query i sees key/value j in stored form where `kmask/vmask[i, j]`."""
+    groups = query.shape[1] // key.shape[1]
+    k, kh = repeat_kv(key, groups), repeat_kv(key_hat, groups)  # (B, Hq, S, D)
+    v, vh = repeat_kv(value, groups), repeat_kv(value_hat, groups)
+    scores = torch.where(kmask, query @ kh.transpose(-1, -2), query @ k.transpose(-1, -2)) * scaling  # (B, Hq, T, S)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = (probs * vmask) @ vh + (probs * ~vmask) @ v  # (B, Hq, T, D)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+@contextlib.contextmanager
+def simulate(model, transform: KVTransform, policy: CachePolicy = CachePolicy(), *, prefill: int | None = None):
+    """Inside the block, forward calls of `model` (no cache) run with K/V in stored form as `policy` dictates.
+
+    `prefill`: length of the first chunk written to the cache at once (None: the whole sequence, the standard
+    one-pass protocol); tokens after it are treated as decoded one at a time.
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if query.shape[2] != key.shape[2]:
+            raise RateQError("the one-pass evaluation runs whole sequences without a cache (use_cache=False)")
+        layer = module.layer_idx
+        key_hat = transform(layer, "k", key)
+        value_hat = transform(layer, "v", value)
+        T = query.shape[2]
+        kmask, vmask = policy.quantized_masks(T, T, prefill)
+        kmask, vmask = kmask.to(query.device), vmask.to(query.device)
+        kcol, vcol = kmask[-1], vmask[-1]
+        if torch.equal(kmask, kcol.expand_as(kmask)) and torch.equal(vmask, vcol.expand_as(vmask)):
+            # Every query sees the same positions quantized (R = 0, full prefill): mix once, use fused SDPA.
+            k = torch.where(kcol[None, None, :, None], key_hat, key)
+            v = torch.where(vcol[None, None, :, None], value_hat, value)
+            return plain_attention(module, query, k, v, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        return _mixed_attention(module, query, key, value, key_hat, value_hat, kmask, vmask, attention_mask, scaling)
+
+    with attention_hook(model, attention):
+        yield
+
+
+def simulate_plan(model, plan: Plan, policy: CachePolicy | None = None, *, prefill: int | None = None):
+    """`simulate` with the plan's own quantizers; `policy` defaults to the plan's."""
+    policy = plan.policy if policy is None else policy
+    return simulate(model, plan_transform(plan, policy), policy, prefill=prefill)

@@ -1,0 +1,122 @@
+"""Text for calibration and evaluation: bundled aliases, local files, and `datasets` specs.
+
+Bundled (public domain, compressed package data, from Debian's r-cran-janeaustenr and jargon-text):
+`austen-emma` (calibration default), `austen-pp` (Pride and Prejudice, evaluation default), `jargon`
+(the Jargon File 4.4.7, a second evaluation domain). Keep calibration and evaluation text apart.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import RateQError
+
+DEFAULT_CALIBRATION_TEXT = "austen-emma"
+DEFAULT_EVAL_TEXT = "austen-pp"
+
+BUNDLED_TEXT = {
+    "austen-emma": "austen_emma.txt.xz",
+    "austen-pp": "austen_prideprejudice.txt.xz",
+    "jargon": "jargon.txt.xz",
+}
+DATASET_ALIASES = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
+    "wikitext2-train": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
+}
+
+
+def load_text(spec: str) -> str:
+    """Return the whole text named by `spec` as one string.
+
+    `spec` is a bundled alias (`austen-emma`, `austen-pp`, `jargon`), a local `.txt` / `.jsonl` file (the
+    `text` field of each JSON line), a dataset alias (`wikitext2`), or `hf:NAME[/CONFIG]:SPLIT[:FIELD]`
+    loaded with `datasets.load_dataset` (needs the hub or a local datasets cache).
+    """
+    if spec in BUNDLED_TEXT:
+        data = resources.files("rateq").joinpath("data", BUNDLED_TEXT[spec]).read_bytes()
+        return lzma.decompress(data).decode("utf-8")
+    path = Path(spec).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise RateQError(f"text file {spec} does not exist")
+        if path.suffix in (".jsonl", ".json"):
+            rows = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(str(json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise RateQError(f"{spec}:{n}: each line must be a JSON object with a 'text' field") from None
+            return "\n\n".join(rows)
+        return path.read_text(encoding="utf-8")
+    if spec in DATASET_ALIASES:
+        return _load_dataset_text(*DATASET_ALIASES[spec])
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+            raise RateQError(f"dataset spec {spec!r} must look like hf:NAME[/CONFIG]:SPLIT[:FIELD]")
+        name, _, config = parts[0].partition("/")
+        return _load_dataset_text(name, config or None, parts[1], parts[2] if len(parts) == 3 else "text")
+    raise RateQError(
+        f"unknown text {spec!r}: use {', '.join(BUNDLED_TEXT)}, a .txt/.jsonl file, "
+        f"{', '.join(DATASET_ALIASES)}, or hf:NAME[/CONFIG]:SPLIT[:FIELD]"
+    )
+
+
+def _load_dataset_text(name: str, config: str | None, split: str, field: str) -> str:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many types for "not reachable / not cached"
+        raise RateQError(
+            f"cannot load dataset {name}/{config}:{split} ({type(exc).__name__}); it needs the hub or a local "
+            f"datasets cache. Offline, pass a local .txt or .jsonl file instead"
+        ) from None
+    if field not in ds.column_names:
+        raise RateQError(f"dataset {name} has no field {field!r}; fields: {', '.join(ds.column_names)}")
+    return "\n\n".join(t for t in ds[field] if t)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All tokens of `text` as a 1-D LongTensor (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"]
+    return ids[0]
+
+
+def token_windows(ids: torch.Tensor, n: int, seq_len: int, *, seed: int | None = 0, start: int = 0) -> torch.Tensor:
+    """`n` windows of `seq_len` tokens from `ids[start:]` as an `(n, seq_len)` LongTensor.
+
+    `seed=None` takes consecutive windows from `start`; otherwise `n` distinct non-overlapping windows are drawn
+    with a seeded generator, so the same seed always gives the same windows.
+    """
+    if n < 1 or seq_len < 1:
+        raise RateQError("the number of sequences and their length must be positive")
+    ids = ids[start:]
+    slots = ids.numel() // seq_len
+    if slots < n:
+        raise RateQError(
+            f"not enough text: {n} x {seq_len} tokens requested but only {ids.numel()} tokens "
+            f"({slots} windows) are available; use fewer or shorter sequences, or more text"
+        )
+    if seed is None:
+        picks = torch.arange(n)
+    else:
+        gen = torch.Generator().manual_seed(int(seed))
+        picks = torch.randperm(slots, generator=gen)[:n].sort().values
+    return torch.stack([ids[int(p) * seq_len:(int(p) + 1) * seq_len] for p in picks])
+
+
+def text_windows(tokenizer, spec: str, n: int, seq_len: int, *, seed: int | None = 0,
+                 char_start: int = 0) -> torch.Tensor:
+    """Load `spec`, skip `char_start` characters, tokenize, and cut `(n, seq_len)` windows (see token_windows)."""
+    text = load_text(spec)
+    if char_start >= len(text):
+        raise RateQError(f"text {spec!r} has {len(text)} characters; cannot start at {char_start}")
+    return token_windows(tokenize(tokenizer, text[char_start:]), n, seq_len, seed=seed)
