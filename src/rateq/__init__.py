@@ -4,8 +4,10 @@ calibrate (measure distortion curves) → solve (bits per head at a budget) → 
 cache) → eval (perplexity, KL, routing flips at matched storage).
 """
 
+from .calibrate import calibrate, calibrate_metrics
 from .curves import Curves
 from .errors import RateQError
+from .evaluate import Evaluation, evaluate, write_report
 from .models import DEFAULT_MODEL, ModelFingerprint, fingerprint, load_model
 from .plan import Plan
 from .policy import CachePolicy
@@ -16,7 +18,7 @@ from .text import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, load_text, text_w
 __version__ = "0.1.0"
 
 __all__ = [
-    "CachePolicy", "Curves", "DEFAULT_CALIBRATION_TEXT", "DEFAULT_EVAL_TEXT", "DEFAULT_MODEL", "KIVI",
+    "CachePolicy", "Curves", "Evaluation", "evaluate", "write_report", "calibrate", "calibrate_metrics", "DEFAULT_CALIBRATION_TEXT", "DEFAULT_EVAL_TEXT", "DEFAULT_MODEL", "KIVI",
     "ModelFingerprint", "Plan", "QuantSpec", "RateQError", "fingerprint", "load_model", "load_text", "parse_spec",
     "plan_transform", "simulate", "simulate_plan", "text_windows", "token_windows", "tokenize", "__version__",
 ]

@@ -151,6 +151,21 @@ def converted_default_path() -> Path:
     return target
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all; checked first so an offline machine fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def random_model(name: str, *, dtype="auto", device: str = "cpu", seed: int = 0, **overrides):
     """An alias's architecture with random weights (no download): for speed and memory measurements."""
     models = known_models()
@@ -192,9 +207,11 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype="auto", device: str = "cpu", 
         source = str(Path(name).expanduser())
     else:
         source = models[name]["hub_id"] if name in models else name
+    local_only = not Path(source).is_dir() and not _hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                     local_files_only=local_only)
     except OSError as exc:
         raise RateQError(
             f"cannot load model {name!r} ({source}): not in the local hub cache and the hub is unreachable. "

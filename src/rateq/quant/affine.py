@@ -20,9 +20,19 @@ def storage_dtype(name: str) -> torch.dtype:
     return _STORE_DTYPE[name]
 
 
+# Relative spacing of each storage format (2**-mantissa_bits), used to round scales up, never down.
+_EPS = {"fp32": 0.0, "fp16": 2.0**-10, "bf16": 2.0**-7, "fp8": 2.0**-3}
+
+
 def _round_to(x: torch.Tensor, name: str) -> torch.Tensor:
     """Round fp32 `x` to the storage format `name` and back (what the stored metadata really holds)."""
     return x.to(_STORE_DTYPE[name]).to(torch.float32)
+
+
+def _round_scale(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Store a scale rounded *up*: a scale rounded down would shrink the grid below the group's range and clip
+    its extremes by up to `levels` ulps — worse than half a step at 8 bits."""
+    return _round_to(x * (1 + _EPS[name]), name)
 
 
 @dataclass
@@ -43,12 +53,15 @@ def quantize_groups(x: torch.Tensor, bits: int, spec: QuantSpec) -> QuantizedGro
     if spec.kind == "symmetric":
         # Mid-rise: 2**bits levels at ±(i + 1/2)·s, no zero level, so even 1 bit is a usable sign code.
         amax = x.abs().amax(-1, keepdim=True)
-        scale = _round_to(amax / (levels / 2.0), spec.scale_dtype).clamp_min(1e-12)
+        scale = _round_scale(amax / (levels / 2.0), spec.scale_dtype).clamp_min(1e-12)
         codes = torch.clamp(torch.floor(x / scale + (levels + 1) / 2.0), 0, levels)
         return QuantizedGroups(codes.to(torch.uint8), scale, None)
     lo = x.amin(-1, keepdim=True)
     hi = x.amax(-1, keepdim=True)
-    scale = _round_to((hi - lo) / levels, spec.scale_dtype).clamp_min(1e-12)
+    if spec.zero == "code":
+        # An integer zero-point must itself be on the grid, so the range always includes 0.
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+    scale = _round_scale((hi - lo) / levels, spec.scale_dtype).clamp_min(1e-12)
     if spec.zero == "code":
         zero = torch.clamp(torch.round(-lo / scale), 0, levels)
         codes = torch.clamp(torch.round(x / scale) + zero, 0, levels)

@@ -12,8 +12,8 @@ import torch
 
 
 def packed_nbytes(n: int, bits: int) -> int:
-    """Bytes that `n` codes of `bits` bits occupy once packed along one row."""
-    return -(-n // 8) * bits
+    """Bytes that `n` codes of `bits` bits occupy once packed along one row (8-bit codes are stored as is)."""
+    return n if bits == 8 else -(-n // 8) * bits
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

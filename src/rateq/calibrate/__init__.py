@@ -1,0 +1,300 @@
+"""Calibration: per-unit distortion curves `D_u(q, b)` measured in one streaming pass over calibration text.
+
+    curves = rateq.calibrate(model, tokenizer, "austen-emma")                  # -> Curves
+    curves = rateq.calibrate(model, None, ids, metric="output", bits=(2, 3, 4))  # ids: (n, seq_len) LongTensor
+    by_metric = rateq.calibrate_metrics(model, tok, "austen-emma", metrics=("mse", "fisher"))  # one pass, several
+
+Every attention call of the model goes through one function registered in transformers' AttentionInterface
+(`capture.Calibrator.attention`): it computes the layer's real attention, so the forward is exact, and scores
+every candidate of every unit of that layer at once (`metrics.candidate_errors`). `fisher` needs the gradient
+of the loss with respect to each head's attention output: one backward pass per batch, the statistics are
+reduced inside a tensor hook on that output when its gradient arrives.
+
+`reference=Plan` measures each unit around that plan instead of around the full-precision model: the forward
+(and the gradient) run with every unit's K/V in the plan's stored form, and each unit's candidates are
+priced with the rest already quantized — errors compound through the layers, and curves measured against a
+full-precision model under-price low bit widths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import RateQError
+from ..curves import Curves
+from ..hooks import attention_hook
+from ..models import fingerprint, head_dim_of, text_config
+from ..plan import Plan
+from ..policy import CachePolicy
+from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, parse_spec
+from ..text import BUNDLED_TEXT, DATASET_ALIASES, load_text, token_windows, tokenize
+from .capture import Calibrator
+from .metrics import METRICS
+
+__all__ = ["DEFAULT_BITS", "DEFAULT_METRIC", "METRICS", "calibrate", "calibrate_metrics", "calibration_ids"]
+
+log = logging.getLogger("rateq.calibrate")
+
+DEFAULT_BITS = (1, 2, 3, 4, 5, 6, 8)
+# Chosen by bench/metric_correlation.py: the metric whose predicted Σ_u D_u(plan) ranks measured ΔNLL of
+# mixed plans best on smollm2-135m (see that script's output in the project notes).
+DEFAULT_METRIC = "fisher"
+DEFAULT_SAMPLES = 8
+DEFAULT_SEQ_LEN = 1024
+
+ProgressFn = Callable[[dict], None]
+
+
+# -- calibration tokens --------------------------------------------------------------------------------------
+def _is_text_spec(text: str) -> bool:
+    """A text spec names text (alias, dataset, file); anything else containing whitespace is the text itself."""
+    if text in BUNDLED_TEXT or text in DATASET_ALIASES or text.startswith("hf:"):
+        return True
+    if len(text) < 4096 and "\n" not in text and Path(text).expanduser().exists():
+        return True
+    return not any(c.isspace() for c in text)  # a lone word is a (mistyped) spec: load_text says what's valid
+
+
+def calibration_ids(tokenizer, texts, n_samples: int | None = None, seq_len: int | None = None,
+                    seed: int = 0) -> tuple[torch.Tensor, str]:
+    """`(n, seq_len)` token ids and a description of the data, from a text spec, raw text, or token ids.
+
+    Text is cut into `n_samples` distinct windows of `seq_len` tokens drawn with `seed`. A 2-D LongTensor is
+    used as given (its first `n_samples` rows and `seq_len` columns when those are set); a 1-D one is a token
+    stream cut into windows like text.
+    """
+    if isinstance(texts, torch.Tensor):
+        ids = texts
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise RateQError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() == 1:
+            return token_windows(ids.long(), n_samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN,
+                                 seed=seed), "token ids"
+        if ids.dim() != 2:
+            raise RateQError(f"token ids must be (n, seq_len), got shape {tuple(ids.shape)}")
+        n = ids.shape[0] if n_samples is None else n_samples
+        t = ids.shape[1] if seq_len is None else seq_len
+        if n > ids.shape[0] or t > ids.shape[1]:
+            raise RateQError(f"asked for {n} x {t} tokens but the ids given are {tuple(ids.shape)}")
+        return ids[:n, :t].long(), "token ids"
+    if isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts):
+        texts, name = "\n\n".join(texts), f"{len(texts)} texts"
+    elif isinstance(texts, str):
+        name = texts if _is_text_spec(texts) else f"text ({len(texts)} characters)"
+        if _is_text_spec(texts):
+            texts = load_text(texts)
+    else:
+        raise RateQError("calibration texts must be a text spec, a string, a list of strings or token ids")
+    if tokenizer is None:
+        raise RateQError("calibrating on text needs the model's tokenizer; pass one, or pass token ids instead")
+    n, t = n_samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN
+    return token_windows(tokenize(tokenizer, texts), n, t, seed=seed), name
+
+
+# -- progress ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _progress_sink(progress, total_tokens: int):
+    """Yields `report(event: dict)`. True: a rich bar on stderr with tokens/s; a callable gets the events."""
+    if callable(progress):
+        yield progress
+        return
+    if not progress:
+        yield lambda event: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:,.0f} tok/s" if task.speed else "… tok/s", style="cyan")
+
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), _Rate(),
+                   TimeRemainingColumn(), console=console, transient=False)
+    task = bar.add_task("calibrate", total=total_tokens)
+
+    def report(event: dict):
+        if event.get("event") == "batch":
+            bar.update(task, completed=event["tokens"])
+        elif event.get("event") == "warning":
+            console.print(f"[yellow]warning:[/] {event['message']}")
+
+    with bar:
+        yield report
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _frozen(model):
+    """Parameters need no gradient: the fisher backward only wants activation gradients."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, r in saved:
+            p.requires_grad_(r)
+
+
+def _check_bits(bits) -> tuple[int, ...]:
+    bits = tuple(int(b) for b in bits)
+    if not bits:
+        raise RateQError("give at least one bit width to calibrate")
+    bad = [b for b in bits if not (1 <= b <= 8 or b == FULL_PRECISION_BITS)]
+    if bad:
+        raise RateQError(f"bit widths must be 1..8 (or {FULL_PRECISION_BITS} for fp16), got {bad}")
+    if list(bits) != sorted(set(bits)):
+        raise RateQError(f"bit widths must be increasing and distinct, got {bits}; e.g. bits=(1, 2, 3, 4, 5, 6, 8)")
+    return bits
+
+
+def _check_quantizers(quantizers, policy: CachePolicy, head_dim: int) -> list[QuantSpec]:
+    specs = [parse_spec(q) if isinstance(q, str) else q for q in quantizers]
+    if not specs or not all(isinstance(q, QuantSpec) for q in specs):
+        raise RateQError("quantizers must be QuantSpec objects or spec ids such as 'minmax-g32-fp16'")
+    for q in specs:
+        if q.axis_for("k") == "tokens" and policy.block % q.group_size:
+            raise RateQError(f"key block {policy.block} is not a multiple of quantizer {q.id}'s group "
+                             f"{q.group_size}; use CachePolicy(block=…) a multiple of it")
+        if "channels" in (q.axis_for("k"), q.axis_for("v")) and head_dim % q.group_size:
+            raise RateQError(f"head_dim {head_dim} does not split into quantizer {q.id}'s groups of {q.group_size} "
+                             f"channels; use a group size that divides it")
+    return specs
+
+
+def _nll_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (nats): gradients are per-token contributions to the total loss."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                             reduction="sum")
+
+
+# -- the pass ------------------------------------------------------------------------------------------------
+def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = (DEFAULT_METRIC,),
+                      bits=DEFAULT_BITS, quantizers=(KIVI,), n_samples: int | None = None,
+                      seq_len: int | None = None, batch_size: int = 1, seed: int = 0,
+                      policy: CachePolicy | None = None, reference: Plan | None = None,
+                      progress: bool | ProgressFn = False, chunk_elements: int | None = None) -> dict[str, Curves]:
+    """One streaming pass that measures several metrics at once → `{metric: Curves}` (see `calibrate`)."""
+    metrics = tuple(dict.fromkeys(metrics))
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise RateQError(f"unknown metric {unknown or metrics}; use one of {', '.join(METRICS)}")
+    if texts is None:
+        from ..text import DEFAULT_CALIBRATION_TEXT
+
+        texts = DEFAULT_CALIBRATION_TEXT
+    policy = CachePolicy() if policy is None else policy
+    bits = _check_bits(bits)
+    specs = _check_quantizers(quantizers, policy, head_dim_of(model.config))
+    if batch_size < 1:
+        raise RateQError("batch_size must be at least 1")
+    fp = fingerprint(model)
+    if reference is not None:
+        diff = reference.model.mismatches(fp)
+        if diff:
+            raise RateQError(f"reference plan was made for another model ({'; '.join(diff)})")
+    ids, data_name = calibration_ids(tokenizer, texts, n_samples, seq_len, seed)
+    n, T = ids.shape
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    if chunk_elements is None:
+        # Largest temporary of the candidate scores: ~32 MiB of fp32 on CPU, ~1 GiB on a GPU.
+        chunk_elements = (1 << 28) if device.type == "cuda" else (1 << 23)
+    cal = Calibrator(fp.num_layers, fp.num_kv_heads, bits, specs, metrics, policy, reference=reference,
+                     chunk_elements=chunk_elements)
+    needs_grad = cal.needs_grad
+    nll = 0.0
+    t_start = time.perf_counter()
+    with _progress_sink(progress, n * T) as report, attention_hook(model, cal.attention), _frozen(model):
+        report({"event": "start", "tokens": 0, "total": n * T, "seconds": 0.0})
+        for i in range(0, n, batch_size):
+            batch = ids[i:i + batch_size].to(device)
+            if needs_grad:
+                with torch.enable_grad():
+                    # Gradients flow from the loss down to the embeddings (and no parameter): every layer's
+                    # attention output gets its ∂loss/∂output, the fisher weights.
+                    emb = model.get_input_embeddings()(batch).detach().requires_grad_(True)
+                    logits = model(inputs_embeds=emb, use_cache=False).logits
+                    loss = _nll_loss(logits, batch)
+                    del logits
+                    loss.backward()
+                    nll += float(loss.detach())
+                if cal.pending:
+                    raise RuntimeError(f"{cal.pending} attention outputs received no gradient")
+            else:
+                with torch.no_grad():
+                    # The LM head's logits are not needed for forward-only metrics.
+                    model.base_model(input_ids=batch, use_cache=False)
+            done = min(n, i + batch_size) * T
+            report({"event": "batch", "tokens": done, "total": n * T, "seconds": time.perf_counter() - t_start})
+        seconds = time.perf_counter() - t_start
+
+        hd = head_dim_of(model.config)
+        counts = torch.empty(fp.num_layers, fp.num_kv_heads, 2, dtype=torch.float64)
+        for layer in range(fp.num_layers):
+            window = cal.windows.get(layer)
+            # Elements the unit holds per sequence: a sliding-window layer never caches more than its window.
+            counts[layer] = (min(T, window) if window else T) * hd
+        missing = [layer for layer in range(fp.num_layers) if layer not in cal.windows]
+        if missing:
+            raise RateQError(f"layers {missing} never called attention through transformers' AttentionInterface; "
+                             f"this architecture cannot be calibrated by rateq")
+        calibration = {
+            "data": data_name, "tokens": n * T, "seq_len": T, "n_samples": n, "seed": seed,
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "seconds": round(seconds, 3),
+            "policy": policy.to_dict(), "batch_size": batch_size,
+        }
+        if reference is not None:
+            calibration["reference"] = {"nominal_bits": reference.nominal_bits,
+                                        "effective_bits": reference.effective_bits,
+                                        "budget_bits": reference.budget_bits}
+        if needs_grad:
+            calibration["nll"] = nll / (n * (T - 1))  # mean next-token NLL of the (reference) forward
+        out = {}
+        Q, NB = len(specs), len(bits)
+        for m in metrics:
+            d = cal.sums[m].view(fp.num_layers, fp.num_kv_heads, 2, Q, NB)
+            curves = Curves(d, bits, specs, counts, m, fp, dict(calibration, metric=m))
+            bad = curves.nonmonotone()
+            curves.calibration["nonmonotone"] = len(bad)
+            if bad:
+                msg = (f"{m}: {len(bad)} of {d.numel()} points rise with more bits "
+                       f"(e.g. layer {bad[0][0]} head {bad[0][1]} {'KV'[bad[0][2]]} at {bits[bad[0][4]]} bits); "
+                       f"Curves.monotone() takes the running minimum for the solver")
+                log.warning(msg)
+                report({"event": "warning", "message": msg})
+            out[m] = curves
+    return out
+
+
+def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=(KIVI,), metric: str = DEFAULT_METRIC,
+              n_samples: int | None = None, seq_len: int | None = None, batch_size: int = 1, seed: int = 0,
+              policy: CachePolicy | None = None, reference: Plan | None = None,
+              progress: bool | ProgressFn = False, chunk_elements: int | None = None) -> Curves:
+    """Measure `D_u(q, b)` for every unit u = (layer, KV head, K|V), quantizer q and bit width b → `Curves`.
+
+    - `texts`: a text spec (`"austen-emma"`, a .txt/.jsonl file, `wikitext2`, `hf:…`), raw text, a list of
+      strings, or token ids `(n, seq_len)` (then `tokenizer` may be None). Default: the bundled Emma.
+    - `metric`: `mse`, `score`, `output` or `fisher` (see `rateq.calibrate.metrics`); the default is the one
+      that best predicts measured ΔNLL of mixed plans.
+    - `n_samples` × `seq_len` tokens (default 8 × 1024 from text), windows drawn with `seed`; `batch_size`
+      sequences per forward.
+    - `policy`: which positions the runtime stores quantized (sinks, residual window, key blocks).
+    - `reference`: measure every unit with the rest of the model running under this plan.
+    - `progress`: True for a rich bar on stderr, or a callable receiving event dicts (`event` = `start`,
+      `batch`, `warning`; `tokens`, `total`, `seconds`, `message`).
+
+    Statistics accumulate in float64 whatever the model dtype; the same seed gives the same curves.
+    """
+    return calibrate_metrics(model, tokenizer, texts, metrics=(metric,), bits=bits, quantizers=quantizers,
+                             n_samples=n_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                             policy=policy, reference=reference, progress=progress,
+                             chunk_elements=chunk_elements)[metric]

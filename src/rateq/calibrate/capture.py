@@ -1,0 +1,112 @@
+"""The calibration attention function: runs the layer's real attention and streams per-unit statistics.
+
+Registered through `rateq.hooks.attention_hook`, so it sees post-RoPE query, key and value of every layer of
+every architecture transformers routes through `AttentionInterface`. Nothing outlives a batch: each layer's
+candidates are built, scored and reduced to `(2, Hkv, C)` sums inside the call (or inside the backward hook of
+its output, for `fisher`), so memory is one layer's K/V and one chunk of scores, whatever the data size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hooks import plain_attention
+from ..plan import Plan
+from ..policy import CachePolicy
+from ..quant.affine import fake_quantize_multi
+from ..quant.spec import QuantSpec
+from ..simulate import plan_transform
+from .metrics import LayerInputs, allowed_pairs, candidate_errors
+
+
+def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSpec], policy: CachePolicy) -> torch.Tensor:
+    """`(B, H, T, D)` → `(Q·NB, B, H, T, D)`: the stored form of `x` under every (quantizer, bits).
+
+    Which positions are stored quantized follows the runtime exactly (as `plan_transform` + the one-pass
+    evaluation): keys over whole `policy.block` blocks from `policy.sinks` out of the residual window, values
+    per token from `policy.sinks` out of the residual window; the rest stays full precision.
+    """
+    T = x.shape[2]
+    start = policy.sinks
+    end = policy.quantized_keys(T) if role == "k" else policy.quantized_values(T)
+    out = x.unsqueeze(0).repeat(len(quantizers) * len(bits), 1, 1, 1, 1)
+    if end <= start:
+        return out
+    seg = x[:, :, start:end]
+    for i, spec in enumerate(quantizers):
+        out[i * len(bits):(i + 1) * len(bits), :, :, start:end] = fake_quantize_multi(seg, list(bits), spec, role)
+    return out
+
+
+def reference_form(transform, layer: int, role: str, x: torch.Tensor, policy: CachePolicy) -> torch.Tensor:
+    """`x` as the reference plan stores it, with the positions the policy keeps in full precision untouched
+    (the same mixing as `rateq.simulate` for a whole-sequence prefill)."""
+    T = x.shape[2]
+    end = policy.quantized_keys(T) if role == "k" else policy.quantized_values(T)
+    out = x.clone()
+    if end > policy.sinks:
+        out[:, :, policy.sinks:end] = transform(layer, role, x)[:, :, policy.sinks:end]
+    return out
+
+
+class Calibrator:
+    """Accumulates `(L, Hkv, 2, C)` sums per metric over the batches run through `attention`."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, bits, quantizers: list[QuantSpec], metrics,
+                 policy: CachePolicy, *, reference: Plan | None = None, chunk_elements: int = 1 << 23):
+        self.bits = tuple(bits)
+        self.quantizers = list(quantizers)
+        self.metrics = tuple(metrics)
+        self.policy = policy
+        self.needs_grad = "fisher" in self.metrics
+        self.chunk_elements = chunk_elements
+        self.transform = None if reference is None else plan_transform(reference, policy)
+        C = len(self.quantizers) * len(self.bits)
+        self.sums = {m: torch.zeros(num_layers, num_kv_heads, 2, C, dtype=torch.float64) for m in self.metrics}
+        self.windows: dict[int, int | None] = {}  # layer → sliding window (None: full attention)
+        self.pending = 0  # fisher layers of the current batch whose gradient has not arrived yet
+
+    # The function transformers calls in place of its attention implementation.
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = module.layer_idx
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        self.windows[layer] = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        B, T, S = query.shape[0], query.shape[2], key.shape[2]
+        key_base = value_base = None
+        k_run, v_run = key, value
+        if self.transform is not None:
+            with torch.no_grad():
+                key_base = reference_form(self.transform, layer, "k", key.detach(), self.policy)
+                value_base = reference_form(self.transform, layer, "v", value.detach(), self.policy)
+            # Straight-through: the forward sees the reference plan's K/V, the backward still reaches every
+            # upstream layer (rounding has zero gradient and would cut those paths).
+            k_run = key + (key_base - key).detach()
+            v_run = value + (value_base - value).detach()
+        attn_output, weights = plain_attention(module, query, k_run, v_run, attention_mask, scaling=scaling,
+                                               dropout=0.0, **kwargs)
+        inp = LayerInputs(
+            query=query.detach(), key=key.detach(), value=value.detach(),
+            allowed=allowed_pairs(attention_mask, T, S, B).to(query.device), scaling=float(scaling),
+            key_base=key_base, value_base=value_base, softcap=kwargs.get("softcap"),
+        )
+        if self.needs_grad and attn_output.requires_grad:
+            self.pending += 1
+
+            def on_grad(grad, inp=inp, layer=layer):  # grad: (B, T, Hq, D), ∂loss/∂attention output
+                self._accumulate(layer, inp, grad)
+                self.pending -= 1
+
+            attn_output.register_hook(on_grad)
+        else:
+            self._accumulate(layer, inp, None)
+        return attn_output, weights
+
+    @torch.no_grad()
+    def _accumulate(self, layer: int, inp: LayerInputs, grad):
+        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy)  # (C, B, Hkv, S, D)
+        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy)
+        metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
+        sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements)
+        for m, s in sums.items():  # (2, Hkv, C) → (Hkv, 2, C)
+            self.sums[m][layer] += s.transpose(0, 1).cpu()

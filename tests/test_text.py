@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+import rateq
+from rateq.text import token_windows
+
+
+@pytest.mark.parametrize("alias, needle", [("austen-emma", "Emma Woodhouse"), ("austen-pp", "Elizabeth"),
+                                           ("jargon", "hacker")])
+def test_bundled_aliases(alias, needle):
+    text = rateq.load_text(alias)
+    assert len(text) > 400_000 and needle in text
+
+
+def test_calibration_and_evaluation_texts_differ():
+    assert rateq.load_text("austen-emma")[:5000] != rateq.load_text("austen-pp")[:5000]
+
+
+def test_local_txt_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    assert rateq.load_text(str(tmp_path / "a.txt")) == "hello world"
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert rateq.load_text(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
+    (tmp_path / "c.jsonl").write_text('{"body": 1}\n')
+    with pytest.raises(rateq.RateQError, match="c.jsonl:1"):
+        rateq.load_text(str(tmp_path / "c.jsonl"))
+
+
+@pytest.mark.parametrize("spec", ["missing.txt", "no-such-alias", "hf:onlyname"])
+def test_bad_specs_are_clear(spec):
+    with pytest.raises(rateq.RateQError):
+        rateq.load_text(spec)
+
+
+def test_windows_are_seeded_and_distinct():
+    ids = torch.arange(10_000)
+    a = token_windows(ids, 5, 100, seed=3)
+    assert torch.equal(a, token_windows(ids, 5, 100, seed=3))
+    assert not torch.equal(a, token_windows(ids, 5, 100, seed=4))
+    starts = a[:, 0]
+    assert len(set(starts.tolist())) == 5 and torch.all(starts % 100 == 0)  # non-overlapping slots
+    assert torch.equal(token_windows(ids, 2, 10, seed=None), ids[:20].view(2, 10))
+
+
+def test_too_little_text_is_clear():
+    with pytest.raises(rateq.RateQError, match="not enough text"):
+        token_windows(torch.arange(1000), 3, 512)
