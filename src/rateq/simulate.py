@@ -9,6 +9,11 @@ per layer and a mask per (query, key) pair reproduce token-by-token decoding thr
 
 With `residual=0, sinks=0` and a full-sequence prefill every position is stored quantized for every query:
 the standard simulated-quantization protocol of the papers (e.g. KVQuant's teacher-forced perplexity).
+
+Pre-RoPE key quantizers (`QuantSpec.prerope`) need the rotary tables of the keys' positions: `simulate_plan`
+records each attention module's `position_embeddings` as it runs (`rateq.quant.rope.capture_rope`), so the
+post-RoPE keys the hook sees are un-rotated with exactly the cos/sin the model applied, quantized, and
+re-rotated.
 """
 
 from __future__ import annotations
@@ -23,15 +28,17 @@ from .hooks import attention_hook, plain_attention, repeat_kv
 from .plan import Plan
 from .policy import CachePolicy
 from .quant.affine import fake_quantize
+from .quant.rope import RopeTables, capture_rope, slice_rope
 
 KVTransform = Callable[[int, str, torch.Tensor], torch.Tensor]
 
 
-def plan_transform(plan: Plan, policy: CachePolicy) -> KVTransform:
+def plan_transform(plan: Plan, policy: CachePolicy, rope: RopeTables | None = None) -> KVTransform:
     """The stored form of K/V under `plan`: heads grouped by (bits, quantizer), one quantize call per group.
 
     Keys are quantized over whole blocks from `policy.sinks`; the ragged tail (never seen quantized by any
-    query) is left as is. Values are quantized per token at every position.
+    query) is left as is. Values are quantized per token at every position. `rope`: the rotary tables of the
+    current forward, by layer (needed by pre-RoPE key quantizers only).
     """
 
     def transform(layer: int, role: str, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +56,13 @@ def plan_transform(plan: Plan, policy: CachePolicy) -> KVTransform:
             if role == "k" and spec.axis_for("k") == "tokens" and policy.block % spec.group_size:
                 raise RateQError(f"key block {policy.block} is not a multiple of quantizer group {spec.group_size}")
             seg = x[:, heads, start:end]  # (B, h, T', D)
-            out[:, heads, start:end] = fake_quantize(seg, int(b), spec, role)
+            tables = None
+            if spec.prerope and role == "k":
+                if rope is None:
+                    raise RateQError(f"{spec.id} quantizes keys before RoPE: build the transform with the model's rotary "
+                                     "tables (rateq.simulate_plan does)")
+                tables = slice_rope(rope.for_layer(layer), start, end)
+            out[:, heads, start:end] = fake_quantize(seg, int(b), spec, role, rope=tables)
         return out
 
     return transform
@@ -102,4 +115,12 @@ def simulate(model, transform: KVTransform, policy: CachePolicy = CachePolicy(),
 def simulate_plan(model, plan: Plan, policy: CachePolicy | None = None, *, prefill: int | None = None):
     """`simulate` with the plan's own quantizers; `policy` defaults to the plan's."""
     policy = plan.policy if policy is None else policy
+    if any(q.prerope for q in plan.quantizers):
+        return _simulate_prerope(model, plan, policy, prefill)
     return simulate(model, plan_transform(plan, policy), policy, prefill=prefill)
+
+
+@contextlib.contextmanager
+def _simulate_prerope(model, plan: Plan, policy: CachePolicy, prefill: int | None):
+    with capture_rope(model) as rope, simulate(model, plan_transform(plan, policy, rope), policy, prefill=prefill):
+        yield

@@ -1,4 +1,6 @@
-"""Quantization core: specs, group quantize/dequantize, dense packing. Pure math, no state."""
+"""Quantization core: specs, group quantize/dequantize, dense packing, and the codec every family goes through
+(uniform grids, Walsh–Hadamard rotation, Lloyd–Max codebooks, QJL residual sketches, sparse outliers, pre-RoPE
+keys). Pure math, no state."""
 
 from .affine import (
     QuantizedGroups,
@@ -11,10 +13,13 @@ from .affine import (
     storage_dtype,
     to_groups,
 )
+from .codec import Codec, codec_for, decode, encode
 from .pack import pack, packed_nbytes, unpack
+from .rope import apply_rope, capture_rope, invert_rope, rotary_tables
 from .spec import FULL_PRECISION_BITS, KIVI, QuantSpec, parse_spec
 
 __all__ = [
+    "Codec", "codec_for", "encode", "decode", "apply_rope", "capture_rope", "invert_rope", "rotary_tables",
     "FULL_PRECISION_BITS", "KIVI", "QuantSpec", "QuantizedGroups", "dequantize_groups", "fake_quantize",
     "fake_quantize_multi", "from_groups", "pack", "packed_nbytes", "parse_spec", "quantize_groups", "sqnr_db",
     "storage_dtype", "to_groups", "unpack",

@@ -48,6 +48,8 @@ class QuantizedGroups:
 
 def quantize_groups(x: torch.Tensor, bits: int, spec: QuantSpec) -> QuantizedGroups:
     """Quantize `(..., G)` groups along the last dim at `bits` in 1..8."""
+    if spec.kind not in ("minmax", "symmetric"):
+        raise ValueError(f"quantize_groups handles uniform grids; {spec.id} goes through rateq.quant.codec_for(spec)")
     x = x.to(torch.float32)
     levels = (1 << bits) - 1
     if spec.kind == "symmetric":
@@ -104,11 +106,17 @@ def from_groups(g: torch.Tensor, axis: str, group_size: int, shape: torch.Size) 
     return g.reshape(B, H, T, D)
 
 
-def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope=None) -> torch.Tensor:
     """Quantize and dequantize `(B, H, T, D)` K or V (role 'k'/'v') at one bit width; same dtype out.
 
     Along tokens, T must be a multiple of the group size (callers quantize only complete key blocks).
+    Every family goes through here: specs beyond a plain uniform grid (rotation, Lloyd–Max, QJL, outliers,
+    pre-RoPE keys, which need `rope=(cos, sin)` of the positions) are handed to their `rateq.quant.codec`.
     """
+    if not spec.is_uniform_plain:
+        from .codec import codec_for  # codec builds on this module
+
+        return codec_for(spec).fake_quantize(x, bits, role, rope=rope)
     if bits >= FULL_PRECISION_BITS:
         return x.to(torch.float16).to(x.dtype)
     axis = spec.axis_for(role)
@@ -117,12 +125,15 @@ def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str) -> tor
     return from_groups(dequantize_groups(q, bits, spec), axis, spec.group_size, x.shape).to(x.dtype)
 
 
-def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str) -> torch.Tensor:
+def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
+                        rope=None) -> torch.Tensor:
     """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)`.
 
     The grouped layout is built once and every candidate is returned in one tensor, so calibration scores all
     bit widths of a unit in one pass.
     """
+    if not spec.is_uniform_plain:
+        return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])
     axis = spec.axis_for(role)
     groups = to_groups(x, axis, spec.group_size).to(torch.float32)
     outs = []

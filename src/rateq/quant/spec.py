@@ -2,19 +2,23 @@
 
 A spec says *how* a unit's K or V is quantized; the bit width is chosen per unit by the solver and passed
 separately. Every budget in rateq is counted with `QuantSpec.bits_per_element`, which includes metadata
-(scales, zero-points) — the "effective" bits. Code bits alone are the "nominal" bits.
+(scales, zero-points, norms, residual norms, sparse outliers) — the "effective" bits. Code bits alone are the
+"nominal" bits. `rateq.quant.codec_for(spec)` encodes and decodes every spec through one interface.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import RateQError
 
 # Storage formats for scales (and float zero-points), with their size in bits.
 SCALE_DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8}
-KINDS = ("minmax", "symmetric")
+KINDS = ("minmax", "symmetric", "lloydmax")
+ROTATIONS = ("none", "hadamard", "rhadamard")
+OUTLIER_VALUE_BITS = 16  # sparse outliers are kept in fp16
 ZERO_FORMATS = ("float", "code")
 GROUP_ALONG = ("auto", "tokens", "channels")
 FULL_PRECISION_BITS = 16  # a unit planned at 16 bits is stored unquantized in fp16
@@ -33,6 +37,22 @@ class QuantSpec:
     - `scale_dtype`: storage of scales and float zero-points (`fp16` default; `bf16`, `fp8`, `fp32`).
     - `zero`: `float` stores the group minimum in `scale_dtype`; `code` stores an integer zero-point of the
       code's own width (cheaper metadata).
+
+    Families beyond uniform grids (all default off, so the specs above keep their ids and bits):
+    - `kind="lloydmax"`: rotate, split each token's head vector into groups of `group_size` channels, store each
+      group's norm in `scale_dtype` and its unit direction coordinate-wise with the Lloyd–Max codebook of a
+      random unit vector's coordinate (TurboQuant-MSE; `group_size = head_dim` is one norm per vector).
+      Groups always run along channels. Needs a rotation.
+    - `qjl`: (lloydmax only) TurboQuant-prod: at `b` bits, `b − 1` bits of Lloyd–Max plus a 1-bit QJL sketch
+      (one sign per channel) of each group's residual and the residual norm in `scale_dtype`; inner products
+      with the reconstruction are unbiased.
+    - `rotation`: `hadamard` (normalised Walsh–Hadamard over the head dim, before quantizing; inverse after) or
+      `rhadamard` (the same after a fixed ±1 sign flip drawn from `seed`). Costs no stored bits.
+    - `outlier_frac`: in each group, the ceil(frac·G) largest-magnitude entries are kept exactly in fp16 with
+      their index in the group (KVQuant's dense-and-sparse), picked before any rotation; counted in the bits.
+    - `prerope`: keys are quantized before the rotary embedding and re-rotated after dequantization
+      (KVQuant); needs the rotary tables of the positions (`rateq.quant.rope`). Values are unaffected.
+    - `seed`: seed of the random signs and of the QJL matrix.
     """
 
     kind: str = "minmax"
@@ -40,6 +60,11 @@ class QuantSpec:
     group_along: str = "auto"
     scale_dtype: str = "fp16"
     zero: str = "float"
+    rotation: str = "none"
+    qjl: bool = False
+    outlier_frac: float = 0.0
+    prerope: bool = False
+    seed: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -52,21 +77,59 @@ class QuantSpec:
             raise RateQError(f"scale_dtype must be one of {', '.join(SCALE_DTYPE_BITS)}, got {self.scale_dtype!r}")
         if self.zero not in ZERO_FORMATS:
             raise RateQError(f"zero must be one of {', '.join(ZERO_FORMATS)}, got {self.zero!r}")
+        if self.rotation not in ROTATIONS:
+            raise RateQError(f"rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
+        if self.kind == "lloydmax":
+            if self.rotation == "none":
+                raise RateQError("lloydmax codebooks are designed for rotated coordinates: add rotation='rhadamard' "
+                                 "(id part 'rhadamard', e.g. lloydmax-g64-rhadamard-fp16)")
+            if self.group_along == "tokens":
+                raise RateQError("lloydmax normalises each token's vector: its groups run along channels, "
+                                 "use group_along='auto' or 'channels'")
+            if self.zero != "float":
+                raise RateQError("lloydmax stores a norm per group, not a zero-point: leave zero='float'")
+            if self.group_size < 2:
+                raise RateQError("lloydmax needs groups of at least 2 channels")
+        if not isinstance(self.qjl, bool) or not isinstance(self.prerope, bool):
+            raise RateQError("qjl and prerope must be true or false")
+        if self.qjl and self.kind != "lloydmax":
+            raise RateQError("a QJL residual sketch is available for kind='lloydmax' only (TurboQuant-prod)")
+        if not isinstance(self.outlier_frac, (int, float)) or not 0 <= self.outlier_frac < 1:
+            raise RateQError(f"outlier_frac must be in [0, 1), got {self.outlier_frac!r}")
+        if self.outliers_per_group() >= self.group_size:
+            raise RateQError(f"outlier_frac {self.outlier_frac} keeps every entry of a group of {self.group_size}; "
+                             "use a smaller fraction or a 16-bit plan")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise RateQError(f"seed must be a non-negative integer, got {self.seed!r}")
 
     # -- identity ---------------------------------------------------------------------------------------
     @property
     def id(self) -> str:
-        """Short stable name, e.g. `minmax-g32-fp16`."""
-        parts = [self.kind, f"g{self.group_size}"]
+        """Short stable name, e.g. `minmax-g32-fp16`, `lloydmax-qjl-g64-rhadamard-fp16`, `minmax-g32-fp16-o0.02-prerope`."""
+        parts = [self.kind] + (["qjl"] if self.qjl else []) + [f"g{self.group_size}"]
         if self.group_along != "auto":
             parts.append(self.group_along)
+        if self.rotation != "none":
+            parts.append(self.rotation)
         parts.append(self.scale_dtype)
         if self.kind == "minmax" and self.zero != "float":
             parts.append(f"z{self.zero}")
+        if self.outlier_frac:
+            parts.append("o" + f"{self.outlier_frac:.12f}".rstrip("0"))  # never an exponent: ids split on '-'
+        if self.prerope:
+            parts.append("prerope")
+        if self.seed:
+            parts.append(f"s{self.seed}")
         return "-".join(parts)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Fields added after the first format are written only when set, so the specs that existed before them
+        # serialise exactly as they did (older profiles and readers stay byte-compatible).
+        d = asdict(self)
+        for f in fields(self):
+            if f.name in _LATER_FIELDS and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
@@ -84,18 +147,45 @@ class QuantSpec:
         """`tokens` or `channels`: the direction groups run in for `role` ('k' or 'v')."""
         if role not in ("k", "v"):
             raise ValueError(f"role must be 'k' or 'v', got {role!r}")
+        if self.kind == "lloydmax":
+            return "channels"
         if self.group_along != "auto":
             return self.group_along
         return "tokens" if role == "k" else "channels"
 
     # -- accounting -------------------------------------------------------------------------------------
+    @property
+    def is_uniform_plain(self) -> bool:
+        """A plain uniform grid (minmax/symmetric, no rotation, outliers or pre-RoPE): `affine.py` alone."""
+        return (self.kind in ("minmax", "symmetric") and self.rotation == "none" and not self.outlier_frac
+                and not self.prerope)
+
+    def base_bits(self, bits: int) -> int:
+        """Code bits of the dense quantizer at `bits`: `bits − 1` with a QJL sketch (its 1 bit per element), else
+        `bits`. 0 means no dense stage (1-bit TurboQuant-prod is the sketch alone)."""
+        return bits - 1 if self.qjl else bits
+
+    def outliers_per_group(self) -> int:
+        """Entries of each group kept sparse in fp16: ceil(outlier_frac · group_size)."""
+        if not self.outlier_frac:
+            return 0
+        return math.ceil(round(self.outlier_frac * self.group_size, 9))
+
+    def outlier_index_bits(self) -> int:
+        """Bits of one outlier's position inside its group."""
+        return (self.group_size - 1).bit_length()
+
     def metadata_bits_per_group(self, bits: int) -> int:
         if bits >= FULL_PRECISION_BITS:
             return 0
         scale = SCALE_DTYPE_BITS[self.scale_dtype]
+        sparse = self.outliers_per_group() * (OUTLIER_VALUE_BITS + self.outlier_index_bits())
+        if self.kind == "lloydmax":
+            # the group norm (when there is a dense stage) and, with QJL, the residual norm
+            return scale * (self.base_bits(bits) >= 1) + scale * self.qjl + sparse
         if self.kind == "symmetric":
-            return scale
-        return scale + (scale if self.zero == "float" else bits)
+            return scale + sparse
+        return scale + (scale if self.zero == "float" else bits) + sparse
 
     def bits_per_element(self, bits: int) -> float:
         """Effective stored bits per element at `bits` code bits: code bits + metadata bits / group size."""
@@ -106,11 +196,14 @@ class QuantSpec:
         return bits + self.metadata_bits_per_group(bits) / self.group_size
 
 
+_LATER_FIELDS = ("rotation", "qjl", "outlier_frac", "prerope", "seed")
+
 KIVI = QuantSpec()  # asymmetric min-max, groups of 32, fp16 scale and zero-point: +1.0 bit per element
 
 
 def parse_spec(text: str) -> QuantSpec:
-    """Parse a spec id such as `minmax-g32-fp16`, `symmetric-g64-bf16` or `minmax-g64-fp16-zcode`, or JSON."""
+    """Parse a spec id such as `minmax-g32-fp16`, `symmetric-g64-bf16`, `minmax-g64-fp16-zcode`,
+    `lloydmax-qjl-g64-rhadamard-fp16` or `minmax-g32-hadamard-fp16-o0.02-prerope-s3`, or JSON."""
     text = text.strip()
     if text.startswith("{"):
         return QuantSpec.from_dict(json.loads(text))
@@ -125,6 +218,24 @@ def parse_spec(text: str) -> QuantSpec:
             kw["group_along"] = p
         elif p.startswith("z") and p[1:] in ZERO_FORMATS:
             kw["zero"] = p[1:]
+        elif p in ROTATIONS:
+            kw["rotation"] = p
+        elif p == "qjl":
+            kw["qjl"] = True
+        elif p == "prerope":
+            kw["prerope"] = True
+        elif p.startswith("o") and _is_float(p[1:]):
+            kw["outlier_frac"] = float(p[1:])
+        elif p.startswith("s") and p[1:].isdigit():
+            kw["seed"] = int(p[1:])
         else:
             raise RateQError(f"cannot parse quantizer {text!r}: unknown part {p!r}")
     return QuantSpec(**kw)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
