@@ -181,7 +181,8 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
                       bits=DEFAULT_BITS, quantizers=(KIVI,), n_samples: int | None = None,
                       seq_len: int | None = None, batch_size: int = 1, seed: int = 0,
                       policy: CachePolicy | None = None, reference: Plan | None = None,
-                      progress: bool | ProgressFn = False, chunk_elements: int | None = None) -> dict[str, Curves]:
+                      progress: bool | ProgressFn = False, chunk_elements: int | None = None,
+                      matmul_dtype: torch.dtype | None = None) -> dict[str, Curves]:
     """One streaming pass that measures several metrics at once → `{metric: Curves}` (see `calibrate`)."""
     metrics = tuple(dict.fromkeys(metrics))
     unknown = [m for m in metrics if m not in METRICS]
@@ -208,8 +209,11 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
     if chunk_elements is None:
         # Largest temporary of the candidate scores: ~32 MiB of fp32 on CPU, ~1 GiB on a GPU.
         chunk_elements = (1 << 28) if device.type == "cuda" else (1 << 23)
+    if matmul_dtype is None:
+        # GPUs: bf16 tensor cores for the candidate deltas (see metrics.candidate_errors); CPUs: fp32 is fastest.
+        matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cal = Calibrator(fp.num_layers, fp.num_kv_heads, bits, specs, metrics, policy, reference=reference,
-                     chunk_elements=chunk_elements)
+                     chunk_elements=chunk_elements, matmul_dtype=matmul_dtype)
     needs_grad = cal.needs_grad
     nll = 0.0
     t_start = time.perf_counter()
@@ -251,6 +255,7 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
             "data": data_name, "tokens": n * T, "seq_len": T, "n_samples": n, "seed": seed,
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "seconds": round(seconds, 3),
             "policy": policy.to_dict(), "batch_size": batch_size,
+            "matmul_dtype": str(matmul_dtype).replace("torch.", ""),
         }
         if reference is not None:
             calibration["reference"] = {"nominal_bits": reference.nominal_bits,
@@ -278,7 +283,8 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
 def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=(KIVI,), metric: str = DEFAULT_METRIC,
               n_samples: int | None = None, seq_len: int | None = None, batch_size: int = 1, seed: int = 0,
               policy: CachePolicy | None = None, reference: Plan | None = None,
-              progress: bool | ProgressFn = False, chunk_elements: int | None = None) -> Curves:
+              progress: bool | ProgressFn = False, chunk_elements: int | None = None,
+              matmul_dtype: torch.dtype | None = None) -> Curves:
     """Measure `D_u(q, b)` for every unit u = (layer, KV head, K|V), quantizer q and bit width b → `Curves`.
 
     - `texts`: a text spec (`"austen-emma"`, a .txt/.jsonl file, `wikitext2`, `hf:…`), raw text, a list of
@@ -297,4 +303,4 @@ def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=(KI
     return calibrate_metrics(model, tokenizer, texts, metrics=(metric,), bits=bits, quantizers=quantizers,
                              n_samples=n_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                              policy=policy, reference=reference, progress=progress,
-                             chunk_elements=chunk_elements)[metric]
+                             chunk_elements=chunk_elements, matmul_dtype=matmul_dtype)[metric]

@@ -53,13 +53,15 @@ class Calibrator:
     """Accumulates `(L, Hkv, 2, C)` sums per metric over the batches run through `attention`."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, bits, quantizers: list[QuantSpec], metrics,
-                 policy: CachePolicy, *, reference: Plan | None = None, chunk_elements: int = 1 << 23):
+                 policy: CachePolicy, *, reference: Plan | None = None, chunk_elements: int = 1 << 23,
+                 matmul_dtype: torch.dtype = torch.float32):
         self.bits = tuple(bits)
         self.quantizers = list(quantizers)
         self.metrics = tuple(metrics)
         self.policy = policy
         self.needs_grad = "fisher" in self.metrics
         self.chunk_elements = chunk_elements
+        self.matmul_dtype = matmul_dtype
         self.transform = None if reference is None else plan_transform(reference, policy)
         C = len(self.quantizers) * len(self.bits)
         self.sums = {m: torch.zeros(num_layers, num_kv_heads, 2, C, dtype=torch.float64) for m in self.metrics}
@@ -107,6 +109,7 @@ class Calibrator:
         k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy)  # (C, B, Hkv, S, D)
         v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy)
         metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
-        sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements)
+        sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements,
+                                matmul_dtype=self.matmul_dtype)
         for m, s in sums.items():  # (2, Hkv, C) → (Hkv, 2, C)
             self.sums[m][layer] += s.transpose(0, 1).cpu()

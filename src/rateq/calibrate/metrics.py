@@ -29,6 +29,7 @@ import torch
 
 METRICS = ("mse", "score", "output", "fisher")
 ATTENTION_METRICS = ("score", "output", "fisher")  # need the (query, key) scores
+_NEG = -1e30
 
 
 @dataclass
@@ -58,13 +59,18 @@ def allowed_pairs(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, 
 
 
 def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor, metrics, *,
-                     grad: torch.Tensor | None = None, chunk_elements: int = 1 << 23) -> dict[str, torch.Tensor]:
+                     grad: torch.Tensor | None = None, chunk_elements: int = 1 << 23,
+                     matmul_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Per-metric `(2, Hkv, C)` float64 sums for one layer and batch.
 
     `k_hat`, `v_hat`: `(C, B, Hkv, S, D)` stored form of the keys/values under every candidate (positions the
     policy keeps in full precision equal `key`/`value`). `grad`: `(B, T, Hq, D)` ∂loss/∂attention output,
     needed for `fisher`. `chunk_elements` bounds the largest temporary (candidates × query heads × query
     rows × keys), so memory does not grow with the candidates or the sequence.
+
+    `matmul_dtype` below fp32 (bf16 on GPUs) switches the candidate matmuls to the difference form: only the
+    small deltas (q·δk, (P̂ − P)·V, A·δV) go through the low-precision matmul, so its rounding is relative to the
+    quantization error, not to the scores or outputs themselves; softmax and sums stay in fp32.
     """
     metrics = set(metrics)
     if "fisher" in metrics and grad is None:
@@ -88,8 +94,10 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
     kb = k if inp.key_base is None else inp.key_base
     vb = v if inp.value_base is None else inp.value_base
     same_base = inp.key_base is None
-    # Query rows per chunk: the widest temporary is (Hkv, groups·rows, C, keys) of fp32.
-    rows = max(1, min(T, chunk_elements // max(1, Hq * C * S)))
+    lowp = matmul_dtype != torch.float32
+    # Query rows per chunk: bounded by `chunk_elements` for the widest temporary (Hkv, groups·rows, C, keys),
+    # and at most T/16 so that causal chunks skip most of the masked upper triangle.
+    rows = max(1, min(T, chunk_elements // max(1, Hq * C * S), max(32, -(-T // 16))))
 
     for b in range(B):
         for t0 in range(0, T, rows):
@@ -104,41 +112,67 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
             Tc, Sc = t1 - t0, ke - ks
             # Each KV head's query heads stacked along rows: (Hkv, groups·Tc, D), no K/V repetition needed.
             qg = q[b, :, t0:t1].float().reshape(Hkv, groups * Tc, D)
-            bias = torch.zeros(Tc, Sc, device=dev).masked_fill_(~ok, -math.inf)
-            bias = bias.expand(groups, Tc, Sc).reshape(groups * Tc, Sc)  # (groups·Tc, Sc) per KV head
-            okg = ok.expand(groups, Tc, Sc).reshape(groups * Tc, Sc)
+            # Masked pairs sit in a narrow band of columns (the diagonal block for causal masks): only that band
+            # is touched, in place. A finite "minus infinity" keeps fully masked rows free of nan.
+            banned = (~ok).repeat(groups, 1)  # (groups·Tc, Sc)
+            band = banned.any(0).nonzero()
+            m0, m1 = (int(band[0]), int(band[-1]) + 1) if band.numel() else (0, 0)
+            banned = banned[:, m0:m1]
+            # Rows that attend nothing (left padding) would get uniform weights: they contribute no error.
+            live = None if bool(ok.any(-1).all()) else ok.any(-1).float().repeat(groups)[:, None]
             kc, vc = k[b, :, ks:ke].float(), v[b, :, ks:ke].float()  # (Hkv, Sc, D)
             kbc, vbc = (kc, vc) if same_base else (kb[b, :, ks:ke].float(), vb[b, :, ks:ke].float())
             g2 = None
             if "fisher" in metrics:
                 g2 = grad[b, t0:t1].float().permute(1, 0, 2).reshape(Hkv, groups * Tc, D).pow(2)
 
-            def probs(s):
+            def logits(keys):  # (Hkv, n, D) → (Hkv, groups·Tc, n) scaled scores, unmasked
+                return (qg * inp.scaling) @ keys.transpose(-1, -2)
+
+            def probs(raw, inplace=False):  # raw scores (…, Sc) → attention weights, capped and masked as the model
                 if inp.softcap:
-                    s = torch.tanh(s / inp.softcap) * inp.softcap
-                return torch.softmax(s + bias, dim=-1)
+                    raw = torch.tanh(raw / inp.softcap) * inp.softcap
+                elif not inplace:
+                    raw = raw.clone()
+                if m1 > m0:
+                    raw[..., m0:m1].masked_fill_(banned if raw.dim() == 3 else banned[:, None], _NEG)
+                return torch.softmax(raw, dim=-1)
 
-            s = (qg @ kc.transpose(-1, -2)) * inp.scaling  # (Hkv, groups·Tc, Sc)
-            a_base = probs(s if same_base else (qg @ kbc.transpose(-1, -2)) * inp.scaling)  # V units' weights
+            s = logits(kc)  # (Hkv, groups·Tc, Sc)
+            a_base = probs(s if same_base else logits(kbc))  # weights the value units are measured under
+            if live is not None:
+                a_base = a_base * live
 
-            # --- key units: every candidate's scores at once, (Hkv, C, groups·Tc, Sc)
-            kh = k_hat[:, b, :, ks:ke].float().transpose(0, 1)  # (Hkv, C, Sc, D)
-            s_hat = (qg[:, None] @ kh.transpose(-1, -2)) * inp.scaling
+            # --- key units: every candidate's scores in one matmul, candidates folded into the key axis
+            kh = k_hat[:, b, :, ks:ke].float().transpose(0, 1).reshape(Hkv, C * Sc, D)
+            if lowp:
+                dk = (kh.view(Hkv, C, Sc, D) - kc[:, None]).view(Hkv, C * Sc, D).to(matmul_dtype)
+                ds = ((qg * inp.scaling).to(matmul_dtype) @ dk.transpose(-1, -2)).float().view(Hkv, groups * Tc, C, Sc)
+                s_hat = ds + s[:, :, None]
+            else:
+                s_hat = logits(kh).view(Hkv, groups * Tc, C, Sc)
+                ds = s_hat - s[:, :, None] if "score" in metrics else None
             if "score" in metrics:
-                ds = (s_hat - s[:, None]).masked_fill_(~okg, 0.0)
-                out["score"][0] += ds.pow(2).sum((2, 3)).double()
-                del ds
+                ds[..., m0:m1].masked_fill_(banned[:, None], 0.0)
+                out["score"][0] += ds.square_().sum((1, 3)).double()
+            del ds
             if want_out:
-                a = probs(s) if not same_base else a_base
-                o_ref = a @ vbc  # (Hkv, groups·Tc, D): the key unit at full precision, values as the base has them
-                p_hat = probs(s_hat).view(Hkv, C * groups * Tc, Sc)
+                a = a_base if same_base else probs(s)
+                p_hat = probs(s_hat, inplace=True)  # (Hkv, groups·Tc, C, Sc)
                 del s_hat
-                e = (p_hat @ vbc).view(Hkv, C, groups * Tc, D) - o_ref[:, None]  # (Hkv, C, groups·Tc, D)
+                if lowp:
+                    dp = p_hat.sub_(a[:, :, None]).to(matmul_dtype).view(Hkv, groups * Tc * C, Sc)
+                    e = (dp @ vbc.to(matmul_dtype)).float().view(Hkv, groups * Tc, C, D)
+                    del dp
+                else:
+                    o_ref = a @ vbc  # (Hkv, groups·Tc, D): key unit at full precision, values as the base has them
+                    e = (p_hat.view(Hkv, groups * Tc * C, Sc) @ vbc).view(Hkv, groups * Tc, C, D) - o_ref[:, :, None]
                 del p_hat
+                e = e.square_() if live is None else e.square_() * live[None, :, :, None]
                 if "output" in metrics:
-                    out["output"][0] += e.pow(2).sum((2, 3)).double()
+                    out["output"][0] += e.sum((1, 3)).double()
                 if g2 is not None:
-                    out["fisher"][0] += (e.pow(2) * g2[:, None]).sum((2, 3)).double()
+                    out["fisher"][0] += (e * g2[:, :, None]).sum((1, 3)).double()
                 del e
             s_hat = None
 
@@ -148,10 +182,11 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
                 w = a_base.pow(2).sum(1)  # (Hkv, Sc): Σ over query heads and rows of A²
                 out["score"][1] += (dv.pow(2).sum(-1) * w[None]).sum(-1).T.double()
             if want_out:
-                e = a_base @ dv.permute(1, 2, 0, 3).reshape(Hkv, Sc, C * D)  # (Hkv, groups·Tc, C·D)
-                e = e.view(Hkv, groups * Tc, C, D)
+                dvc = dv.permute(1, 2, 0, 3).reshape(Hkv, Sc, C * D)
+                e = (a_base.to(matmul_dtype) @ dvc.to(matmul_dtype)).float()  # (Hkv, groups·Tc, C·D)
+                e = e.view(Hkv, groups * Tc, C, D).square_()
                 if "output" in metrics:
-                    out["output"][1] += e.pow(2).sum((1, 3)).double()
+                    out["output"][1] += e.sum((1, 3)).double()
                 if g2 is not None:
-                    out["fisher"][1] += (e.pow(2) * g2[:, :, None]).sum((1, 3)).double()
+                    out["fisher"][1] += (e * g2[:, :, None]).sum((1, 3)).double()
     return out

@@ -1,0 +1,113 @@
+"""`rateq calibrate`: measure a model's distortion curves, keep them, solve at a budget, write the profile."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._common import DataOpt, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, console, emit_json, progress
+from .main import app
+from .solve import KeysOpt, MaxBitsOpt, MethodOpt, MinBitsOpt, check_out, parse_list
+
+
+def default_out(model: str, budget: float) -> Path:
+    """`./<model>-b<budget>.safetensors`: the model's alias (or last path part of a hub id / folder)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-") or "model"
+    return Path(f"{slug}-b{budget:g}.safetensors")
+
+
+def curves_path(profile: Path) -> Path:
+    """Where the curves behind a profile are kept: `P.safetensors` → `P.curves.safetensors`."""
+    name = profile.name[: -len(".safetensors")] if profile.name.endswith(".safetensors") else profile.name
+    return profile.with_name(f"{name}.curves.safetensors")
+
+
+def _parse_bits(text: str) -> tuple[int, ...]:
+    from rateq.errors import RateQError
+
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise RateQError(f"--bits wants comma-separated integers such as 1,2,3,4,5,6,8; got {text!r}") from None
+
+
+@app.command("calibrate")
+def calibrate_command(
+    budget: Annotated[float, typer.Option("--budget", "-b", help="Effective bits per cached element (metadata included) to solve for.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model alias (smollm2-135m, qwen3-8b, …), hub id or local folder.")] = "smollm2-135m",
+    data: DataOpt = "austen-emma",
+    out: OutOpt = None,
+    method: MethodOpt = "exact",
+    metric: Annotated[Optional[str], typer.Option("--metric", help="mse, score, output or fisher (default: the library's, chosen by measured rank correlation with ΔNLL).")] = None,
+    n_samples: Annotated[Optional[int], typer.Option("--n-samples", "-n", help="Calibration sequences (default 8).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence (default 1024).")] = None,
+    bits: Annotated[str, typer.Option("--bits", help="Candidate code bit widths, comma-separated.")] = "1,2,3,4,5,6,8",
+    quantizers: Annotated[str, typer.Option("--quantizers", "-q", help="Candidate quantizer ids, comma-separated (e.g. minmax-g32-fp16,minmax-g64-fp16).")] = "minmax-g32-fp16",
+    min_bits: MinBitsOpt = None,
+    max_bits: MaxBitsOpt = None,
+    keys_at_least_values: KeysOpt = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows.")] = 0,
+    residual: Annotated[int, typer.Option("--residual", "-r", help="Full-precision residual window of the runtime policy.")] = 0,
+    block: Annotated[int, typer.Option("--block", help="Key block size of the runtime policy.")] = 32,
+    sinks: Annotated[int, typer.Option("--sinks", help="Leading tokens kept in full precision.")] = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Calibrate MODEL on DATA (defaults: the bundled smollm2-135m and Emma), keep the curves beside the profile
+    (P.curves.safetensors), solve at --budget, write the profile (default ./<model>-b<budget>.safetensors) and
+    print its summary. Re-solve the kept curves at other budgets with `rateq solve`."""
+    import rateq
+    from rateq.calibrate import METRICS
+    from rateq.errors import RateQError
+    from rateq.policy import CachePolicy
+    from rateq.profile import plan_summary, save_profile
+    from rateq.quant.spec import parse_spec
+    from rateq.solve import METHODS
+
+    from .profile_cmds import print_summary
+
+    # Validate everything that needs no model before spending minutes on calibration.
+    if method not in METHODS:
+        raise RateQError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if metric is not None and metric not in METRICS:
+        raise RateQError(f"unknown --metric {metric!r}; use one of {', '.join(METRICS)}")
+    for name, v in (("--n-samples", n_samples), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+        if v is not None and v < 1:
+            raise RateQError(f"{name} must be at least 1, got {v}")
+    widths = _parse_bits(bits)
+    specs = [parse_spec(q) for q in parse_list(quantizers) or []]
+    if not specs:
+        raise RateQError("--quantizers is empty; give at least one id such as minmax-g32-fp16")
+    policy = CachePolicy(residual=residual, block=block, sinks=sinks)
+    lo, hi = rateq.budget_range(specs, widths, min_bits=min_bits, max_bits=max_bits)
+    if not lo * (1 - 1e-12) <= budget <= hi * (1 + 1e-12):
+        raise RateQError(f"budget {budget:g} effective bits per element is outside the feasible range "
+                         f"[{lo:.4f}, {hi:.4f}] of quantizers {', '.join(q.id for q in specs)} at bits {list(widths)}; "
+                         "pick a budget inside it")
+    out = out if out is not None else default_out(model, budget)
+    check_out(out)
+    cpath = curves_path(out)
+
+    with progress(not json_out) as bar:
+        bar.add_task(f"loading {model}", total=None, rate="")
+        lm, tok = rateq.load_model(model, dtype=dtype, device=device)
+    kw = {} if metric is None else {"metric": metric}
+    curves = rateq.calibrate(lm, tok, data, bits=widths, quantizers=specs, n_samples=n_samples, seq_len=seq_len,
+                             batch_size=batch_size, seed=seed, policy=policy, progress=True, **kw)
+    curves.save(cpath)  # first: the expensive part is kept even if solving is interrupted
+    plan = rateq.solve(curves, budget, method=method, min_bits=min_bits, max_bits=max_bits,
+                       keys_at_least_values=keys_at_least_values, policy=policy)
+    save_profile(plan, out)
+
+    if json_out:
+        emit_json({"profile": str(out), "curves": str(cpath), **plan_summary(plan)})
+        return
+    cal = curves.calibration
+    console.print(f"calibrated {cal.get('tokens')} tokens of {cal.get('data')} ({curves.metric}) in "
+                  f"{cal.get('seconds', float('nan')):.1f} s; curves kept in {cpath}", markup=False)
+    print_summary(plan, title=f"profile written to {out}")

@@ -1,0 +1,175 @@
+"""calibrate() on tiny random models: shapes, monotone curves, determinism, inputs, progress, dtypes."""
+
+import pytest
+import torch
+
+import rateq
+from rateq.calibrate import calibrate_metrics, calibration_ids
+from rateq.quant.spec import QuantSpec
+
+SPEC16 = QuantSpec(group_size=16)  # tiny models have head_dim 16
+BITS = (1, 2, 3, 4, 5, 6, 8)
+
+
+def ids(n=2, t=64, seed=0):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("qwen3", 2), ("llama", 4), ("qwen3", 4), ("gemma3", 2)])
+def test_shapes_and_facts(tiny, arch, kv_heads):
+    model = tiny(arch, kv_heads=kv_heads)
+    curves = rateq.calibrate(model, None, ids(2, 64), metric="output", quantizers=[SPEC16], batch_size=2)
+    L, D = model.config.num_hidden_layers, 16
+    assert curves.shape == (L, kv_heads, 2, 1, len(BITS))
+    assert curves.bits == BITS and curves.metric == "output" and curves.quantizers == [SPEC16]
+    assert curves.model == rateq.fingerprint(model)
+    cal = curves.calibration
+    assert (cal["tokens"], cal["seq_len"], cal["n_samples"], cal["seed"]) == (128, 64, 2, 0)
+    assert cal["data"] == "token ids" and cal["metric"] == "output" and cal["dtype"] == "float32"
+    assert cal["device"] == "cpu" and cal["seconds"] > 0 and cal["nonmonotone"] == len(curves.nonmonotone())
+    assert torch.isfinite(curves.distortion).all() and (curves.distortion > 0).all()
+    if arch == "gemma3":  # sliding layers (window 16) hold 16 tokens per head, the full layer all 64
+        assert curves.counts[:, 0, 0].tolist() == [16 * D, 64 * D, 16 * D]
+    else:
+        assert (curves.counts == 64 * D).all()
+
+
+@pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("qwen3", 4), ("gemma3", 2)])
+def test_curves_fall_with_bits(tiny, arch, kv_heads):
+    model = tiny(arch, kv_heads=kv_heads)
+    by_metric = calibrate_metrics(model, None, ids(2, 64), metrics=("mse", "score", "output", "fisher"),
+                                  quantizers=[SPEC16])
+    assert by_metric["mse"].nonmonotone() == []  # raw mse falls with every extra bit
+    for m, curves in by_metric.items():
+        d = curves.distortion
+        assert len(curves.nonmonotone()) <= 0.02 * d.numel(), m
+        assert curves.monotone().nonmonotone() == []
+        # 8 bits: (1/255)² of the 1-bit error for a uniform grid; far below 1e-3 for every unit and metric.
+        assert (d[..., -1] < 1e-3 * d[..., 0]).all(), m
+        assert (d[..., 1] < d[..., 0]).all(), m  # 2 bits always beat 1 bit
+
+
+def test_same_seed_same_curves(tiny):
+    model = tiny("llama")
+    a = rateq.calibrate(model, None, ids(4, 64).flatten(), n_samples=2, seq_len=64, seed=3, metric="fisher",
+                        quantizers=[SPEC16])
+    b = rateq.calibrate(model, None, ids(4, 64).flatten(), n_samples=2, seq_len=64, seed=3, metric="fisher",
+                        quantizers=[SPEC16])
+    c = rateq.calibrate(model, None, ids(4, 64).flatten(), n_samples=2, seq_len=64, seed=4, metric="fisher",
+                        quantizers=[SPEC16])
+    assert torch.equal(a.distortion, b.distortion)
+    assert not torch.equal(a.distortion, c.distortion)  # another seed draws other windows
+
+
+def test_batch_size_does_not_change_curves(tiny):
+    model = tiny("qwen3")
+    one = rateq.calibrate(model, None, ids(3, 64), metric="fisher", quantizers=[SPEC16], batch_size=1)
+    three = rateq.calibrate(model, None, ids(3, 64), metric="fisher", quantizers=[SPEC16], batch_size=3)
+    torch.testing.assert_close(one.distortion, three.distortion, rtol=1e-4, atol=0)
+
+
+def test_several_quantizers_and_bits(tiny):
+    model = tiny("llama")
+    specs = [SPEC16, QuantSpec(kind="symmetric", group_size=16)]
+    curves = rateq.calibrate(model, None, ids(1, 64), metric="mse", bits=(2, 4, 16), quantizers=specs)
+    assert curves.shape == (3, 2, 2, 2, 3)
+    assert (curves.distortion[..., 2] < 1e-3 * curves.distortion[..., 1]).all()  # 16 = fp16 storage
+    # min-max and symmetric quantizers give different errors
+    assert not torch.allclose(curves.distortion[..., 0, :], curves.distortion[..., 1, :])
+
+
+def test_counts_follow_policy_and_sinks(tiny):
+    model = tiny("llama")
+    base = rateq.calibrate(model, None, ids(1, 64), metric="mse", quantizers=[SPEC16])
+    sinks = rateq.calibrate(model, None, ids(1, 64), metric="mse", quantizers=[SPEC16],
+                            policy=rateq.CachePolicy(sinks=32, block=32))
+    # with 32 sink tokens kept in full precision only half the keys and values are quantized
+    assert (sinks.distortion < base.distortion).all()
+    assert sinks.calibration["policy"] == {"residual": 0, "block": 32, "sinks": 32}
+
+
+def test_curves_round_trip(tiny, tmp_path):
+    curves = rateq.calibrate(tiny("llama"), None, ids(1, 64), metric="score", quantizers=[SPEC16])
+    curves.save(tmp_path / "c.safetensors")
+    back = rateq.Curves.load(tmp_path / "c.safetensors")
+    assert torch.equal(back.distortion, curves.distortion) and back.calibration == curves.calibration
+
+
+def test_progress_events_and_bar(tiny, capsys):
+    model = tiny("llama")
+    events = []
+    rateq.calibrate(model, None, ids(3, 64), metric="mse", quantizers=[SPEC16], progress=events.append)
+    batches = [e for e in events if e["event"] == "batch"]
+    assert events[0]["event"] == "start" and [e["tokens"] for e in batches] == [64, 128, 192]
+    assert all(e["total"] == 192 for e in batches)
+    rateq.calibrate(model, None, ids(1, 64), metric="mse", quantizers=[SPEC16], progress=True)
+    assert "tok/s" in capsys.readouterr().err
+
+
+def test_bf16_model(tiny):
+    model = tiny("llama")
+    ref = rateq.calibrate(model, None, ids(2, 64), metric="output", quantizers=[SPEC16])
+    low = rateq.calibrate(model.to(torch.bfloat16), None, ids(2, 64), metric="output", quantizers=[SPEC16])
+    assert low.calibration["dtype"] == "bfloat16" and low.distortion.dtype == torch.float64
+    # at 1–3 bits quantization error dominates bf16 rounding: the same curves within a few percent
+    torch.testing.assert_close(low.distortion[..., :3], ref.distortion[..., :3], rtol=0.1, atol=0)
+
+
+class ByteTokenizer:
+    """Stands in for a tokenizer: one token per byte."""
+
+    def __call__(self, text, **kw):
+        return {"input_ids": torch.tensor([list(text.encode("utf-8"))])}
+
+
+def test_text_inputs():
+    tok = ByteTokenizer()
+    got, name = calibration_ids(tok, "austen-emma", 3, 50, seed=1)
+    assert got.shape == (3, 50) and name == "austen-emma"
+    again, _ = calibration_ids(tok, "austen-emma", 3, 50, seed=1)
+    assert torch.equal(got, again)
+    raw, name = calibration_ids(tok, "a few words " * 20, 2, 16)
+    assert raw.shape == (2, 16) and name.startswith("text (")
+    many, name = calibration_ids(tok, ["first text " * 5, "second text " * 5], 2, 16)
+    assert many.shape == (2, 16) and name == "2 texts"
+    given, name = calibration_ids(None, ids(4, 32), 2, 16)
+    assert torch.equal(given, ids(4, 32)[:2, :16]) and name == "token ids"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(texts="austen-emmma"), "unknown text"),
+    (dict(texts="some words here"), "tokenizer"),
+    (dict(texts=torch.zeros(2, 8, dtype=torch.long), seq_len=16), "asked for"),
+    (dict(metric="kl"), "unknown metric"),
+    (dict(bits=(4, 2)), "increasing"),
+    (dict(bits=(0, 2)), "1..8"),
+    (dict(quantizers=[QuantSpec()]), "head_dim 16"),
+    (dict(quantizers=[SPEC16], policy=rateq.CachePolicy(block=24)), "block 24"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_user_errors(tiny, kwargs, match):
+    model = tiny("llama")
+    kw = dict(texts=ids(1, 64), quantizers=[SPEC16])
+    kw.update(kwargs)
+    with pytest.raises(rateq.RateQError, match=match):
+        rateq.calibrate(model, None, kw.pop("texts"), **kw)
+
+
+def test_reference_plan_for_another_model(tiny):
+    model = tiny("llama")
+    other = rateq.Plan.uniform(rateq.fingerprint(tiny("llama", kv_heads=4)), 2, spec=SPEC16)
+    with pytest.raises(rateq.RateQError, match="num_kv_heads"):
+        rateq.calibrate(model, None, ids(1, 64), quantizers=[SPEC16], reference=other)
+
+
+def test_low_precision_matmuls_keep_the_curves(tiny):
+    # The GPU path: candidate deltas through bf16 matmuls. Rounding is relative to the quantization error, so even
+    # the 8-bit points stay within a few percent of the fp32 computation.
+    model = tiny("qwen3", kv_heads=2)
+    metrics = ("score", "output", "fisher")
+    ref = calibrate_metrics(model, None, ids(2, 64), metrics=metrics, quantizers=[SPEC16])
+    low = calibrate_metrics(model, None, ids(2, 64), metrics=metrics, quantizers=[SPEC16],
+                            matmul_dtype=torch.bfloat16)
+    assert low["output"].calibration["matmul_dtype"] == "bfloat16"
+    for m in metrics:
+        torch.testing.assert_close(low[m].distortion, ref[m].distortion, rtol=0.03, atol=0)
