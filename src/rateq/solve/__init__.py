@@ -7,7 +7,8 @@
 `QuantSpec.bits_per_element`. Candidates are every calibrated (quantizer, bits) pair; with `allow_fp16=True`
 also unquantized fp16 (16 bits per element, zero distortion). Three methods share the problem and the `Plan`:
 
-- `exact`: the multiple-choice knapsack as a MILP (HiGHS); optimal, gap and dual bound reported.
+- `exact`: optimal: reduced-cost fixing around the greedy plan, then an exact Pareto DP over what is left
+  (or the MILP on HiGHS, for per-layer budgets or on request); bound and gap reported.
 - `greedy`: Lagrangian convex-hull greedy; milliseconds; within one hull step of optimal (bound reported).
 - `waterfill`: RateQuant's reverse waterfilling on fitted `D(b) = α·β^(−b)`, rounded within the budget.
 """
@@ -35,9 +36,9 @@ def _check_method(method: str) -> None:
         raise RateQError(f"unknown solver method {method!r}; use one of {', '.join(METHODS)}")
 
 
-def _solve_problem(problem: Problem, method: str, time_limit: float) -> tuple[np.ndarray, dict]:
+def _solve_problem(problem: Problem, method: str, time_limit: float, backend: str) -> tuple[np.ndarray, dict]:
     if method == "exact":
-        return solve_exact(problem, time_limit=time_limit)
+        return solve_exact(problem, time_limit=time_limit, backend=backend)
     if method == "greedy":
         return solve_greedy(problem)
     return solve_waterfill(problem)
@@ -46,7 +47,7 @@ def _solve_problem(problem: Problem, method: str, time_limit: float) -> tuple[np
 def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int | None = None,
           max_bits: int | None = None, keys_at_least_values: bool = False, fixed: dict | None = None,
           per_layer_budget=None, quantizers=None, allow_fp16: bool = False, policy: CachePolicy | None = None,
-          time_limit: float = 60.0) -> Plan:
+          time_limit: float = 60.0, backend: str = "auto") -> Plan:
     """The plan minimising predicted distortion at `budget` effective bits per cached element.
 
     - `min_bits` / `max_bits`: range of code bits every free unit may take.
@@ -56,6 +57,8 @@ def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int
     - `per_layer_budget`: one number, or one per layer — each layer's own effective-bits cap (exact, greedy).
     - `quantizers`: restrict the choice to these of the curves' quantizers.
     - `policy`: the runtime policy (residual window, key block, sinks) recorded in the plan.
+    - `backend` (exact only): `auto` (Pareto DP; HiGHS MILP for per-layer budgets), `dp` or `milp`;
+      `time_limit` bounds the MILP.
 
     Raises `RateQError` for a budget outside the feasible range (named in the message) or bad constraints.
     The plan's `solver` dict holds the method, predicted distortion, seconds, and the method's bound facts.
@@ -65,7 +68,7 @@ def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int
     problem = build_problem(curves, budget, min_bits=min_bits, max_bits=max_bits,
                             keys_at_least_values=keys_at_least_values, fixed=fixed, per_layer_budget=per_layer_budget,
                             quantizers=quantizers, allow_fp16=allow_fp16, policy=policy)
-    choice, info = _solve_problem(problem, method, time_limit)
+    choice, info = _solve_problem(problem, method, time_limit, backend)
     if not problem.within_budget(choice):
         raise AssertionError(f"{method} returned a plan over budget")  # a solver bug, never a user error
     return problem.to_plan(choice, {"method": method, **info, "seconds": time.perf_counter() - t0})
@@ -85,7 +88,8 @@ def _row(problem: Problem, budget: float, choice: np.ndarray) -> dict:
     }
 
 
-def frontier(curves: Curves, budgets, *, method: str = "greedy", time_limit: float = 60.0, **constraints) -> list[dict]:
+def frontier(curves: Curves, budgets, *, method: str = "greedy", time_limit: float = 60.0, backend: str = "auto",
+             **constraints) -> list[dict]:
     """The rate-distortion frontier: one row per budget (sorted), with predicted distortion, effective and
     nominal bits, and K and V mean code bits. Budgets outside the feasible range give `feasible: False` rows.
 
@@ -112,7 +116,7 @@ def frontier(curves: Curves, budgets, *, method: str = "greedy", time_limit: flo
             pos, _ = fill(hulls, b, problem.layer_budget, layer_weights(problem))
             choice = decode(hulls, pos, problem.num_units)
         else:
-            choice, _ = _solve_problem(problem, method, time_limit)
+            choice, _ = _solve_problem(problem, method, time_limit, backend)
         row = _row(problem, b, choice)
         if best is not None and row["distortion"] > best["distortion"]:
             row = {**best, "budget": b}

@@ -43,34 +43,48 @@ class Hulls:
     cum_dd: np.ndarray  # (S,)
 
 
-def _lower_hull(c: list[float], d: list[float]) -> list[int]:
-    """Indices of the lower convex hull of points sorted by rising cost and strictly falling distortion."""
-    h: list[int] = []
-    for i in range(len(c)):
-        while len(h) >= 2:
-            a, b = h[-2], h[-1]
-            # b is no vertex when the step a→b is no more efficient than the step b→i.
-            if (d[a] - d[b]) * (c[i] - c[b]) <= (d[b] - d[i]) * (c[b] - c[a]):
-                h.pop()
-            else:
-                break
-        h.append(i)
-    return h
-
-
 def _pareto(cost: np.ndarray, dist: np.ndarray) -> np.ndarray:
-    """`(G, C)` bool: candidates not dominated within their row (invalid ones carry infinite distortion).
-
-    Sorted by cost then distortion, a candidate survives only if it is strictly better than everything cheaper
-    (equal-cost duplicates keep the better one).
-    """
-    order = np.lexsort((dist, cost), axis=-1)
-    d = np.take_along_axis(dist, order, -1)
-    prev = np.concatenate([np.full((d.shape[0], 1), np.inf), np.minimum.accumulate(d, -1)[:, :-1]], 1)
-    keep_sorted = (d < prev) & np.isfinite(d)
+    """`(G, C)` bool: candidates not dominated within their row (invalid ones carry infinite distortion)."""
+    order, keep_sorted = _pareto_sorted(cost, dist)
     keep = np.zeros_like(keep_sorted)
     np.put_along_axis(keep, order, keep_sorted, -1)
     return keep
+
+
+def _pareto_sorted(cost: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's order by (cost, distortion), and which of the sorted candidates are on the Pareto front:
+    strictly better than everything cheaper (of equal-cost duplicates the better one survives)."""
+    order = np.lexsort((dist, cost), axis=-1)
+    d = np.take_along_axis(dist, order, -1)
+    prev = np.concatenate([np.full((d.shape[0], 1), np.inf), np.minimum.accumulate(d, -1)[:, :-1]], 1)
+    return order, (d < prev) & np.isfinite(d)
+
+
+def _lower_hull(c: np.ndarray, d: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """`(G, C)` bool: lower convex hull vertices among `keep` of rows sorted by rising cost, falling distortion.
+
+    A point on or above the segment joining its kept neighbours is no hull vertex (the hull lies below that
+    segment), so every such point of every row is dropped at once, until none is left: at most C rounds of
+    whole-array operations instead of a Python loop per row.
+    """
+    G, C = c.shape
+    idx = np.broadcast_to(np.arange(C), (G, C))
+    rows = np.arange(G)[:, None]
+    keep = keep.copy()
+    while True:
+        last = np.maximum.accumulate(np.where(keep, idx, -1), 1)  # last kept at or before i
+        nxt = np.minimum.accumulate(np.where(keep, idx, C)[:, ::-1], 1)[:, ::-1]  # first kept at or after i
+        p = np.concatenate([np.full((G, 1), -1), last[:, :-1]], 1)
+        n = np.concatenate([nxt[:, 1:], np.full((G, 1), C)], 1)
+        inner = keep & (p >= 0) & (n < C)
+        pc, pd = c[rows, np.maximum(p, 0)], d[rows, np.maximum(p, 0)]
+        nc, nd = c[rows, np.minimum(n, C - 1)], d[rows, np.minimum(n, C - 1)]
+        with np.errstate(invalid="ignore"):
+            # i is no vertex when the step p→i is no more efficient than the step i→n.
+            drop = inner & ((pd - d) * (nc - c) <= (d - nd) * (c - pc))
+        if not drop.any():
+            return keep
+        keep &= ~drop
 
 
 def build_hulls(problem: Problem) -> Hulls:
@@ -95,43 +109,43 @@ def build_hulls(problem: Problem) -> Hulls:
         G, M = problem.num_units, 1
         group_units = np.arange(G)[:, None]
         C = len(problem.slot_cost)
-        cost = np.broadcast_to(problem.slot_cost, (G, C)) * w[:, None]
+        cost = problem.slot_cost[None, :] * w[:, None]
         dist = np.where(problem.valid, problem.dist, np.inf)
         slots = np.broadcast_to(np.arange(C)[None, :, None], (G, C, 1))
-    keep = _pareto(cost, dist)
 
-    verts, s_group, s_vertex, s_dc, s_dd = [], [], [], [], []
-    for g in range(G):
-        idx = np.nonzero(keep[g])[0]
-        idx = idx[np.argsort(cost[g, idx], kind="stable")]
-        c, d = cost[g, idx].tolist(), dist[g, idx].tolist()
-        hull = _lower_hull(c, d)
-        verts.append(idx[hull])
-        for j in range(1, len(hull)):
-            s_group.append(g)
-            s_vertex.append(j)
-            s_dc.append(c[hull[j]] - c[hull[j - 1]])
-            s_dd.append(d[hull[j - 1]] - d[hull[j]])
-    J = max(len(v) for v in verts)
+    order, front = _pareto_sorted(cost, dist)
+    c = np.take_along_axis(cost, order, 1)  # (G, C) sorted by cost
+    d = np.take_along_axis(dist, order, 1)
+    s = np.take_along_axis(slots, order[..., None], 1)  # (G, C, M)
+    vert = _lower_hull(c, np.where(front, d, 0.0), front)  # (G, C)
+
+    # Vertices in order, padded with each row's last one.
+    rank = np.cumsum(vert, 1) - 1  # vertex number of every kept point
+    n_vert = vert.sum(1)
+    J = int(n_vert.max())
+    gi, ci = np.nonzero(vert)
     vert_slots = np.empty((G, J, M), dtype=np.int64)
-    first = np.empty(G, dtype=np.int64)
-    for g, v in enumerate(verts):
-        padded = np.concatenate([v, np.full(J - len(v), v[-1])])
-        vert_slots[g] = slots[g, padded]
-        first[g] = v[0]
-    base = cost[np.arange(G), first]
-    group_layer = group_units[:, 0] // (2 * problem.num_kv_heads)
+    vert_slots[gi, rank[gi, ci]] = s[gi, ci]
+    pad_j = np.broadcast_to(np.arange(J), (G, J)) >= n_vert[:, None]
+    vert_slots[pad_j] = np.repeat(vert_slots[np.arange(G), n_vert - 1], J - n_vert, axis=0)
+    first = np.argmax(vert, 1)
+    base = c[np.arange(G), first]
 
-    dc, dd = np.array(s_dc, dtype=np.float64), np.array(s_dd, dtype=np.float64)
+    # Steps: from each vertex's predecessor to it (rows are visited in order, so gi/ci come sorted).
+    is_step = rank[gi, ci] > 0
+    prev_ci = np.concatenate([[0], ci[:-1]])
+    sg, sv = gi[is_step], rank[gi, ci][is_step]
+    dc = c[gi, ci][is_step] - c[gi, prev_ci][is_step]
+    dd = d[gi, prev_ci][is_step] - d[gi, ci][is_step]
     with np.errstate(divide="ignore"):
         eff = np.where(dc > 0, dd / np.where(dc > 0, dc, 1), np.inf)
-    sg, sv = np.array(s_group, dtype=np.int64), np.array(s_vertex, dtype=np.int64)
+    group_layer = group_units[:, 0] // (2 * problem.num_kv_heads)
     # Falling efficiency; within a group efficiencies fall strictly, so ties never reorder a group's steps.
-    order = np.lexsort((sv, sg, -eff))
-    dc, dd, eff, sg, sv = dc[order], dd[order], eff[order], sg[order], sv[order]
+    o = np.lexsort((sv, sg, -eff))
+    dc, dd, eff, sg, sv = dc[o], dd[o], eff[o], sg[o], sv[o]
     return Hulls(
         group_units=group_units, group_layer=group_layer, vert_slots=vert_slots,
-        base_cost=float(base.sum()), base_dist=float(dist[np.arange(G), first].sum()),
+        base_cost=float(base.sum()), base_dist=float(d[np.arange(G), first].sum()),
         layer_base_cost=np.bincount(group_layer, weights=base, minlength=problem.num_layers),
         step_group=sg, step_vertex=sv, step_dc=dc, step_dd=dd, step_eff=eff,
         cum_dc=np.cumsum(dc), cum_dd=np.cumsum(dd),

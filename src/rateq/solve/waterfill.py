@@ -7,8 +7,9 @@
    Lagrange multiplier λ, a unit's best real-valued width is where its distortion slope meets the water level:
    `α·ln β·β^(−b) = λ·w·a`, i.e. `b = log_β(α·ln β / (λ·w·a))`, clipped to the unit's allowed range; each unit
    takes the quantizer whose Lagrangian `D + λ·w·cost` is lowest. Bisection on λ meets the budget.
-3. Round every width down to an allowed one (so the budget still holds), then spend what is left greedily on
-   the upgrades with the best fitted distortion drop per bit.
+3. Round every width down to an allowed one (for uniform grids the cost line is exact, so the budget still
+   holds; where it is only a fit, units step down further until it does), then spend what is left greedily
+   on the upgrades with the best fitted distortion drop per bit.
 
 The plan's reported distortion is read from the measured curves, like every other method's, so methods
 compare on the same scale; the fitted-model prediction is reported beside it.
@@ -21,7 +22,8 @@ import heapq
 import numpy as np
 
 from ..errors import RateQError
-from .problem import BUDGET_RTOL, FP16, Problem
+from ..quant.spec import FULL_PRECISION_BITS
+from .problem import BUDGET_RTOL, Problem
 
 _TINY = 1e-300
 
@@ -38,7 +40,7 @@ def fit_exponential(problem: Problem) -> tuple[np.ndarray, np.ndarray, float]:
     Q, NB = len(curves.quantizers), len(curves.bits)
     d = curves.distortion.reshape(L * H * 2, Q, NB).numpy()  # (N, Q, NB)
     x = np.broadcast_to(np.array(curves.bits, dtype=np.float64), d.shape)
-    m = d > _TINY
+    m = (d > _TINY) & (x < FULL_PRECISION_BITS)
     y = np.log(np.where(m, d, 1.0))
     n = m.sum(-1)
     sx, sy = (m * x).sum(-1), (m * y).sum(-1)
@@ -68,25 +70,32 @@ def solve_waterfill(problem: Problem) -> tuple[np.ndarray, dict]:
     N, C = problem.dist.shape
     Q, NB = len(curves.quantizers), len(curves.bits)
     w = problem.weight
-    slot_fp16 = problem.slot_q == FP16
-    fp16_only = problem.valid[:, slot_fp16].any(1) & ~problem.valid[:, ~slot_fp16].any(1)
-    if (problem.valid[:, slot_fp16].any(1) & ~fp16_only).any():
-        raise RateQError("waterfill has no curve model for fp16; use method='exact' or 'greedy' with allow_fp16")
+    bits = np.array(curves.bits, dtype=np.float64)
+    quantized = bits < FULL_PRECISION_BITS  # (NB,) the exponential model covers quantized widths only
+    valid_q = problem.valid[:, :Q * NB].reshape(N, Q, NB) & quantized  # (N, Q, NB)
+    slot_fp16 = problem.slot_bits >= FULL_PRECISION_BITS  # (C,)
+    fp16_only = ~valid_q.any((1, 2))  # (N,) units pinned to fp16
+    # fp16 has no place on an exponential curve: free units choose among quantized widths only.
+    ignored_fp16 = bool((problem.valid[:, slot_fp16].any(1) & ~fp16_only).any())
 
     # Unit × quantizer allowed width range, and the affine cost a·b + e of each quantizer.
-    valid_q = problem.valid[:, :Q * NB].reshape(N, Q, NB)  # (N, Q, NB)
-    bits = np.array(curves.bits, dtype=np.float64)
     has = valid_q.any(-1) & ~fp16_only[:, None]  # (N, Q)
     lo = np.where(has, np.where(valid_q, bits, np.inf).min(-1), np.nan)
     hi = np.where(has, np.where(valid_q, bits, -np.inf).max(-1), np.nan)
     cost = problem.slot_cost[:Q * NB].reshape(Q, NB)
-    if NB >= 2:
-        a = (cost[:, -1] - cost[:, 0]) / (bits[-1] - bits[0])  # (Q,)
+    qb = bits[quantized]
+    qc = cost[:, quantized]
+    if len(qb) >= 2:
+        # Least-squares line through each quantizer's costs: exact for uniform grids (b + metadata/G); for
+        # specs whose metadata changes with b (integer zero-points, QJL's 1-bit stage) the rounding below
+        # works on the true costs and repairs any excess.
+        a = ((qb - qb.mean()) * (qc - qc.mean(1, keepdims=True))).sum(1) / ((qb - qb.mean()) ** 2).sum()
     else:
         a = np.ones(Q)
-    e = cost[:, 0] - a * bits[0]
+    a = np.maximum(a, 1e-6)  # (Q,) a width that costs nothing extra would be free: keep λ's price positive
+    e = qc.mean(1) - a * qb.mean()
     alpha, k, rmse = fit_exponential(problem)
-    const_cost = float(w[fp16_only].sum()) * 16.0
+    const_cost = float(w[fp16_only].sum()) * FULL_PRECISION_BITS
 
     def allocate(lam: float):
         """Real-valued widths `(N,)`, quantizers `(N,)` and total cost at water level `lam`."""
@@ -121,19 +130,41 @@ def solve_waterfill(problem: Problem) -> tuple[np.ndarray, dict]:
 
     # Round down to allowed widths; the cost only falls.
     choice = np.empty(N, dtype=np.int64)
-    fp16_slot = int(np.nonzero(slot_fp16)[0][0]) if slot_fp16.any() else -1
     width_idx = np.empty(N, dtype=np.int64)
     for u in range(N):
         if fp16_only[u]:
-            choice[u] = fp16_slot
+            choice[u] = int(np.nonzero(problem.valid[u] & slot_fp16)[0][0])
             continue
         ok = np.nonzero(valid_q[u, q[u]] & (bits <= b_cont[u] + 1e-9))[0]
         width_idx[u] = ok[-1] if len(ok) else np.nonzero(valid_q[u, q[u]])[0][0]
         choice[u] = q[u] * NB + width_idx[u]
     room = limit - problem.total_cost(choice)
+    fitted = lambda u, i: alpha[u, q[u]] * np.exp(-k[u, q[u]] * bits[i])  # noqa: E731
+    repairs = 0
+    if room < 0:
+        # Only where the cost line was approximate: step units down, least fitted damage per bit saved first.
+        while room < 0:
+            best = None
+            for u in np.nonzero(~fp16_only)[0]:
+                down = np.nonzero(valid_q[u, q[u]] & (np.arange(NB) < width_idx[u]))[0]
+                if len(down):
+                    i = int(down[-1])
+                    saved = w[u] * (cost[q[u], width_idx[u]] - cost[q[u], i])
+                    if saved > 0:
+                        loss = (fitted(u, i) - fitted(u, width_idx[u])) / saved
+                        if best is None or loss < best[0]:
+                            best = (loss, u, i, saved)
+            if best is None:
+                # Every unit at its lowest width of its quantizer: fall back to the cheapest slot of each unit.
+                cheapest = np.argmin(np.where(problem.valid, problem.slot_cost[None, :], np.inf), 1)
+                return cheapest, {"water_level": float(lam), "fallback": "cheapest", "fit_log_rmse": rmse}
+            _, u, i, saved = best
+            width_idx[u] = i
+            choice[u] = q[u] * NB + i
+            room += saved
+            repairs += 1
 
     # Spend the rest on the best fitted distortion drop per bit, one width up at a time, same quantizer.
-    fitted = lambda u, i: alpha[u, q[u]] * np.exp(-k[u, q[u]] * bits[i])  # noqa: E731
 
     def next_up(u):
         up = np.nonzero(valid_q[u, q[u]] & (np.arange(NB) > width_idx[u]))[0]
@@ -161,5 +192,10 @@ def solve_waterfill(problem: Problem) -> tuple[np.ndarray, dict]:
     betas = {curves.quantizers[i].id: float(np.exp(np.median(k[has[:, i], i]))) for i in range(Q) if has[:, i].any()}
     sel = ~fp16_only
     fit_pred = float(sum(fitted(u, width_idx[u]) for u in np.nonzero(sel)[0]))
-    return choice, {"water_level": float(lam), "median_beta": betas, "fit_log_rmse": rmse,
-                    "fitted_distortion": fit_pred, "rounding_upgrades": upgrades}
+    info = {"water_level": float(lam), "median_beta": betas, "fit_log_rmse": rmse,
+            "fitted_distortion": fit_pred, "rounding_upgrades": upgrades}
+    if repairs:
+        info["rounding_downgrades"] = repairs
+    if ignored_fp16:
+        info["ignored_fp16"] = True
+    return choice, info

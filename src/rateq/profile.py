@@ -1,0 +1,288 @@
+"""Profiles: a plan on disk as safetensors (data, never code), and the plan as JSON for other tools.
+
+Tensors: `k_bits`, `v_bits`, `k_quantizer`, `v_quantizer` `(L, H)` int64, `weights` `(L, H, 2)` float64 (elements
+per unit, which the effective bits are averaged over), and optionally the curves the plan was solved from
+(`curves.distortion`, `curves.counts`). Metadata (string → string): `format` "rateq.profile", `version`, the
+model fingerprint, quantizer specs, budget, nominal and effective bits, policy, calibration and solver facts
+(JSON), and the rateq version that wrote it. Writing is atomic; loading checks format, version, shapes and
+the stored bit figures, and — given a model — the fingerprint, naming each difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .curves import Curves
+from .errors import RateQError
+from .io import read_safetensors, write_safetensors
+from .models import ModelFingerprint, fingerprint
+from .plan import Plan
+from .policy import CachePolicy
+from .quant.spec import QuantSpec
+
+PROFILE_FORMAT = "rateq.profile"
+PROFILE_VERSION = "1"
+PLAN_FORMAT = "rateq.plan"
+PLAN_VERSION = "1"
+_PLAN_TENSORS = ("k_bits", "v_bits", "k_quantizer", "v_quantizer")
+
+
+def _rateq_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _as_fingerprint(model) -> ModelFingerprint:
+    if isinstance(model, ModelFingerprint):
+        return model
+    if isinstance(model, dict):
+        return ModelFingerprint.from_dict(model)
+    if isinstance(model, (str, os.PathLike)):
+        raise RateQError("check a profile against a loaded model, its config or a ModelFingerprint, not a name; "
+                         "e.g. load_profile(path, model=rateq.load_model(name)[0])")
+    return fingerprint(model)
+
+
+def check_model(plan: Plan, model, *, source: str = "plan") -> None:
+    """Raise a RateQError naming every shape difference between the plan's model and `model`."""
+    fp = _as_fingerprint(model)
+    diffs = plan.model.mismatches(fp)
+    if diffs:
+        raise RateQError(f"{source} was made for {plan.model.name} and does not fit {fp.name}: "
+                         f"{'; '.join(diffs)} (profile vs model); calibrate this model or load its own profile")
+
+
+# -- safetensors profile ---------------------------------------------------------------------------------
+
+def save_profile(plan: Plan, path: str | os.PathLike, *, curves: Curves | None = None) -> Path:
+    """Write `plan` (and optionally the curves behind it) to `path` atomically; returns the path."""
+    if not isinstance(plan, Plan):
+        raise RateQError(f"save_profile needs a rateq.Plan, got {type(plan).__name__}")
+    tensors = {name: getattr(plan, name).to(torch.int64) for name in _PLAN_TENSORS}
+    if plan.weights is not None:
+        tensors["weights"] = plan.weights.to(torch.float64)
+    meta = {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "model": json.dumps(plan.model.to_dict()),
+        "quantizers": json.dumps([q.to_dict() for q in plan.quantizers]),
+        # repr() of a float round-trips exactly; "null" for hand-made plans without a budget.
+        "budget_bits": json.dumps(plan.budget_bits),
+        "effective_bits": repr(plan.effective_bits),
+        "nominal_bits": repr(plan.nominal_bits),
+        "policy": json.dumps(plan.policy.to_dict()),
+        "calibration": json.dumps(plan.calibration, default=str),
+        "solver": json.dumps(plan.solver, default=str),
+        "rateq_version": _rateq_version(),
+    }
+    if curves is not None:
+        if curves.model.mismatches(plan.model):
+            raise RateQError(f"curves are for {curves.model.name}, the plan for {plan.model.name}: "
+                             + "; ".join(curves.model.mismatches(plan.model)))
+        tensors["curves.distortion"] = curves.distortion
+        tensors["curves.counts"] = curves.counts
+        meta["curves"] = json.dumps({"bits": list(curves.bits), "quantizers": [q.to_dict() for q in curves.quantizers],
+                                     "metric": curves.metric, "calibration": curves.calibration}, default=str)
+    return write_safetensors(path, tensors, meta)
+
+
+def _read_profile(path) -> tuple[dict, dict]:
+    tensors, meta = read_safetensors(path, "profile")
+    if meta.get("format") != PROFILE_FORMAT:
+        what = "a curves file — solve it first (`rateq solve`)" if meta.get("format") == "rateq.curves" else \
+            f"not a rateq profile (format {meta.get('format')!r})"
+        raise RateQError(f"{path} is {what}")
+    if meta.get("version") != PROFILE_VERSION:
+        raise RateQError(f"{path} is profile version {meta.get('version')!r}; this rateq "
+                         f"({_rateq_version()}) reads version {PROFILE_VERSION}; re-solve it from its curves")
+    return tensors, meta
+
+
+def load_profile(path: str | os.PathLike, model=None) -> Plan:
+    """The plan stored at `path`. With `model` (a model, config or `ModelFingerprint`), also check it fits."""
+    tensors, meta = _read_profile(path)
+    try:
+        plan = Plan(
+            **{name: tensors[name] for name in _PLAN_TENSORS},
+            quantizers=[QuantSpec.from_dict(q) for q in json.loads(meta["quantizers"])],
+            model=ModelFingerprint.from_dict(json.loads(meta["model"])),
+            budget_bits=json.loads(meta["budget_bits"]),
+            policy=CachePolicy(**json.loads(meta["policy"])),
+            calibration=json.loads(meta["calibration"]),
+            solver=json.loads(meta["solver"]),
+            weights=tensors.get("weights"),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise RateQError(f"{path} is a damaged profile (missing or bad {exc})") from None
+    except RateQError as exc:
+        raise RateQError(f"{path} is a damaged profile: {exc}") from None
+    stored = float(meta.get("effective_bits", "nan"))
+    if abs(stored - plan.effective_bits) > 1e-9 * max(1.0, abs(stored)):
+        raise RateQError(f"{path} is a damaged profile: it says {stored} effective bits, its tensors give "
+                         f"{plan.effective_bits}")
+    if model is not None:
+        check_model(plan, model, source=f"profile {path}")
+    return plan
+
+
+def load_profile_curves(path: str | os.PathLike) -> Curves | None:
+    """The curves stored inside a profile, or None if it was saved without them."""
+    tensors, meta = _read_profile(path)
+    if "curves" not in meta:
+        return None
+    try:
+        c = json.loads(meta["curves"])
+        return Curves(distortion=tensors["curves.distortion"], bits=tuple(c["bits"]),
+                      quantizers=[QuantSpec.from_dict(q) for q in c["quantizers"]], counts=tensors["curves.counts"],
+                      metric=c["metric"], model=ModelFingerprint.from_dict(json.loads(meta["model"])),
+                      calibration=c.get("calibration", {}))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise RateQError(f"{path} has damaged curves (missing or bad {exc})") from None
+
+
+# -- JSON ------------------------------------------------------------------------------------------------
+
+def plan_to_json(plan: Plan) -> dict:
+    """The plan as the JSON document of DESIGN.md (a dict; `json.dumps` it). Quantizers are keyed by spec id,
+    and each head's `k_quantizer` / `v_quantizer` names one of those ids. `policy` and `solver` ride along."""
+    ids = [q.id for q in plan.quantizers]
+    if len(set(ids)) != len(ids):
+        raise RateQError(f"plan has duplicate quantizer ids {ids}")
+    layers = []
+    for l in range(plan.num_layers):
+        layers.append({
+            "layer": l,
+            "k_bits": plan.k_bits[l].tolist(),
+            "v_bits": plan.v_bits[l].tolist(),
+            "k_quantizer": [ids[i] for i in plan.k_quantizer[l].tolist()],
+            "v_quantizer": [ids[i] for i in plan.v_quantizer[l].tolist()],
+        })
+    return {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "model": plan.model.to_dict(),
+        "budget_bits": plan.budget_bits,
+        "effective_bits": plan.effective_bits,
+        "nominal_bits": plan.nominal_bits,
+        "quantizers": {q.id: q.to_dict() for q in plan.quantizers},
+        "layers": layers,
+        "calibration": plan.calibration,
+        "policy": plan.policy.to_dict(),
+        "solver": plan.solver,
+    }
+
+
+def plan_from_json(doc: dict | str) -> Plan:
+    """A plan from `plan_to_json`'s document (or its text). Unit sizes are not part of the JSON: the plan
+    comes back unweighted, so its effective bits are a plain mean over units."""
+    if isinstance(doc, str):
+        try:
+            doc = json.loads(doc)
+        except json.JSONDecodeError as exc:
+            raise RateQError(f"plan JSON does not parse: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+        raise RateQError(f"not a rateq plan JSON (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if doc.get("version") != PLAN_VERSION:
+        raise RateQError(f"plan JSON version {doc.get('version')!r}; this rateq reads {PLAN_VERSION}")
+    try:
+        ids = list(doc["quantizers"])
+        quantizers = [QuantSpec.from_dict(doc["quantizers"][i]) for i in ids]
+        layers = sorted(doc["layers"], key=lambda r: r["layer"])
+        col = lambda key: torch.tensor([r[key] for r in layers], dtype=torch.int64)  # noqa: E731
+        qcol = lambda key: torch.tensor([[ids.index(q) for q in r[key]] for r in layers], dtype=torch.int64)  # noqa: E731
+        return Plan(k_bits=col("k_bits"), v_bits=col("v_bits"), k_quantizer=qcol("k_quantizer"),
+                    v_quantizer=qcol("v_quantizer"), quantizers=quantizers,
+                    model=ModelFingerprint.from_dict(doc["model"]), budget_bits=doc.get("budget_bits"),
+                    policy=CachePolicy(**doc.get("policy", {})), calibration=doc.get("calibration", {}),
+                    solver=doc.get("solver", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RateQError(f"plan JSON is damaged (missing or bad {exc})") from None
+
+
+def write_plan_json(plan: Plan, path: str | os.PathLike) -> Path:
+    """Write `plan_to_json(plan)` to `path` atomically (a temporary file, then a rename)."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(plan_to_json(plan), f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# -- presentation ----------------------------------------------------------------------------------------
+
+def plan_summary(plan: Plan) -> dict:
+    """What `rateq show` prints: budget, effective and nominal bits, K vs V mean code bits, per-layer means,
+    quantizer use, and the solver's and calibration's facts."""
+    use: dict[str, dict[str, int]] = {}
+    for role in ("k", "v"):
+        counts = torch.bincount(plan.quantizer_ids(role).flatten(), minlength=len(plan.quantizers))
+        for q, n in zip(plan.quantizers, counts.tolist()):
+            use.setdefault(q.id, {"k": 0, "v": 0})[role] = int(n)
+    return {
+        "model": plan.model.to_dict(),
+        "budget_bits": plan.budget_bits,
+        "effective_bits": plan.effective_bits,
+        "nominal_bits": plan.nominal_bits,
+        "k_bits": plan.mean_bits("k"),
+        "v_bits": plan.mean_bits("v"),
+        "layers": [{"layer": l, "k_bits": float(plan.k_bits[l].double().mean()),
+                    "v_bits": float(plan.v_bits[l].double().mean())} for l in range(plan.num_layers)],
+        "quantizers": use,
+        "policy": plan.policy.to_dict(),
+        "solver": plan.solver,
+        "calibration": plan.calibration,
+    }
+
+
+def plot_plan(plan: Plan, path: str | os.PathLike) -> Path:
+    """Save a layer × head heatmap of K and V code bits (PNG, or any format matplotlib infers from the suffix)."""
+    import tempfile
+
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    L, H = plan.num_layers, plan.num_kv_heads
+    fig = Figure(figsize=(max(7.0, 2.0 + 0.9 * H), max(3.0, 1.4 + 0.22 * L)), layout="constrained")
+    FigureCanvasAgg(fig)  # no pyplot and no global backend switch: safe inside any application
+    axes = fig.subplots(1, 2, sharey=True)
+    vmax = max(8, int(max(plan.k_bits.max(), plan.v_bits.max())))
+    for ax, role, title in zip(axes, ("k", "v"), ("K", "V")):
+        bits = plan.bits(role).numpy()
+        im = ax.imshow(bits, cmap="viridis", vmin=1, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{title}: mean {plan.mean_bits(role):.2f} bits", fontsize=10)
+        ax.set_xlabel("KV head")
+        ax.set_xticks(np.arange(H))
+        if L <= 64 and H <= 32:
+            for (l, h), b in np.ndenumerate(bits):
+                ax.text(h, l, str(b), ha="center", va="center", fontsize=7, color="white" if b < vmax / 2 else "black")
+    axes[0].set_ylabel("layer")
+    budget = "" if plan.budget_bits is None else f"budget {plan.budget_bits:g}, "
+    fig.suptitle(f"{plan.model.name}: {budget}{plan.effective_bits:.3f} effective bits "
+                 f"({plan.nominal_bits:.3f} nominal)", fontsize=11)
+    fig.colorbar(im, ax=axes, label="code bits", shrink=0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

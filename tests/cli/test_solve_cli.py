@@ -1,0 +1,177 @@
+"""`rateq solve`, `show`, `export` and `calibrate` from the command line: outputs, files, and exit code 2 errors."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import rateq
+from cli.main import app, main
+from rateq.curves import Curves
+from rateq.models import ModelFingerprint
+from rateq.quant.spec import KIVI, QuantSpec
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def curves_file(tmp_path):
+    rng = np.random.default_rng(0)
+    L, H, bits, qs = 4, 3, (1, 2, 3, 4, 6, 8), [KIVI, QuantSpec(group_size=64)]
+    d = np.sort(rng.lognormal(0, 1, (L, H, 2, len(qs), len(bits))), -1)[..., ::-1].copy()
+    curves = Curves(torch.tensor(d), bits, qs, torch.full((L, H, 2), 1024.0), "output",
+                    ModelFingerprint("tiny-llama", "llama", L, H, 16),
+                    {"data": "synthetic", "policy": {"residual": 32, "block": 32, "sinks": 4}})
+    path = tmp_path / "m.curves.safetensors"
+    curves.save(path)
+    return path
+
+
+def run_main(monkeypatch, capsys, *args):
+    """Run the console entry point in-process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["rateq", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_solve_writes_a_profile(tmp_path, curves_file):
+    out = tmp_path / "p.safetensors"
+    res = runner.invoke(app, ["solve", str(curves_file), "--budget", "3", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    plan = rateq.load_profile(out)
+    assert doc["profile"] == str(out) and doc["effective_bits"] == plan.effective_bits <= 3.0
+    assert plan.solver["method"] == "exact"
+    assert plan.policy == rateq.CachePolicy(residual=32, block=32, sinks=4)  # from the curves' calibration
+    res = runner.invoke(app, ["solve", str(curves_file), "-b", "2.5", "-o", str(out), "--method", "greedy",
+                              "--keys-at-least-values", "--min-bits", "2"])
+    assert res.exit_code == 0, res.output
+    plan = rateq.load_profile(out)
+    assert plan.solver["method"] == "greedy" and (plan.k_bits >= plan.v_bits).all() and plan.v_bits.min() >= 2
+    assert "effective" in res.stdout and "K " in res.stdout
+
+
+def test_solve_sweep(curves_file):
+    res = runner.invoke(app, ["solve", str(curves_file), "--sweep", "1.5:9.5:0.5", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["frontier"]
+    assert [r["budget"] for r in rows] == [1.5 + 0.5 * i for i in range(17)]
+    assert rows[-1]["feasible"] is False and rows[-1]["range"] == [1.5, 9.0]
+    d = [r["distortion"] for r in rows if r["feasible"]]
+    assert all(b <= a for a, b in zip(d, d[1:]))
+    res = runner.invoke(app, ["solve", str(curves_file), "--sweep", "2:4:1"])
+    assert res.exit_code == 0 and "frontier" in res.stdout and "outside" not in res.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--budget", "1.0", "--out", "{tmp}/p.safetensors"], "outside the feasible range [1.5000, 9.0000]"),
+    (["--budget", "3"], "--budget needs --out"),
+    ([], "give --budget"),
+    (["--sweep", "1:x:2"], "START:STOP:STEP"),
+    (["--sweep", "4:2:1"], "START ≤ STOP"),
+    (["--budget", "3", "--out", "{tmp}/p.safetensors", "--method", "simplex"], "unknown --method"),
+    (["--budget", "3", "--out", "{tmp}"], "is a folder"),
+])
+def test_solve_errors_exit_2_with_one_line(monkeypatch, capsys, tmp_path, curves_file, args, match):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = run_main(monkeypatch, capsys, "solve", curves_file, *args)
+    assert code == 2
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_missing_or_wrong_curves_file(monkeypatch, capsys, tmp_path):
+    code, _, err = run_main(monkeypatch, capsys, "solve", tmp_path / "none.safetensors", "--sweep", "2:3:1")
+    assert code == 2 and "does not exist" in err
+    from rateq.io import write_safetensors
+
+    bad = write_safetensors(tmp_path / "bad.safetensors", {"x": torch.zeros(2)}, {"format": "something"})
+    code, _, err = run_main(monkeypatch, capsys, "solve", bad, "--sweep", "2:3:1")
+    assert code == 2 and "not a rateq curves file" in err
+
+
+@pytest.fixture
+def profile_file(tmp_path, curves_file):
+    out = tmp_path / "p.safetensors"
+    res = runner.invoke(app, ["solve", str(curves_file), "--budget", "3.2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_show(tmp_path, profile_file):
+    png = tmp_path / "map.png"
+    res = runner.invoke(app, ["show", str(profile_file), "--png", str(png)])
+    assert res.exit_code == 0, res.output
+    plan = rateq.load_profile(profile_file)
+    assert f"{plan.effective_bits:.4f} effective" in res.stdout and f"{plan.nominal_bits:.4f} nominal" in res.stdout
+    assert f"K {plan.mean_bits('k'):.2f} / V {plan.mean_bits('v'):.2f}" in res.stdout
+    first = f"{int(plan.k_bits[0, 0])}"
+    assert "code bits per KV head" in res.stdout and first in res.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    res = runner.invoke(app, ["show", str(profile_file), "--json"])
+    doc = json.loads(res.stdout)
+    assert doc["budget_bits"] == 3.2 and len(doc["layers"]) == 4
+
+
+def test_export(tmp_path, profile_file):
+    res = runner.invoke(app, ["export", str(profile_file)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["format"] == "rateq.plan" and len(doc["layers"]) == 4 and len(doc["layers"][0]["k_bits"]) == 3
+    plan = rateq.plan_from_json(doc)
+    assert torch.equal(plan.k_bits, rateq.load_profile(profile_file).k_bits)
+    out = tmp_path / "plan.json"
+    res = runner.invoke(app, ["export", str(profile_file), "--out", str(out)])
+    assert res.exit_code == 0 and json.loads(out.read_text()) == doc
+
+
+def test_show_and_export_errors(monkeypatch, capsys, tmp_path, profile_file):
+    from rateq.io import read_safetensors, write_safetensors
+
+    code, _, err = run_main(monkeypatch, capsys, "export", profile_file, "--format", "yaml")
+    assert code == 2 and "unknown export format" in err
+    tensors, meta = read_safetensors(profile_file, "profile")
+    old = tmp_path / "old.safetensors"
+    write_safetensors(old, tensors, {**meta, "version": "0"})
+    code, _, err = run_main(monkeypatch, capsys, "show", old)
+    assert code == 2 and "profile version '0'" in err and err.count("\n") == 1
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(profile_file.read_bytes()[:100])
+    code, _, err = run_main(monkeypatch, capsys, "export", cut)
+    assert code == 2 and "truncated" in err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--budget", "1.5"], "outside the feasible range [2.0000, 9.0000]"),
+    (["--budget", "2.5", "--metric", "psnr"], "unknown --metric"),
+    (["--budget", "2.5", "--bits", "2,x"], "comma-separated integers"),
+    (["--budget", "2.5", "--quantizers", "minmax-q7"], "cannot parse quantizer"),
+    (["--budget", "2.5", "--n-samples", "0"], "--n-samples must be at least 1"),
+    (["--budget", "2.5", "--method", "magic"], "unknown --method"),
+])
+def test_calibrate_checks_inputs_before_loading_the_model(monkeypatch, capsys, tmp_path, args, match):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rateq, "load_model", lambda *a, **k: pytest.fail("model loaded before inputs were checked"))
+    code, _, err = run_main(monkeypatch, capsys, "calibrate", *args)
+    assert code == 2 and match in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_calibrate_end_to_end_on_the_default_model(tmp_path, smol):
+    out = tmp_path / "smol.safetensors"
+    res = runner.invoke(app, ["calibrate", "--budget", "3.0", "--n-samples", "1", "--seq-len", "64",
+                              "--metric", "output", "--bits", "2,3,4", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    plan = rateq.load_profile(out, model=smol[0])  # the fingerprint matches the model it was made from
+    assert doc["curves"] == str(tmp_path / "smol.curves.safetensors")
+    curves = rateq.Curves.load(doc["curves"])
+    assert curves.shape == (30, 3, 2, 1, 3) and curves.calibration["tokens"] == 64
+    assert plan.effective_bits <= 3.0 and plan.model.name == "smollm2-135m"
+    assert plan.calibration["data"] == "austen-emma" and plan.calibration["metric"] == "output"

@@ -1,0 +1,167 @@
+"""Profiles on disk and plan JSON: bit-exact round trips, and one clear error for every kind of bad file."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import rateq
+from rateq.curves import Curves
+from rateq.io import read_safetensors, write_safetensors
+from rateq.models import ModelFingerprint, fingerprint
+from rateq.profile import load_profile_curves, plan_to_json, plot_plan, write_plan_json
+from rateq.quant.spec import KIVI, QuantSpec
+
+
+def _curves(fp: ModelFingerprint, seed=0, quantizers=(KIVI, QuantSpec(group_size=64))) -> Curves:
+    rng = np.random.default_rng(seed)
+    L, H = fp.num_layers, fp.num_kv_heads
+    bits = (1, 2, 3, 4, 6, 8)
+    d = np.sort(rng.lognormal(0, 1, (L, H, 2, len(quantizers), len(bits))), -1)[..., ::-1].copy()
+    counts = rng.integers(100, 2000, (L, H, 2)).astype(np.float64)
+    return Curves(torch.tensor(d), bits, list(quantizers), torch.tensor(counts), "fisher", fp,
+                  {"data": "austen-emma", "tokens": 2048, "seed": 0, "policy": {"residual": 0, "block": 32, "sinks": 0}})
+
+
+@pytest.fixture
+def plan_and_curves():
+    fp = ModelFingerprint("tiny-llama", "llama", 3, 2, 16)
+    curves = _curves(fp)
+    plan = rateq.solve(curves, 3.1, method="exact", policy=rateq.CachePolicy(residual=32, sinks=4))
+    return plan, curves
+
+
+def _assert_same_plan(a, b, weights=True):
+    for name in ("k_bits", "v_bits", "k_quantizer", "v_quantizer"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert a.quantizers == b.quantizers and a.model == b.model and a.policy == b.policy
+    assert a.budget_bits == b.budget_bits and a.calibration == b.calibration and a.solver == b.solver
+    if weights:
+        assert torch.equal(a.weights, b.weights) and a.weights.dtype == b.weights.dtype
+        assert a.effective_bits == b.effective_bits and a.nominal_bits == b.nominal_bits
+
+
+def test_profile_round_trip_is_bit_exact(tmp_path, plan_and_curves):
+    plan, curves = plan_and_curves
+    path = rateq.save_profile(plan, tmp_path / "p.safetensors", curves=curves)
+    back = rateq.load_profile(path)
+    _assert_same_plan(plan, back)
+    stored = load_profile_curves(path)
+    assert torch.equal(stored.distortion, curves.distortion) and torch.equal(stored.counts, curves.counts)
+    assert stored.bits == curves.bits and stored.quantizers == curves.quantizers and stored.metric == "fisher"
+    # Saving what was loaded stores the same tensors and metadata: nothing is lost or reformatted on the way.
+    again = rateq.save_profile(back, tmp_path / "q.safetensors", curves=stored)
+    (t1, m1), (t2, m2) = read_safetensors(path, "profile"), read_safetensors(again, "profile")
+    assert m1 == m2 and t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    _, meta = read_safetensors(path, "profile")
+    assert meta["format"] == "rateq.profile" and meta["rateq_version"] == rateq.__version__
+    assert float(meta["effective_bits"]) == plan.effective_bits and "nominal_bits" in meta
+
+
+def test_profile_without_curves(tmp_path, plan_and_curves):
+    plan, _ = plan_and_curves
+    path = rateq.save_profile(plan, tmp_path / "p.safetensors")
+    assert load_profile_curves(path) is None
+    _assert_same_plan(plan, rateq.load_profile(path))
+
+
+def test_profile_for_another_model_names_the_differences(tmp_path, plan_and_curves, tiny):
+    plan, _ = plan_and_curves
+    path = rateq.save_profile(plan, tmp_path / "p.safetensors")
+    other = tiny("qwen3", kv_heads=4)  # 3 layers, 4 KV heads (the plan has 2), head_dim 16
+    with pytest.raises(rateq.RateQError) as err:
+        rateq.load_profile(path, model=other)
+    msg = str(err.value)
+    assert "architecture llama vs qwen3" in msg and "num_kv_heads 2 vs 4" in msg
+    assert "num_layers" not in msg and "head_dim" not in msg  # only what differs
+    same = tiny("llama", kv_heads=2)
+    assert rateq.load_profile(path, model=same).model == plan.model
+    assert rateq.load_profile(path, model=fingerprint(same)).num_layers == 3
+
+
+def test_truncated_profile(tmp_path, plan_and_curves):
+    plan, _ = plan_and_curves
+    path = rateq.save_profile(plan, tmp_path / "p.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(rateq.RateQError, match="truncated"):
+        rateq.load_profile(path)
+
+
+def test_wrong_version_and_wrong_kind_of_file(tmp_path, plan_and_curves):
+    plan, curves = plan_and_curves
+    path = rateq.save_profile(plan, tmp_path / "p.safetensors")
+    tensors, meta = read_safetensors(path, "profile")
+    write_safetensors(path, tensors, {**meta, "version": "99"})
+    with pytest.raises(rateq.RateQError, match="profile version '99'; .* reads version 1"):
+        rateq.load_profile(path)
+    curves.save(tmp_path / "c.safetensors")
+    with pytest.raises(rateq.RateQError, match="curves file"):
+        rateq.load_profile(tmp_path / "c.safetensors")
+    with pytest.raises(rateq.RateQError, match="does not exist"):
+        rateq.load_profile(tmp_path / "missing.safetensors")
+
+
+def test_damaged_profile(tmp_path, plan_and_curves):
+    plan, _ = plan_and_curves
+    path = rateq.save_profile(plan, tmp_path / "p.safetensors")
+    tensors, meta = read_safetensors(path, "profile")
+    write_safetensors(path, {**tensors, "k_bits": tensors["k_bits"] + 1}, meta)  # bits no longer match the figures
+    with pytest.raises(rateq.RateQError, match="damaged profile"):
+        rateq.load_profile(path)
+    write_safetensors(path, {k: v for k, v in tensors.items() if k != "v_bits"}, meta)
+    with pytest.raises(rateq.RateQError, match="damaged profile"):
+        rateq.load_profile(path)
+
+
+def test_failed_save_leaves_previous_profile_intact(tmp_path, plan_and_curves, monkeypatch):
+    plan, _ = plan_and_curves
+    path = rateq.save_profile(plan, tmp_path / "p.safetensors")
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("rateq.io.save_file", broken)
+    with pytest.raises(OSError):
+        rateq.save_profile(plan, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary file left behind
+
+
+def test_plan_json_schema_and_round_trip(tmp_path, plan_and_curves):
+    plan, _ = plan_and_curves
+    doc = plan_to_json(plan)
+    assert set(doc) >= {"format", "version", "model", "budget_bits", "effective_bits", "nominal_bits", "quantizers",
+                        "layers", "calibration"}
+    assert doc["format"] == "rateq.plan" and doc["version"] == "1"
+    assert doc["model"] == {"name": "tiny-llama", "architecture": "llama", "num_layers": 3, "num_kv_heads": 2,
+                            "head_dim": 16}
+    assert doc["budget_bits"] == 3.1 and doc["effective_bits"] == plan.effective_bits
+    assert list(doc["quantizers"]) == [q.id for q in plan.quantizers]
+    assert [r["layer"] for r in doc["layers"]] == [0, 1, 2]
+    for r in doc["layers"]:
+        assert r["k_bits"] == plan.k_bits[r["layer"]].tolist() and len(r["v_bits"]) == 2
+        assert all(q in doc["quantizers"] for q in r["k_quantizer"] + r["v_quantizer"])
+    text = json.dumps(doc)
+    back = rateq.plan_from_json(text)
+    _assert_same_plan(plan, back, weights=False)
+    path = write_plan_json(plan, tmp_path / "plan.json")
+    assert json.loads(path.read_text()) == json.loads(text)
+    with pytest.raises(rateq.RateQError, match="not a rateq plan"):
+        rateq.plan_from_json({"format": "something else"})
+    with pytest.raises(rateq.RateQError, match="version"):
+        rateq.plan_from_json({**doc, "version": "0"})
+
+
+def test_summary_and_heatmap(tmp_path, plan_and_curves):
+    plan, _ = plan_and_curves
+    s = rateq.plan_summary(plan)
+    assert s["k_bits"] == pytest.approx(float(plan.k_bits.double().mean()))
+    assert [r["layer"] for r in s["layers"]] == [0, 1, 2]
+    assert s["layers"][1]["v_bits"] == pytest.approx(float(plan.v_bits[1].double().mean()))
+    assert sum(n["k"] for n in s["quantizers"].values()) == 3 * 2
+    png = plot_plan(plan, tmp_path / "map.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
