@@ -1,0 +1,123 @@
+"""`RateQCache`: a transformers `Cache` that stores every KV head at the bits a `Plan` gives it.
+
+```python
+cache = rateq.RateQCache(plan, model.config)          # policy: plan.policy unless given
+model.generate(**inputs, past_key_values=cache)
+cache.nbytes()                                        # bytes its tensors hold right now
+```
+
+One `RateQLayer` (or `RateQSlidingLayer` for sliding-window layers) per model layer, composed like
+`DynamicCache`. Operations that touch the whole cache (`crop`, beam reordering, batch selection) either act on
+every layer's quantized store, residual tail and sinks alike, or refuse with a `RateQError` before changing
+anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+
+from ..errors import RateQError
+from ..models import fingerprint, head_dim_of, text_config
+from ..plan import Plan
+from ..policy import CachePolicy
+from .layer import CROP_HINT, RateQLayer, RateQSlidingLayer
+from .store import check_plan_specs
+
+_SLIDING = ("sliding_attention", "chunked_attention")
+
+
+class RateQCache(Cache):
+    """A per-head mixed-precision packed KV cache (see module docstring).
+
+    `policy` (residual window, key block, sinks) defaults to `plan.policy`. `device` is accepted for symmetry
+    with other caches; tensors live where the model writes its keys and values.
+    """
+
+    def __init__(self, plan: Plan, config, *, policy: CachePolicy | None = None, device=None):
+        policy = plan.policy if policy is None else policy
+        tc = text_config(config)
+        got = fingerprint(config, name=plan.model.name)
+        diff = plan.model.mismatches(got)
+        if diff:
+            raise RateQError(f"the plan was made for another model ({plan.model.name}): " + ", ".join(diff))
+        head_dim = head_dim_of(tc)
+        decoder = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder)
+        layers = []
+        for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
+            for role in ("k", "v"):
+                check_plan_specs(plan.bits(role)[i], plan.quantizer_ids(role)[i], plan.quantizers, role, head_dim,
+                                 i, policy.block)
+            args = dict(layer_idx=i, k_bits=plan.k_bits[i], k_quantizer=plan.k_quantizer[i], v_bits=plan.v_bits[i],
+                        v_quantizer=plan.v_quantizer[i], quantizers=plan.quantizers, policy=policy, head_dim=head_dim)
+            if kind == "full_attention":
+                layers.append(RateQLayer(**args))
+            elif kind in _SLIDING:
+                layers.append(RateQSlidingLayer(sliding_window=kw["sliding_window"], **args))
+            else:
+                raise RateQError(f"layer {i} is a {kind!r} layer; RateQCache supports full and sliding-window "
+                                 f"attention layers only")
+        super().__init__(layers=layers)
+        self.plan = plan
+        self.policy = policy
+        self.device = None if device is None else torch.device(device)
+
+    def __repr__(self):
+        return f"RateQCache({self.plan.model.name}, {len(self.layers)} layers, {self.get_seq_length()} tokens)"
+
+    # -- whole-cache operations: check every layer first, then act -------------------------------------------
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens from every layer, or refuse (changing nothing) where a layer
+        has already quantized what a fresh cache of the shorter length would hold in full precision."""
+        if tokens_to_remove > 0:
+            raise RateQError("crop takes a negative number: how many of the last tokens to remove")
+        for layer in self.layers:
+            problem = layer.crop_problem(-tokens_to_remove)
+            if problem:
+                raise RateQError(f"cannot crop {-tokens_to_remove} tokens: {problem}. {CROP_HINT}")
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    # reset / reorder_cache / batch_repeat_interleave / batch_select_indices are Cache's loops over layers; each
+    # layer applies them to every tensor it holds, and they cannot fail half-way for a reason of rateq's.
+
+    # -- accounting -----------------------------------------------------------------------------------------
+    def nbytes_by_kind(self) -> dict[str, int]:
+        """Bytes held by kind: `codes` (packed codes; fp16 tokens of 16-bit heads), `metadata` (scales and
+        zero-points), `full_precision` (sinks and residual tails, in the model's dtype)."""
+        out = {"codes": 0, "metadata": 0, "full_precision": 0}
+        seen: set[int] = set()
+        for layer in self.layers:
+            for kind, ts in layer.tensors().items():
+                for t in ts:
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() in seen or storage.nbytes() == 0:
+                        continue
+                    seen.add(storage.data_ptr())
+                    # The whole storage: a view that kept a larger buffer alive would show here, not hide.
+                    out[kind] += storage.nbytes()
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes the cache's tensors hold right now: packed codes + metadata + residual tails + sinks."""
+        return sum(self.nbytes_by_kind().values())
+
+    def dense_nbytes(self, dtype: torch.dtype = torch.float16) -> int:
+        """Bytes a `DynamicCache` would hold for the same tokens with K/V in `dtype` (fp16 by default): every
+        token of full layers, the last `window - 1` of sliding ones."""
+        item = torch.empty((), dtype=dtype).element_size()
+        total = 0
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            B = layer._k.tail.shape[0]
+            n = layer.get_seq_length()
+            if layer.is_sliding:
+                n = min(n, layer.sliding_window - 1)
+            total += 2 * B * layer.num_heads * layer.head_dim * n * item
+        return total
+
+    def held_positions(self) -> list[dict[str, dict[str, int]]]:
+        """Per layer and role: how many tokens are held as sinks, quantized, and in the full-precision tail."""
+        return [layer.held_positions() for layer in self.layers]

@@ -1,0 +1,282 @@
+"""`RateQLayer`: one layer's KV cache, each head stored at its planned bits, as a transformers cache layer.
+
+Positions are absolute (0 = the first token ever written). With `n` tokens written, each role holds
+- sinks `[0, min(n, S))` in the model's dtype, for good;
+- its quantized history `[q_start, q_end)` in a `RoleStore` (packed codes, bucketed by bits and quantizer);
+- a full-precision tail `[q_end, n)` in the model's dtype: the residual window, and for keys the block
+  still filling up.
+After every `update` the quantized history is extended to what `CachePolicy` says for `n` (values:
+`n - residual`; keys: whole blocks before that) by quantizing the front of the tail. Nothing already stored is
+ever dequantized and quantized again. `update` returns sinks + dequantized history + tail, dense, in the
+model's dtype, so attention sees exactly what the one-pass evaluation `rateq.simulate_plan` shows it.
+
+`RateQSlidingLayer` is the same for sliding-window layers: it also forgets what no future query can see
+(values token by token, keys whole blocks at a time, so no key group is ever split), and returns only the
+window, as `DynamicSlidingWindowLayer` does. Quantization still follows absolute positions, so its tokens are
+stored exactly as in a full layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ..errors import RateQError
+from ..policy import CachePolicy
+from ..quant.spec import QuantSpec
+from .store import RoleStore
+
+
+@dataclass
+class _Role:
+    """One role's state: sinks, quantized store `[q_start, q_end)`, full-precision tail `[q_end, n)`."""
+
+    store: RoleStore
+    sink: torch.Tensor | None = None  # (B, H, s, D) model dtype
+    tail: torch.Tensor | None = None  # (B, H, n - q_end, D) model dtype
+    q_start: int = 0
+    q_end: int = 0
+    start: int = 0  # first position still held (sliding layers forget what no query can see again)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.sink, self.tail) if t is not None]
+
+
+class RateQLayer(DynamicLayer):
+    """A full-attention layer's cache under a per-head bit plan (see module docstring)."""
+
+    is_sliding = False
+    # `crop` works only while it loses nothing already quantized (see `crop_problem`), so generation must not
+    # count on it to roll back at will.
+    is_croppable = False
+
+    def __init__(self, *, layer_idx: int, k_bits: torch.Tensor, k_quantizer: torch.Tensor, v_bits: torch.Tensor,
+                 v_quantizer: torch.Tensor, quantizers: list[QuantSpec], policy: CachePolicy, head_dim: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.policy = policy
+        self.num_heads = int(k_bits.numel())
+        self.head_dim = head_dim
+        self.cumulative_length = 0
+        self._k = _Role(RoleStore("k", k_bits, k_quantizer, quantizers, head_dim, layer_idx))
+        self._v = _Role(RoleStore("v", v_bits, v_quantizer, quantizers, head_dim, layer_idx))
+        self._reset_positions()
+
+    def __repr__(self):
+        return f"{type(self).__name__}(layer={self.layer_idx}, tokens={self.cumulative_length})"
+
+    def _reset_positions(self) -> None:
+        S = self.policy.sinks
+        for role in (self._k, self._v):
+            role.q_start = role.q_end = S
+            role.start = 0
+
+    # -- transformers' layer interface --------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        if H != self.num_heads or D != self.head_dim:
+            raise RateQError(
+                f"layer {self.layer_idx}: the model writes {H} KV heads of dim {D} but the plan has "
+                f"{self.num_heads} heads of dim {self.head_dim}; load the profile made for this model"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        for role, x in ((self._k, key_states), (self._v, value_states)):
+            empty = x.new_empty(B, H, 0, D)
+            role.sink, role.tail = empty, empty.clone()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store `(B, H, t, D)` new keys/values; return all held keys/values `(B, H, n, D)`, dense."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n0 = self.cumulative_length
+        n = n0 + key_states.shape[-2]
+        self.cumulative_length = n
+        S = self.policy.sinks
+        for role, x, target in ((self._k, key_states, self.policy.quantized_keys(n)),
+                                (self._v, value_states, self.policy.quantized_values(n))):
+            if n0 < S:  # the first S tokens go to the sinks and stay there in full precision
+                m = min(S, n) - n0
+                role.sink = torch.cat([role.sink, x[:, :, :m]], dim=-2)
+                x = x[:, :, m:]
+            role.tail = torch.cat([role.tail, x], dim=-2)
+            if target > role.q_end:
+                m = target - role.q_end
+                role.store.append(role.tail[:, :, :m])
+                # A copy, so that the quantized tokens' full-precision memory is really given back.
+                role.tail = role.tail[:, :, m:].clone()
+                role.q_end = target
+        first = self._first_returned(n0)
+        keys, values = self._dense(self._k, first), self._dense(self._v, first)
+        self._forget(n)  # after building the output: this call's queries may still see what goes now
+        return keys, values
+
+    def _forget(self, n: int) -> None:
+        """Drop what no later query can attend to (sliding layers only)."""
+
+    def _first_returned(self, n0: int) -> int:
+        return 0
+
+    def _dense(self, role: _Role, first: int) -> torch.Tensor:
+        """Positions `[first, n)` of a role, dense in the model's dtype: sinks + dequantized history + tail."""
+        sink, tail, Tq = role.sink, role.tail, role.store.length
+        s = sink.shape[2]
+        B, H, _, D = tail.shape
+        out = torch.empty(B, H, s + Tq + tail.shape[2], D, dtype=self.dtype, device=tail.device)
+        if s:
+            out[:, :, :s] = sink
+        role.store.decode_into(out[:, :, s:s + Tq])
+        out[:, :, s + Tq:] = tail
+        lead = first - role.start  # held positions before what this call returns (sliding layers)
+        return out[:, :, lead:] if lead else out
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self):
+        raise RateQError("RateQCache does not support offloading; its packed store is already small")
+
+    def prefetch(self):
+        raise RateQError("RateQCache does not support offloading; its packed store is already small")
+
+    def reset(self) -> None:
+        for role in (self._k, self._v):
+            role.store.clear()
+            role.sink = role.tail = None
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+        self._reset_positions()
+
+    # -- rollback and batch operations ---------------------------------------------------------------------
+    def crop_problem(self, tokens_to_remove: int) -> str | None:
+        """Why removing the last `tokens_to_remove` tokens would leave this layer unlike a fresh cache fed the
+        remaining tokens (None: it would not). A fresh cache holds the last tokens in full precision; once
+        they are quantized here, their full-precision values are gone."""
+        if tokens_to_remove <= 0 or not self.is_initialized:
+            return None
+        n = self.cumulative_length
+        n_new = max(0, n - tokens_to_remove)
+        for name, role, target in (("keys", self._k, self.policy.quantized_keys(n_new)),
+                                   ("values", self._v, self.policy.quantized_values(n_new))):
+            if role.start > 0:
+                return (f"layer {self.layer_idx} is a sliding-window layer that has already dropped tokens older "
+                        f"than its window")
+            # A fresh cache would hold [target, n_new) in full precision; we hold full precision from q_end on.
+            if target != role.q_end and target < n_new:
+                return (f"layer {self.layer_idx} {name} at positions [{target}, {role.q_end}) are already stored "
+                        f"quantized, and a fresh cache of {n_new} tokens would hold them in full precision")
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (transformers passes a negative count). Refuses, changing
+        nothing, when that would need full-precision values that have been quantized (see `crop_problem`)."""
+        if tokens_to_remove > 0:
+            raise RateQError("crop takes a negative number: how many of the last tokens to remove")
+        k = -tokens_to_remove
+        if k == 0 or not self.is_initialized:
+            return
+        problem = self.crop_problem(k)
+        if problem:
+            raise RateQError(f"cannot crop {k} tokens: {problem}. {CROP_HINT}")
+        n_new = max(0, self.cumulative_length - k)
+        S = self.policy.sinks
+        for role, target in ((self._k, self.policy.quantized_keys(n_new)),
+                             (self._v, self.policy.quantized_values(n_new))):
+            role.sink = role.sink[:, :, :min(S, n_new)].clone()
+            if target < role.q_end:  # everything after `target` is dropped: nothing left in full precision
+                role.store.keep(0, max(0, target - role.q_start))
+                role.q_end = target
+                role.tail = role.tail[:, :, :0].clone()
+            else:
+                role.tail = role.tail[:, :, :max(0, n_new - role.q_end)].clone()
+        self.cumulative_length = n_new
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for role in (self._k, self._v):
+            role.sink, role.tail = fn(role.sink), fn(role.tail)
+            role.store.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch of everything held (packed codes, metadata, sinks, tails) alike."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    # -- accounting ---------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Everything held, by kind: `codes`, `metadata`, `full_precision` (sinks and residual tails)."""
+        out = {"codes": [], "metadata": [], "full_precision": []}
+        for role in (self._k, self._v):
+            for kind, ts in role.store.tensors().items():
+                out[kind] += ts
+            out["full_precision"] += role.tensors()
+        return out
+
+    def held_positions(self) -> dict[str, dict[str, int]]:
+        """Token counts per role: sinks, quantized, full-precision tail (for accounting checks)."""
+        return {name: {"sinks": 0 if r.sink is None else r.sink.shape[2], "quantized": r.store.length,
+                       "tail": 0 if r.tail is None else r.tail.shape[2]}
+                for name, r in (("k", self._k), ("v", self._v))}
+
+
+CROP_HINT = ("A RateQCache can remove only tokens whose removal un-quantizes nothing: with residual=0, the tokens "
+             "after the last complete key block; with a residual window R > 0, none once values have begun to "
+             "leave the window (more than sinks + R tokens). Use CachePolicy(residual=0) for rollbacks "
+             "(speculative decoding), or rebuild the cache from the kept tokens")
+
+
+class RateQSlidingLayer(RateQLayer):
+    """A sliding-window layer: holds at most the window (plus < one key block), returns exactly the window."""
+
+    is_sliding = True
+
+    def __init__(self, *, sliding_window: int, **kwargs):
+        super().__init__(**kwargs)
+        self.sliding_window = int(sliding_window)
+
+    def _first_returned(self, n0: int) -> int:
+        # As DynamicSlidingWindowLayer: the `sliding_window - 1` tokens before this call, and the new ones.
+        return max(n0 - self.sliding_window + 1, 0)
+
+    def _forget(self, n: int) -> None:
+        lo = n - self.sliding_window + 1  # the next query (position n) sees [n - W + 1, n]
+        S, G = self.policy.sinks, self.policy.block
+        if lo <= S:
+            return
+        # Keys go whole blocks at a time (a key group is never split); values token by token.
+        for role, cut in ((self._k, S + ((lo - S) // G) * G), (self._v, lo)):
+            if cut <= role.start:
+                continue
+            role.sink = role.sink[:, :, :0].clone()
+            drop = min(cut, role.q_end) - role.q_start
+            if drop > 0:
+                role.store.keep(drop, role.store.length)
+                role.q_start += drop
+            if cut > role.q_end:  # never-quantized tokens out of the window: they leave the tail
+                role.tail = role.tail[:, :, cut - role.q_end:].clone()
+                role.q_start = role.q_end = cut
+            role.start = cut
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        n, W = self.cumulative_length, self.sliding_window
+        kv_offset = max(n - W + 1, 0)
+        kv_length = (W - 1 + query_length) if n >= W else (n + query_length)
+        return kv_length, kv_offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window

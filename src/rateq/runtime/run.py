@@ -1,0 +1,94 @@
+"""Running a model through `RateQCache`: generation, and perplexity measured through the real cache.
+
+These are what `rateq apply` prints; they live here so that a Python user gets the same numbers with the same
+calls. Perplexity through the cache is teacher-forced like the one-pass evaluation, but token by token:
+prefill the first `prefill` tokens in one forward, then feed the rest one at a time, so every prediction is
+made from what the cache really holds (packed codes, dequantized).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from ..errors import RateQError
+from ..plan import Plan
+from ..policy import CachePolicy
+from .cache import RateQCache
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def memory_summary(cache: RateQCache) -> dict:
+    """Bytes held by kind, and against what an fp16 `DynamicCache` would hold for the same tokens."""
+    kinds = cache.nbytes_by_kind()
+    held = sum(kinds.values())
+    fp16 = cache.dense_nbytes(torch.float16)
+    return {"tokens": cache.get_seq_length(), "nbytes": held, **{f"nbytes_{k}": v for k, v in kinds.items()},
+            "fp16_dynamic_nbytes": fp16, "ratio_to_fp16": held / fp16 if fp16 else float("nan")}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int = 64,
+             policy: CachePolicy | None = None, do_sample: bool = False) -> dict:
+    """Generate from `prompt` with a `RateQCache`; return the text, token counts, seconds and memory held."""
+    if tokenizer is None:
+        raise RateQError("generating from a prompt needs a tokenizer; this model was loaded without one")
+    device = _model_device(model)
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    cache = RateQCache(plan, model.config, policy=policy)
+    start = time.perf_counter()
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
+            "prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": int(new.numel()),
+            "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache)}
+
+
+@torch.no_grad()
+def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolicy | None = None,
+                     prefill: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Perplexity of `ids (B, T)` predicted through a `RateQCache`: one forward over the first `prefill`
+    tokens (default T // 2), then one token at a time. Every one of the T - 1 next-token predictions counts.
+
+    With the same plan, policy and prefill, `rateq.simulate_plan` computes the same numbers in one pass.
+    """
+    if ids.dim() == 1:
+        ids = ids[None]
+    B, T = ids.shape
+    prefill = T // 2 if prefill is None else int(prefill)
+    if not 1 <= prefill <= T:
+        raise RateQError(f"prefill must be between 1 and the sequence length {T}, got {prefill}")
+    ids = ids.to(_model_device(model))
+    cache = RateQCache(plan, model.config, policy=policy)
+    nll = torch.zeros((), dtype=torch.float64)
+    start = time.perf_counter()
+
+    def add(logits: torch.Tensor, targets: torch.Tensor) -> None:
+        nonlocal nll
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = nll + (-logp.gather(-1, targets[..., None])).sum().double().cpu()
+
+    out = model(ids[:, :prefill], past_key_values=cache, use_cache=True)
+    if prefill > 1:
+        add(out.logits[:, :-1], ids[:, 1:prefill])
+    last = out.logits[:, -1]
+    for t in range(prefill, T):
+        add(last, ids[:, t])
+        if t == T - 1:
+            break
+        last = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+        if progress is not None:
+            progress(t + 1 - prefill, T - 1 - prefill)
+    seconds = time.perf_counter() - start
+    count = B * (T - 1)
+    mean = float(nll) / count
+    return {"ppl": math.exp(mean), "nll": mean, "predictions": count, "prefill": prefill, "seq_len": T,
+            "sequences": B, "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache)}

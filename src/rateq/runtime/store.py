@@ -1,0 +1,291 @@
+"""Packed storage of the quantized history of one role (K or V) of one layer.
+
+KV heads are grouped into buckets by (bits, quantizer): one bucket holds all its heads in one set of tensors,
+so quantizing, dequantizing, reordering and cropping cost one tensor operation per bucket, never one per head
+or per token. Every bucket lays its codes out `(B, h, T, D)` and packs them along the head dim, so each token's
+row is `D * bits / 8` bytes with no padding (head_dim is a multiple of 8 in every model rateq knows):
+
+- groups along **channels** (per token, KIVI values): scales `(B, h, T, D / G)`;
+- groups along **tokens** (per channel over G tokens, KIVI keys): scales `(B, h, T / G, D)`, so a group's
+  scale broadcasts over its G rows without any transpose of the codes;
+- float zero-points like the scales, in the spec's `scale_dtype`; integer zero-points packed at the code width
+  (`RowPackedCodes`); symmetric quantizers store none;
+- 16-bit units: the tokens in fp16, unquantized.
+
+Quantization is `rateq.quant.quantize_groups`, dequantization the same arithmetic as
+`rateq.quant.dequantize_groups` (in place, in fp32), so what the cache returns is bit for bit what the
+one-pass fake-quant evaluation computes from the same inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import RateQError
+from ..quant.affine import from_groups, quantize_groups, storage_dtype, to_groups
+from ..quant.pack import pack, packed_nbytes
+from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
+from .codes import RowPackedCodes, unpack_codes
+
+
+class Bucket:
+    """The heads of one role of one layer that share (bits, quantizer)."""
+
+    def __init__(self, bits: int, spec: QuantSpec, heads: list[int], role: str, num_heads: int, head_dim: int):
+        self.bits, self.spec, self.role = int(bits), spec, role
+        self.head_list = heads
+        self.axis = spec.axis_for(role)
+        self.group = spec.group_size
+        self.head_dim = head_dim
+        # A run of consecutive heads is written into the output through a slice view (no gather, no copy).
+        contiguous = heads == list(range(heads[0], heads[0] + len(heads)))
+        self.head_slice = slice(heads[0], heads[0] + len(heads)) if contiguous else None
+        self.all_heads = contiguous and len(heads) == num_heads
+        self._heads: torch.Tensor | None = None  # index tensor on the cache's device, made on first use
+        self.codes: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | RowPackedCodes | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < FULL_PRECISION_BITS
+
+    def heads(self, device) -> torch.Tensor:
+        if self._heads is None or self._heads.device != torch.device(device):
+            self._heads = torch.tensor(self.head_list, dtype=torch.long, device=device)
+        return self._heads
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """This bucket's heads of `(B, H, ...)`."""
+        if self.all_heads:
+            return x
+        if self.head_slice is not None:
+            return x[:, self.head_slice]
+        return x.index_select(1, self.heads(x.device))
+
+    # -- writing ----------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Quantize `(B, h, t, D)` → packed codes `(B, h, t, D·bits/8)`, scales, zero-points (see module doc)."""
+        if not self.quantized:
+            # A fresh tensor even when x is already fp16: x is a view of the residual tail, whose memory must go.
+            return torch.empty(x.shape, dtype=torch.float16, device=x.device).copy_(x), None, None
+        B, h, t, D = x.shape
+        q = quantize_groups(to_groups(x, self.axis, self.group), self.bits, self.spec)  # codes (B, h, n, G)
+        codes = pack(from_groups(q.codes, self.axis, self.group, x.shape), self.bits)
+        meta_shape = (B, h, t, D // self.group) if self.axis == "channels" else (B, h, t // self.group, D)
+        sdt = storage_dtype(self.spec.scale_dtype)
+        scale = q.scale.reshape(meta_shape).to(sdt)
+        if q.zero is None:
+            zero = None
+        elif self.spec.zero == "code":
+            zero = q.zero.reshape(meta_shape).to(torch.uint8)
+        else:
+            zero = q.zero.reshape(meta_shape).to(sdt)
+        return codes, scale, zero
+
+    def append(self, x: torch.Tensor) -> None:
+        codes, scale, zero = self.encode(x)
+        if self.codes is None:
+            self.codes, self.scale = codes, scale
+            if zero is not None and self.spec.zero == "code":
+                self.zero = RowPackedCodes(self.bits)
+                self.zero.append(zero)
+            else:
+                self.zero = zero
+            return
+        self.codes = torch.cat([self.codes, codes], dim=2)
+        if scale is not None:
+            self.scale = torch.cat([self.scale, scale], dim=2)
+        if isinstance(self.zero, RowPackedCodes):
+            self.zero.append(zero)
+        elif zero is not None:
+            self.zero = torch.cat([self.zero, zero], dim=2)
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def decode_into(self, out: torch.Tensor) -> None:
+        """Write this bucket's dequantized tokens into its heads of `out (B, H, T, D)` (any float dtype)."""
+        if self.codes is None or self.codes.shape[2] == 0:
+            return
+        if not self.quantized:
+            self._write(out, self.codes)
+            return
+        B, h, T, _ = self.codes.shape
+        D, G = self.head_dim, self.group
+        codes = unpack_codes(self.codes, self.bits, D)  # (B, h, T, D) uint8
+        if self.axis == "channels":
+            shape, meta = (B, h, T, D // G, G), (lambda m: m.unsqueeze(-1))  # scales (B, h, T, D/G, 1)
+        else:
+            shape, meta = (B, h, T // G, G, D), (lambda m: m.unsqueeze(-2))  # scales (B, h, T/G, 1, D)
+        in_place = out.dtype == torch.float32 and (self.all_heads or self.head_slice is not None)
+        if in_place:
+            # Dequantize straight into the output's slice of heads: no temporary, no extra copy.
+            dst = out if self.all_heads else out[:, self.head_slice]
+            x = dst.view(shape)
+            x.copy_(codes.view(shape))
+        else:
+            x = codes.view(shape).to(torch.float32)
+        scale = meta(self.scale.to(torch.float32))
+        # The arithmetic of `dequantize_groups`, op for op, in place: same fp32 roundings, same result.
+        if self.spec.kind == "symmetric":
+            x.sub_(((1 << self.bits) - 1) / 2.0).mul_(scale)
+        elif self.spec.zero == "code":
+            zero = self.zero.unpack() if isinstance(self.zero, RowPackedCodes) else self.zero
+            x.sub_(meta(zero.to(torch.float32))).mul_(scale)
+        else:
+            x.mul_(scale).add_(meta(self.zero.to(torch.float32)))
+        if not in_place:
+            self._write(out, x.view(B, h, T, D))
+
+    def _write(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        if self.all_heads:
+            out.copy_(x)
+        elif self.head_slice is not None:
+            out[:, self.head_slice].copy_(x)
+        else:
+            out.index_copy_(1, self.heads(out.device), x.to(out.dtype))
+
+    # -- housekeeping -----------------------------------------------------------------------------------
+    def keep(self, start: int, stop: int) -> None:
+        """Keep tokens `[start, stop)` of this bucket (copies, so the dropped tokens' memory is freed)."""
+        if self.codes is None:
+            return
+        if self.quantized and self.axis == "tokens":
+            # Keys are stored in whole blocks and the cache only ever cuts between blocks.
+            if start % self.group or stop % self.group:
+                raise RateQError(f"internal: cut at {start}:{stop} splits a {self.group}-token key group")
+            mstart, mstop = start // self.group, stop // self.group
+        else:
+            mstart, mstop = start, stop
+        self.codes = self.codes[:, :, start:stop].clone()
+        if self.scale is None:
+            return
+        self.scale = self.scale[:, :, mstart:mstop].clone()
+        if isinstance(self.zero, RowPackedCodes):
+            self.zero.keep_rows(mstart, mstop)
+        elif self.zero is not None:
+            self.zero = self.zero[:, :, mstart:mstop].clone()
+
+    @property
+    def length(self) -> int:
+        return 0 if self.codes is None else self.codes.shape[2]
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Held tensors by kind: `codes` (packed codes, or fp16 tokens at 16 bits) and `metadata`."""
+        meta = [] if self.scale is None else [self.scale]
+        if isinstance(self.zero, RowPackedCodes):
+            meta += self.zero.tensors()
+        elif self.zero is not None:
+            meta.append(self.zero)
+        return {"codes": [] if self.codes is None else [self.codes], "metadata": meta}
+
+    def map_batch(self, fn) -> None:
+        if self.codes is None:
+            return
+        self.codes = fn(self.codes)
+        if self.scale is not None:
+            self.scale = fn(self.scale)
+        if isinstance(self.zero, RowPackedCodes):
+            self.zero.map_batch(fn)
+        elif self.zero is not None:
+            self.zero = fn(self.zero)
+
+    def clear(self) -> None:
+        self.codes = self.scale = self.zero = None
+
+    def expected_nbytes(self, tokens: int, batch: int) -> int:
+        """What `tokens` stored tokens of this bucket occupy, from the spec alone (for accounting checks)."""
+        h, D = len(self.head_list), self.head_dim
+        if not self.quantized:
+            return batch * h * tokens * D * 2
+        rows = tokens if self.axis == "channels" else -(-tokens // self.group)
+        per_row = D // self.group if self.axis == "channels" else D
+        sbytes = torch.empty((), dtype=storage_dtype(self.spec.scale_dtype)).element_size()
+        n = batch * h * (tokens * packed_nbytes(D, self.bits) + rows * per_row * sbytes)
+        if self.spec.kind == "minmax" and self.spec.zero == "float":
+            n += batch * h * rows * per_row * sbytes
+        elif self.spec.kind == "minmax":
+            n += batch * h * per_row * ((rows // 8) * self.bits + rows % 8)
+        return n
+
+
+class RoleStore:
+    """The quantized history of one role of one layer: a handful of buckets covering all KV heads."""
+
+    def __init__(self, role: str, bits: torch.Tensor, qids: torch.Tensor, quantizers: list[QuantSpec],
+                 head_dim: int, layer: int):
+        self.role = role
+        H = int(bits.numel())
+        groups: dict[tuple[int, int], list[int]] = {}
+        for hd, (b, q) in enumerate(zip(bits.tolist(), qids.tolist())):
+            groups.setdefault((int(b), int(q)), []).append(hd)
+        self.buckets: list[Bucket] = []
+        for (b, q), heads in sorted(groups.items()):
+            spec = quantizers[q]
+            if b < FULL_PRECISION_BITS:
+                _check_spec(spec, role, head_dim, layer)
+            self.buckets.append(Bucket(b, spec, heads, role, H, head_dim))
+        self.length = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        """Quantize and store `(B, H, t, D)` (keys: t a whole number of blocks)."""
+        for bucket in self.buckets:
+            bucket.append(bucket.select(x))
+        self.length += x.shape[2]
+
+    def decode_into(self, out: torch.Tensor) -> None:
+        """Fill `out (B, H, length, D)` with the dequantized history."""
+        for bucket in self.buckets:
+            bucket.decode_into(out)
+
+    def keep(self, start: int, stop: int) -> None:
+        for bucket in self.buckets:
+            bucket.keep(start, stop)
+        self.length = max(0, min(stop, self.length) - start)
+
+    def map_batch(self, fn) -> None:
+        for bucket in self.buckets:
+            bucket.map_batch(fn)
+
+    def clear(self) -> None:
+        for bucket in self.buckets:
+            bucket.clear()
+        self.length = 0
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {"codes": [], "metadata": []}
+        for bucket in self.buckets:
+            for kind, ts in bucket.tensors().items():
+                out[kind] += ts
+        return out
+
+    def expected_nbytes(self, tokens: int, batch: int) -> int:
+        return sum(b.expected_nbytes(tokens, batch) for b in self.buckets)
+
+
+def check_plan_specs(bits: torch.Tensor, qids: torch.Tensor, quantizers: list[QuantSpec], role: str,
+                     head_dim: int, layer: int, block: int) -> None:
+    """Refuse, before anything runs, a plan the runtime cannot hold exactly as the policy says."""
+    for b, q in set(zip(bits.tolist(), qids.tolist())):
+        if b >= FULL_PRECISION_BITS:
+            continue
+        spec = quantizers[q]
+        _check_spec(spec, role, head_dim, layer)
+        if role == "k" and spec.axis_for("k") == "tokens" and block % spec.group_size:
+            raise RateQError(
+                f"key block {block} is not a multiple of quantizer {spec.id}'s group of {spec.group_size} tokens; "
+                f"use CachePolicy(block={spec.group_size}) or a multiple of it"
+            )
+
+
+def _check_spec(spec: QuantSpec, role: str, head_dim: int, layer: int) -> None:
+    axis = spec.axis_for(role)
+    if role == "v" and axis == "tokens":
+        raise RateQError(
+            f"layer {layer}: values are quantized per token as they leave the residual window, so their groups must "
+            f"run along channels; quantizer {spec.id} groups them along tokens (use group_along='auto' or 'channels')"
+        )
+    if axis == "channels" and head_dim % spec.group_size:
+        raise RateQError(
+            f"layer {layer}: quantizer {spec.id} groups {spec.group_size} channels but head_dim {head_dim} is not a "
+            f"multiple of it; use a group size that divides {head_dim}"
+        )
