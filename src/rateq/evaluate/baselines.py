@@ -36,9 +36,9 @@ import torch
 from ..errors import RateQError
 from ..models import ModelFingerprint, fingerprint
 from ..plan import Plan
-from ..quant.spec import FULL_PRECISION_BITS, SCALE_DTYPE_BITS, QuantSpec, parse_spec
+from ..quant.spec import FULL_PRECISION_BITS, QuantSpec, parse_spec
 from ..simulate import plan_transform
-from ..text import DEFAULT_CALIBRATION_TEXT, text_windows, token_windows
+from ..text import DEFAULT_CALIBRATION_TEXT, text_windows
 from .method import Method
 from .transforms import KVBases, kv_bases, projected_transform, rank_transform, rotated_transform, rotations
 
@@ -83,13 +83,12 @@ class BaselineContext:
 
     def get_curves(self):
         if self.curves is None:
-            import rateq
-
-            if not callable(getattr(rateq, "calibrate", None)):
-                raise RateQError("waterfill and rateq rows need distortion curves: pass curves=… (--curves FILE), "
-                                 "or install a rateq with calibration (rateq.calibrate)")
-            cal = self.calibration if self.calibration is not None else DEFAULT_CALIBRATION_TEXT
-            self.curves = rateq.calibrate(self.model, self.tokenizer, cal)
+            try:
+                from ..calibrate import calibrate
+            except ImportError:
+                raise RateQError("waterfill and rateq rows need distortion curves: pass curves=… (--curves FILE); "
+                                 "this rateq cannot calibrate") from None
+            self.curves = calibrate(self.model, self.tokenizer, self.ids())
         elif isinstance(self.curves, (str, Path)):
             from ..curves import Curves
 
@@ -112,9 +111,16 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def matched_uniform(budget: float, *, scale_dtype: str = "fp16", groups=GROUP_SIZES) -> tuple[int, QuantSpec]:
+def _groups(groups, head_dim: int | None):
+    """Group sizes usable with `head_dim` (values are grouped along channels, so G must divide it)."""
+    return sorted(g for g in groups if head_dim is None or head_dim % g == 0)
+
+
+def matched_uniform(budget: float, *, scale_dtype: str = "fp16", groups=GROUP_SIZES,
+                    head_dim: int | None = None) -> tuple[int, QuantSpec]:
     """`(bits, spec)` of the uniform min-max quantizer whose effective bits equal `budget`: the most code bits
     with a group size in `groups` that fits exactly; if none fits exactly, the largest storage ≤ budget."""
+    groups = _groups(groups, head_dim)
     best = None
     for b in range(8, 0, -1):
         for g in sorted(groups):
@@ -130,11 +136,12 @@ def matched_uniform(budget: float, *, scale_dtype: str = "fp16", groups=GROUP_SI
     return best[1], best[2]
 
 
-def matched_splits(budget: float, *, max_gap: int = 2, scale_dtype: str = "fp16", groups=GROUP_SIZES):
+def matched_splits(budget: float, *, max_gap: int = 2, scale_dtype: str = "fp16", groups=GROUP_SIZES,
+                   head_dim: int | None = None):
     """Every `(k_bits, v_bits, spec)` with k ≠ v, |k − v| ≤ max_gap, same group size for K and V, and effective
     bits exactly `budget`."""
     out = []
-    for g in sorted(groups):
+    for g in _groups(groups, head_dim):
         spec = QuantSpec(group_size=g, scale_dtype=scale_dtype)
         for kb in range(1, 9):
             for vb in range(1, 9):
@@ -161,7 +168,7 @@ def fixed_split(fp: ModelFingerprint, k_bits: int, v_bits: int, spec: QuantSpec 
 
 
 def kivi(fp: ModelFingerprint, budget: float, *, scale_dtype: str = "fp16") -> Method:
-    bits, spec = matched_uniform(budget, scale_dtype=scale_dtype)
+    bits, spec = matched_uniform(budget, scale_dtype=scale_dtype, head_dim=fp.head_dim)
     m = fixed_split(fp, bits, bits, spec, name=f"kivi@{_fmt(budget)}", family="uniform", budget=budget)
     m.label = f"KIVI {bits}-bit g{spec.group_size} {spec.scale_dtype}"
     return m
@@ -169,7 +176,7 @@ def kivi(fp: ModelFingerprint, budget: float, *, scale_dtype: str = "fp16") -> M
 
 def splits(fp: ModelFingerprint, budget: float, *, max_gap: int = 2) -> list[Method]:
     out = []
-    for kb, vb, spec in matched_splits(budget, max_gap=max_gap):
+    for kb, vb, spec in matched_splits(budget, max_gap=max_gap, head_dim=fp.head_dim):
         m = fixed_split(fp, kb, vb, spec, name=f"K{kb}V{vb}-g{spec.group_size}@{_fmt(budget)}", family="split",
                         budget=budget)
         out.append(m)
@@ -244,11 +251,10 @@ def weight_norm(model, budget: float, *, spec: QuantSpec = QuantSpec(group_size=
 
 
 def _solve(curves, budget: float, **kw) -> Plan:
-    import rateq
-
-    solve = getattr(rateq, "solve", None)
-    if not callable(solve):
-        raise RateQError("this row needs the solver (rateq.solve), which this rateq does not provide")
+    try:
+        from ..solve import solve
+    except ImportError:
+        raise RateQError("this row needs the solver (rateq.solve), which this rateq does not provide") from None
     return solve(curves, budget=budget, **kw)
 
 
@@ -265,13 +271,13 @@ def rateq_plan(context: BaselineContext, budget: float) -> Method:
                             notes=f"K {plan.mean_bits('k'):.2f} / V {plan.mean_bits('v'):.2f} mean code bits")
 
 
-def profile(path: str) -> Method:
-    import rateq
-
-    load = getattr(rateq, "load_profile", None)
-    if not callable(load):
-        raise RateQError("loading profiles needs rateq.load_profile, which this rateq does not provide")
-    plan = load(path)
+def profile(path: str, model=None) -> Method:
+    """A saved profile; with `model`, its fingerprint is checked against it."""
+    try:
+        from ..profile import load_profile
+    except ImportError:
+        raise RateQError("loading profiles needs rateq.load_profile, which this rateq does not provide") from None
+    plan = load_profile(path, model)
     return Method.from_plan(plan, Path(path).stem, family="rateq", label=f"profile {Path(path).name}",
                             notes=f"K {plan.mean_bits('k'):.2f} / V {plan.mean_bits('v'):.2f} mean code bits")
 
@@ -324,7 +330,7 @@ def hybrid(context: BaselineContext, budget: float, *, rank_fraction: float = 0.
 def rotated(context: BaselineContext, kind: str, budget: float, *, seed: int = 0) -> Method:
     """`kivi@budget` in a rotated basis: identity (plain KIVI), Hadamard, random orthogonal, or PCA axes."""
     fp = fingerprint(context.model)
-    bits, spec = matched_uniform(budget)
+    bits, spec = matched_uniform(budget, head_dim=fp.head_dim)
     plan = Plan.uniform(fp, bits, bits, spec=spec)
     L, H, D = fp.num_layers, fp.num_kv_heads, fp.head_dim
     if kind not in ROTATIONS:
@@ -379,7 +385,7 @@ def build(name: str, model, *, budgets=(), context: BaselineContext | None = Non
     fp = fingerprint(model)
     name = name.strip()
     if name.endswith(".safetensors") or Path(name).is_file():
-        return [profile(name)]
+        return [profile(name, model)]
     base, at, b = name.partition("@")
     if at:
         try:

@@ -22,7 +22,7 @@ from ..hooks import attention_hook, plain_attention
 from ..plan import Plan
 from ..policy import CachePolicy
 from ..simulate import simulate
-from ..text import DEFAULT_CALIBRATION_TEXT, text_windows
+from ..text import text_windows
 from .method import Method
 from .metrics import RoutingProbe, TokenStats
 
@@ -81,7 +81,7 @@ class _StoredKV:
         return self.last[(layer, role)]
 
 
-def _windows(model, data, tokenizer, n_windows, seq_len, seed, char_start) -> torch.Tensor:
+def _windows(data, tokenizer, n_windows, seq_len, seed, char_start) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         ids = data.long()
         if ids.dim() == 1:
@@ -97,7 +97,7 @@ def _windows(model, data, tokenizer, n_windows, seq_len, seed, char_start) -> to
     raise RateQError(f"data must be token ids (a LongTensor) or a text name, got {type(data).__name__}")
 
 
-def _resolve(model, items, *, budgets, tokenizer, context) -> list[Method]:
+def _resolve(model, items, *, budgets, context) -> list[Method]:
     from . import baselines
 
     out: list[Method] = []
@@ -144,10 +144,10 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
 
     if isinstance(methods, (str, Plan, Method, Path)):
         methods = [methods]
-    ids = _windows(model, data, tokenizer, n_windows, seq_len, seed, char_start)
+    ids = _windows(data, tokenizer, n_windows, seq_len, seed, char_start)
     budgets = [float(b) for b in budgets] if budgets is not None else []
     context = BaselineContext(model, tokenizer, calibration=calibration, curves=curves, seq_len=int(ids.shape[1]))
-    resolved = _resolve(model, methods, budgets=budgets, tokenizer=tokenizer, context=context)
+    resolved = _resolve(model, methods, budgets=budgets, context=context)
     if not resolved:
         raise RateQError("nothing to evaluate: give at least one plan or baseline")
 
@@ -217,6 +217,7 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
                    key_flip_rate=(probe.stats.key_flip_rate if probe else
                                   (0.0 if m.is_full_precision and flips else None)),
                    delta_ppl=(st.ppl - fp_ppl) if fp_ppl is not None else None, tokens=st.tokens,
+                   routing_decisions=probe.stats.decisions if probe else None,
                    seconds=round(seconds[m.name], 2))
         rows.append(row)
     settings = {

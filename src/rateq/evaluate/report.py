@@ -75,13 +75,28 @@ def plot_ppl_vs_bits(rows: list[dict], path: Path, *, title: str = "") -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fp = next((r["ppl"] for r in rows if r["family"] == "fp"), None)
-    families = sorted({r["family"] for r in rows if r["family"] != "fp"},
-                      key=lambda f: _FAMILY_ORDER.index(f) if f in _FAMILY_ORDER else 99)
+
+    def series(r):  # one series per family; each rotation is its own series (the basis ablation)
+        return r["name"].split("@")[0] if r["family"] == "rotation" else r["family"]
+
+    def order(key):
+        fam = "rotation" if key.startswith("rot-") else key
+        return (_FAMILY_ORDER.index(fam) if fam in _FAMILY_ORDER else 99, key)
+
+    keys = sorted({series(r) for r in rows if r["family"] != "fp"}, key=order)
     markers = "os^Dv<>pP*hX"
-    for i, fam in enumerate(families):
-        pts = sorted((r["effective_bits"], r["ppl"]) for r in rows if r["family"] == fam)
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="-" if len(xs) > 1 else "none", label=fam)
+    for i, key in enumerate(keys):
+        pts = sorted((r["effective_bits"], r["ppl"]) for r in rows if r["family"] != "fp" and series(r) == key)
+        # All points as markers; the line joins the best row of the series at each storage.
+        best: dict[float, float] = {}
+        for x, y in pts:
+            best[x] = min(y, best.get(x, y))
+        xs = sorted(best)
+        line, = ax.plot(xs, [best[x] for x in xs], marker=markers[i % len(markers)], label=key,
+                        color=plt.cm.tab20(i % 20),
+                        linestyle="-" if len(xs) > 1 else "none")
+        ax.scatter([x for x, _ in pts], [y for _, y in pts], marker=markers[i % len(markers)], s=14,
+                   color=line.get_color(), alpha=0.5)
     if fp is not None:
         ax.axhline(fp, color="k", linestyle="--", linewidth=1, label=f"full precision ({fp:.2f})")
     ax.set_xlabel("effective bits per cached element (metadata included)")
@@ -112,7 +127,9 @@ def plot_bit_map(plan, path: Path, *, title: str = "") -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(2.2 + 0.5 * H * 2, 1.5 + 0.18 * L), sharey=True)
     for ax, data, role in zip(axes, (k, v), ("K", "V")):
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(f"{role}: mean {data.mean():.2f} bits")
+        qids = (plan.k_quantizer if role == "K" else plan.v_quantizer).flatten().tolist()
+        mix = ", ".join(f"{plan.quantizers[q].id} ×{qids.count(q)}" for q in sorted(set(qids)))
+        ax.set_title(f"{role}: mean {data.mean():.2f} bits\n{mix}", fontsize=8)
         ax.set_xlabel("KV head")
         ax.set_xticks(range(H))
         if L * H <= 400:  # small maps: print the bits in the cells

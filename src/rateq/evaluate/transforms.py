@@ -52,8 +52,8 @@ def kv_bases(model, windows: torch.Tensor, *, batch_size: int = 1, centered: boo
         layer = module.layer_idx
         for r, x in enumerate((key, value)):
             x64 = x.detach().to(torch.float64)  # (B, H, T, D)
-            gram[layer, r] += torch.einsum("bhti,bhtj->hij", x64, x64)
-            total[layer, r] += x64.sum(dim=(0, 2))
+            gram[layer, r] += torch.einsum("bhti,bhtj->hij", x64, x64).cpu()
+            total[layer, r] += x64.sum(dim=(0, 2)).cpu()
         count[layer] += key.shape[0] * key.shape[2]
         return plain_attention(module, query, key, value, attention_mask, **kwargs)
 

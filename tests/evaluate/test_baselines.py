@@ -1,0 +1,175 @@
+"""Baselines: matched effective bits, the weight-norm allocator, PCA rank reduction, rotations, names."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import rateq
+from rateq import Curves, QuantSpec
+from rateq.evaluate import baselines as bl
+from rateq.evaluate import evaluate
+from rateq.evaluate.transforms import hadamard, kv_bases, random_orthogonal, rank_transform, rotations
+
+HD = 64  # head_dim of the tiny models here, so KIVI's groups of 32 channels fit
+
+
+@pytest.fixture
+def model(tiny):
+    return tiny("llama", kv_heads=2, head_dim=HD)
+
+
+def _ids(n=2, t=128, seed=0):
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("budget, bits, group", [(2.5, 2, 64), (3.0, 2, 32), (4.0, 3, 32), (3.5, 3, 64),
+                                                 (2.25, 2, 128)])
+def test_matched_uniform_hits_budget(budget, bits, group):
+    b, spec = bl.matched_uniform(budget)
+    assert (b, spec.group_size) == (bits, group)
+    assert spec.bits_per_element(b) == pytest.approx(budget)
+
+
+def test_matched_uniform_falls_below_when_inexact():
+    b, spec = bl.matched_uniform(2.6)
+    assert spec.bits_per_element(b) <= 2.6
+    assert spec.bits_per_element(b) == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0])
+def test_splits_hit_budget_exactly(model, budget):
+    methods = bl.splits(rateq.fingerprint(model), budget)
+    assert len(methods) >= 2
+    for m in methods:
+        assert m.effective_bits == pytest.approx(budget)
+        k, v = m.plan.k_bits[0, 0], m.plan.v_bits[0, 0]
+        assert k != v and abs(int(k) - int(v)) <= 2
+
+
+def test_greedy_allocate_is_optimal_on_small_problems():
+    spec = QuantSpec(group_size=64)
+    sens = torch.tensor([5.0, 1.0, 0.2, 3.0])
+    widths = [1, 2, 3, 4]
+    for budget in (1.5, 2.0, 2.75, 3.5):
+        got = bl.greedy_allocate(sens, spec, budget, bits=widths)
+        best = None
+        for combo in itertools.product(widths, repeat=4):
+            if sum(spec.bits_per_element(b) for b in combo) / 4 > budget + 1e-9:
+                continue
+            d = sum(float(s) * 2.0 ** (-2 * b) for s, b in zip(sens, combo))
+            best = d if best is None or d < best else best
+        d_got = sum(float(s) * 2.0 ** (-2 * int(b)) for s, b in zip(sens, got))
+        assert d_got == pytest.approx(best)
+        assert float(sum(spec.bits_per_element(int(b)) for b in got)) / 4 <= budget + 1e-9
+
+
+def test_weight_norm_gives_keys_more_bits_when_their_norms_are_larger(model):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    m = bl.weight_norm(model, 2.5)
+    assert m.effective_bits <= 2.5 + 1e-9
+    assert m.effective_bits >= 2.5 - 1.0 / m.plan.k_bits.numel()  # the greedy spends the budget
+    assert m.plan.mean_bits("k") > m.plan.mean_bits("v")
+
+
+def test_projection_norms_match_weights(model):
+    norms = bl.projection_norms(model)
+    w = model.model.layers[1].self_attn.v_proj.weight
+    assert norms[1, 1, 1] == pytest.approx(float(w.detach()[HD:2 * HD].pow(2).sum()), rel=1e-6)
+
+
+def test_rotations_are_orthogonal():
+    for mat in (hadamard(64), random_orthogonal(64, seed=3)):
+        assert torch.allclose(mat @ mat.T, torch.eye(64), atol=1e-5)
+    with pytest.raises(rateq.RateQError, match="power of two"):
+        hadamard(48)
+    r = rotations("random", 2, 2, 8)
+    assert not torch.allclose(r[0, 0, 0], r[1, 0, 0])  # a fresh draw per unit
+
+
+def test_pca_rank_reduction(model):
+    ids = _ids()
+    bases = kv_bases(model, ids)
+    assert bases.vectors.shape == (3, 2, 2, HD, HD)
+    v = bases.vectors[0, 0, 0]
+    assert torch.allclose(v.T @ v, torch.eye(HD), atol=1e-4)
+    assert (bases.variance[..., :-1] >= bases.variance[..., 1:] - 1e-4).all()  # sorted
+    x = torch.randn(1, 2, 16, HD)
+    full = rank_transform(bases, HD)(0, "k", x)
+    assert torch.allclose(full, x, atol=1e-2)  # rank D keeps everything but fp16 rounding
+    # A PCA basis keeps more of the calibration data's energy than a random basis of the same rank.
+    from rateq.evaluate.transforms import KVBases
+
+    rnd = KVBases(torch.stack([random_orthogonal(HD, i) for i in range(3 * 2 * 2)]).view(3, 2, 2, HD, HD),
+                  bases.mean, bases.variance, bases.tokens)
+    keys = {}
+
+    def grab(module, query, key, value, attention_mask, **kw):
+        keys.setdefault(module.layer_idx, key)
+        return rateq.hooks.plain_attention(module, query, key, value, attention_mask, **kw)
+
+    with torch.no_grad(), rateq.hooks.attention_hook(model, grab):
+        model(ids)
+    k = keys[1]
+    err_pca = (rank_transform(bases, 8)(1, "k", k) - k).pow(2).sum()
+    err_rnd = (rank_transform(rnd, 8)(1, "k", k) - k).pow(2).sum()
+    assert err_pca < err_rnd
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0])
+def test_every_baseline_hits_its_budget(model, budget):
+    """Each budgeted baseline stores at most its budget, and those defined to match it exactly do."""
+    ids = _ids(n=1)
+    names = ["fp", "kivi", "splits", "wnorm", "rank", "hybrid", "rotations"]
+    res = evaluate(model, ids, names, budgets=[budget], calibration=_ids(n=2, seed=1))
+    for row in res:
+        if row["family"] == "fp":
+            continue
+        assert row["effective_bits"] <= budget + 1e-9, row["name"]
+        if row["family"] in ("uniform", "split", "rank", "rotation"):
+            assert row["effective_bits"] == pytest.approx(budget), row["name"]
+        assert row["ppl"] > 0 and row["kl"] >= 0
+    # The identity rotation is exactly KIVI at the same budget.
+    assert res[f"rot-identity@{budget:g}"]["ppl"] == pytest.approx(res[f"kivi@{budget:g}"]["ppl"], rel=1e-6)
+    assert res[f"hybrid@{budget:g}"]["effective_bits"] == pytest.approx(budget)
+
+
+def test_names(model):
+    fp = rateq.fingerprint(model)
+    ctx = bl.BaselineContext(model, calibration=_ids(n=1))
+    (m,) = bl.build("k4v2", model, context=ctx)
+    assert (int(m.plan.k_bits[0, 0]), int(m.plan.v_bits[0, 0])) == (4, 2) and m.effective_bits == 4.0
+    (m,) = bl.build("K3V3:minmax-g64-fp32", model, context=ctx)
+    assert m.effective_bits == pytest.approx(3 + 64 / 64)
+    assert [x.name for x in bl.build("kivi", model, budgets=[2.5, 3.0], context=ctx)] == ["kivi@2.5", "kivi@3"]
+    (m,) = bl.build("rank16", model, context=ctx)
+    assert m.effective_bits == pytest.approx(16 * 16 / HD)
+    ref = bl.build("reference", model, context=ctx)
+    assert [x.name for x in ref][:3] == ["fp", "K8V8:minmax-g32-fp32", "K4V4:minmax-g32-fp32"]
+    assert len(ref) == 1 + 10 + 2
+    with pytest.raises(rateq.RateQError, match="budget"):
+        bl.build("kivi", model, context=ctx)
+    with pytest.raises(rateq.RateQError, match="unknown baseline"):
+        bl.build("kivvi@2", model, context=ctx)
+    assert fp.head_dim == HD
+
+
+def test_waterfill_row_from_curves(model):
+    """With curves at hand, `waterfill@B` solves RateQuant-style and stays within budget."""
+    fp = rateq.fingerprint(model)
+    L, H = fp.num_layers, fp.num_kv_heads
+    bits = (1, 2, 3, 4, 5, 6, 8)
+    spec = QuantSpec(group_size=64)
+    gen = torch.Generator().manual_seed(0)
+    alpha = torch.rand(L, H, 2, 1, 1, generator=gen, dtype=torch.float64) + 0.1
+    d = alpha * 4.0 ** (-torch.tensor(bits, dtype=torch.float64))
+    curves = Curves(d, bits, [spec], torch.full((L, H, 2), 1024.0), "mse", fp)
+    ctx = bl.BaselineContext(model, curves=curves)
+    (m,) = bl.build("waterfill@2.5", model, context=ctx)
+    assert m.family == "waterfill" and m.effective_bits <= 2.5 + 1e-6
+    (r,) = bl.build("rateq@3", model, context=ctx)
+    assert r.effective_bits <= 3.0 + 1e-6
