@@ -29,6 +29,7 @@ import torch
 from ..errors import RateQError
 from ..curves import Curves
 from ..hooks import attention_hook
+from ..quant.rope import capture_rope
 from ..models import fingerprint, head_dim_of, text_config
 from ..plan import Plan
 from ..policy import CachePolicy
@@ -217,7 +218,12 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
     needs_grad = cal.needs_grad
     nll = 0.0
     t_start = time.perf_counter()
-    with _progress_sink(progress, n * T) as report, attention_hook(model, cal.attention), _frozen(model):
+    # Pre-RoPE key quantizers (candidates or the reference plan's) need each forward's rotary tables.
+    prerope = any(q.prerope for q in specs) or (reference is not None and any(q.prerope for q in reference.quantizers))
+    rope_ctx = capture_rope(model) if prerope else contextlib.nullcontext()
+    with _progress_sink(progress, n * T) as report, attention_hook(model, cal.attention), _frozen(model), \
+            rope_ctx as rope:
+        cal.set_rope(rope)
         report({"event": "start", "tokens": 0, "total": n * T, "seconds": 0.0})
         for i in range(0, n, batch_size):
             batch = ids[i:i + batch_size].to(device)

@@ -13,18 +13,22 @@ import torch
 from ..hooks import plain_attention
 from ..plan import Plan
 from ..policy import CachePolicy
+from ..errors import RateQError
 from ..quant.affine import fake_quantize_multi
+from ..quant.rope import slice_rope
 from ..quant.spec import QuantSpec
 from ..simulate import plan_transform
 from .metrics import LayerInputs, allowed_pairs, candidate_errors
 
 
-def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSpec], policy: CachePolicy) -> torch.Tensor:
+def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSpec], policy: CachePolicy,
+                      rope=None) -> torch.Tensor:
     """`(B, H, T, D)` → `(Q·NB, B, H, T, D)`: the stored form of `x` under every (quantizer, bits).
 
     Which positions are stored quantized follows the runtime exactly (as `plan_transform` + the one-pass
     evaluation): keys over whole `policy.block` blocks from `policy.sinks` out of the residual window, values
-    per token from `policy.sinks` out of the residual window; the rest stays full precision.
+    per token from `policy.sinks` out of the residual window; the rest stays full precision. `rope`: this
+    layer's `(cos, sin)` over all positions (pre-RoPE key quantizers only).
     """
     T = x.shape[2]
     start = policy.sinks
@@ -34,7 +38,13 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
         return out
     seg = x[:, :, start:end]
     for i, spec in enumerate(quantizers):
-        out[i * len(bits):(i + 1) * len(bits), :, :, start:end] = fake_quantize_multi(seg, list(bits), spec, role)
+        tables = None
+        if spec.prerope and role == "k":
+            if rope is None:
+                raise RateQError(f"{spec.id} quantizes keys before RoPE and needs the layer's rotary tables")
+            tables = slice_rope(rope, start, end)
+        out[i * len(bits):(i + 1) * len(bits), :, :, start:end] = fake_quantize_multi(seg, list(bits), spec, role,
+                                                                                        rope=tables)
     return out
 
 
@@ -62,11 +72,19 @@ class Calibrator:
         self.needs_grad = "fisher" in self.metrics
         self.chunk_elements = chunk_elements
         self.matmul_dtype = matmul_dtype
+        self.reference = reference
         self.transform = None if reference is None else plan_transform(reference, policy)
+        self.rope = None  # rope.RopeTables of the current forward, when a quantizer works before RoPE
         C = len(self.quantizers) * len(self.bits)
         self.sums = {m: torch.zeros(num_layers, num_kv_heads, 2, C, dtype=torch.float64) for m in self.metrics}
         self.windows: dict[int, int | None] = {}  # layer → sliding window (None: full attention)
         self.pending = 0  # fisher layers of the current batch whose gradient has not arrived yet
+
+    def set_rope(self, rope) -> None:
+        """Use these per-layer rotary tables (from `rateq.quant.rope.capture_rope`) for pre-RoPE quantizers."""
+        self.rope = rope
+        if self.reference is not None:
+            self.transform = plan_transform(self.reference, self.policy, rope)
 
     # The function transformers calls in place of its attention implementation.
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -91,7 +109,9 @@ class Calibrator:
             query=query.detach(), key=key.detach(), value=value.detach(),
             allowed=allowed_pairs(attention_mask, T, S, B).to(query.device), scaling=float(scaling),
             key_base=key_base, value_base=value_base, softcap=kwargs.get("softcap"),
+            rope=None if self.rope is None else self.rope.for_layer(layer),
         )
+
         if self.needs_grad and attn_output.requires_grad:
             self.pending += 1
 
@@ -106,7 +126,7 @@ class Calibrator:
 
     @torch.no_grad()
     def _accumulate(self, layer: int, inp: LayerInputs, grad):
-        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy)  # (C, B, Hkv, S, D)
+        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, inp.rope)  # (C, B, Hkv, S, D)
         v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy)
         metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
         sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements,

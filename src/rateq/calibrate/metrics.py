@@ -44,6 +44,7 @@ class LayerInputs:
     key_base: torch.Tensor | None = None  # (B, Hkv, S, D) reference plan's stored keys (None: = key)
     value_base: torch.Tensor | None = None  # (B, Hkv, S, D)
     softcap: float | None = None  # logit soft-capping (Gemma 2 style), applied as the model does
+    rope: tuple | None = None  # (cos, sin) of the positions, for pre-RoPE key quantizers
 
 
 def allowed_pairs(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int) -> torch.Tensor:

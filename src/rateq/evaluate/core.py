@@ -9,6 +9,8 @@ the runtime cache would hold for each query.
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..errors import RateQError
 from ..hooks import attention_hook, plain_attention
 from ..plan import Plan
+from ..quant.rope import capture_rope
 from ..policy import CachePolicy
 from ..simulate import simulate
 from ..text import text_windows
@@ -155,56 +158,62 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
     tokens = {m.name: TokenStats() for m in resolved}
     flip_stats = {m.name: None for m in resolved}
     seconds = {m.name: 0.0 for m in resolved}
-    transforms = {m.name: (m.build(m.policy_for(policy)) if m.build else None) for m in resolved}
-    layers = set(flip_layers) if flip_layers is not None else None
-    probes = {m.name: RoutingProbe(layers) for m in resolved if flips and not m.is_full_precision}
+    # Pre-RoPE key quantizers need each forward's rotary tables: captured for the whole evaluation.
+    prerope = {m.name for m in resolved if m.plan is not None and any(q.prerope for q in m.plan.quantizers)}
+    stack = contextlib.ExitStack()
+    with stack:
+        rope = stack.enter_context(capture_rope(model)) if prerope else None
+        transforms = {m.name: (None if not m.build else m.build(m.policy_for(policy), rope) if m.name in prerope
+                               else m.build(m.policy_for(policy))) for m in resolved}
+        layers = set(flip_layers) if flip_layers is not None else None
+        probes = {m.name: RoutingProbe(layers) for m in resolved if flips and not m.is_full_precision}
 
-    n_batches = -(-ids.shape[0] // batch_size)
-    total = n_batches * (1 + sum(not m.is_full_precision for m in resolved))
-    step = 0
-    for b in range(n_batches):
-        x = ids[b * batch_size:(b + 1) * batch_size].to(device)  # (B, T)
-        targets = x[:, 1:]
-        # Full precision once per batch: the reference for KL and for routing.
-        t0 = time.perf_counter()
-        reference = RoutingProbe(layers)
-        if probes:
-            with attention_hook(model, reference.wrap(plain_attention, record=True)):
-                logits = model(x, use_cache=False).logits
-        else:
-            logits = model(x, use_cache=False).logits
-        ref_logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-        del logits
-        fp_seconds = time.perf_counter() - t0
-        step += 1
-        if progress:
-            progress(step, total, "full precision")
-        for m in resolved:
-            if m.is_full_precision:
-                stats = tokens[m.name]
-                stats.nll_sum += float(-ref_logp.gather(-1, targets[..., None]).sum())
-                stats.tokens += targets.numel()
-                seconds[m.name] += fp_seconds
-                continue
+        n_batches = -(-ids.shape[0] // batch_size)
+        total = n_batches * (1 + sum(not m.is_full_precision for m in resolved))
+        step = 0
+        for b in range(n_batches):
+            x = ids[b * batch_size:(b + 1) * batch_size].to(device)  # (B, T)
+            targets = x[:, 1:]
+            # Full precision once per batch: the reference for KL and for routing.
             t0 = time.perf_counter()
-            stored = _StoredKV(transforms[m.name])
-            mpolicy = m.policy_for(policy)
-            with simulate(model, stored, mpolicy):
-                probe = probes.get(m.name)
-                if probe is not None:
-                    probe.reference = reference.reference
-                    inner = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
-                    with attention_hook(model, probe.wrap(inner, stored=stored.get, policy=mpolicy)):
-                        logits = model(x, use_cache=False).logits
-                else:
+            reference = RoutingProbe(layers)
+            if probes:
+                with attention_hook(model, reference.wrap(plain_attention, record=True)):
                     logits = model(x, use_cache=False).logits
-            tokens[m.name].add(logits, targets, ref_logp)
+            else:
+                logits = model(x, use_cache=False).logits
+            ref_logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
             del logits
-            seconds[m.name] += time.perf_counter() - t0
+            fp_seconds = time.perf_counter() - t0
             step += 1
             if progress:
-                progress(step, total, m.name)
-        del ref_logp
+                progress(step, total, "full precision")
+            for m in resolved:
+                if m.is_full_precision:
+                    stats = tokens[m.name]
+                    stats.nll_sum += float(-ref_logp.gather(-1, targets[..., None]).sum())
+                    stats.tokens += targets.numel()
+                    seconds[m.name] += fp_seconds
+                    continue
+                t0 = time.perf_counter()
+                stored = _StoredKV(transforms[m.name])
+                mpolicy = m.policy_for(policy)
+                with simulate(model, stored, mpolicy):
+                    probe = probes.get(m.name)
+                    if probe is not None:
+                        probe.reference = reference.reference
+                        inner = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+                        with attention_hook(model, probe.wrap(inner, stored=stored.get, policy=mpolicy)):
+                            logits = model(x, use_cache=False).logits
+                    else:
+                        logits = model(x, use_cache=False).logits
+                tokens[m.name].add(logits, targets, ref_logp)
+                del logits
+                seconds[m.name] += time.perf_counter() - t0
+                step += 1
+                if progress:
+                    progress(step, total, m.name)
+            del ref_logp
 
     fp_ppl = next((tokens[m.name].ppl for m in resolved if m.is_full_precision), None)
     rows = []

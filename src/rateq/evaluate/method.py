@@ -56,6 +56,6 @@ class Method:
         key_group = math.lcm(*groups) if groups else 1
         return cls(
             name=name or f"plan@{plan.effective_bits:.3g}", family=family, nominal_bits=plan.nominal_bits,
-            effective_bits=plan.effective_bits, build=lambda policy: plan_transform(plan, policy), plan=plan,
+            effective_bits=plan.effective_bits, build=lambda policy, rope=None: plan_transform(plan, policy, rope), plan=plan,
             budget=plan.budget_bits if budget is None else budget, key_group=key_group, label=label, notes=notes,
         )

@@ -85,6 +85,16 @@ class Codec:
         """`decode(encode(x))` in `x.dtype`, without packing."""
         return self._dequantize(self._quantize(x, bits, role, rope), bits, role, x.shape, rope).to(x.dtype)
 
+    def quantize_parts(self, x: torch.Tensor, bits: int, role: str, *, rope: Rope | None = None) -> dict:
+        """`x (B, h, T, D)` → unpacked parts (integer `codes` in their row layout; `scale`, `zero`, `norm`,
+        `rnorm` in fp32 already rounded to their storage format; `qjl` signs; sparse outliers). Storing them in
+        their formats is lossless, so a store that packs them decodes to exactly `fake_quantize(x)`."""
+        return self._quantize(x, bits, role, rope)
+
+    def dequantize_parts(self, parts: dict, bits: int, role: str, shape, *, rope: Rope | None = None) -> torch.Tensor:
+        """Parts (as `quantize_parts` gives them, metadata in fp32) → dense fp32 `(B, h, T, D)`."""
+        return self._dequantize(parts, bits, role, torch.Size(shape), rope)
+
     @staticmethod
     def nbytes(enc: Encoding) -> int:
         return sum(t.numel() * t.element_size() for t in enc.values())

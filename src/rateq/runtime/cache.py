@@ -22,9 +22,32 @@ from ..models import fingerprint, head_dim_of, text_config
 from ..plan import Plan
 from ..policy import CachePolicy
 from .layer import CROP_HINT, RateQLayer, RateQSlidingLayer
+from ..quant.spec import FULL_PRECISION_BITS
 from .store import check_plan_specs
 
 _SLIDING = ("sliding_attention", "chunked_attention")
+
+
+def _stores_prerope_keys(plan: Plan) -> bool:
+    used = set(zip(plan.k_bits.flatten().tolist(), plan.k_quantizer.flatten().tolist()))
+    return any(b < FULL_PRECISION_BITS and plan.quantizers[q].prerope for b, q in used)
+
+
+def rotary_of(model):
+    """The model's rotary embedding as `rotary(like, position_ids) -> (cos, sin)`, for pre-RoPE key quantizers.
+
+    Refused for models whose layers use different rotary tables (e.g. Gemma 3's local and global RoPE)."""
+    found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(found) != 1:
+        raise RateQError(f"pre-RoPE keys need one rotary embedding shared by every layer; {type(model).__name__} "
+                         f"has {len(found)}: use quantizers without 'prerope' for this model")
+    rotary = found[0]
+
+    def tables(like: torch.Tensor, position_ids: torch.Tensor):
+        cos, sin = rotary(like, position_ids)
+        return cos, sin
+
+    return tables
 
 
 class RateQCache(Cache):
@@ -34,8 +57,11 @@ class RateQCache(Cache):
     with other caches; tensors live where the model writes its keys and values.
     """
 
-    def __init__(self, plan: Plan, config, *, policy: CachePolicy | None = None, device=None):
+    def __init__(self, plan: Plan, config, *, policy: CachePolicy | None = None, device=None, rotary=None):
         policy = plan.policy if policy is None else policy
+        if rotary is None and _stores_prerope_keys(plan):
+            raise RateQError("the plan quantizes keys before RoPE: the cache needs the model's rotary embedding, "
+                             "RateQCache(plan, model.config, rotary=rateq.runtime.rotary_of(model))")
         tc = text_config(config)
         got = fingerprint(config, name=plan.model.name)
         diff = plan.model.mismatches(got)
@@ -50,7 +76,8 @@ class RateQCache(Cache):
                 check_plan_specs(plan.bits(role)[i], plan.quantizer_ids(role)[i], plan.quantizers, role, head_dim,
                                  i, policy.block)
             args = dict(layer_idx=i, k_bits=plan.k_bits[i], k_quantizer=plan.k_quantizer[i], v_bits=plan.v_bits[i],
-                        v_quantizer=plan.v_quantizer[i], quantizers=plan.quantizers, policy=policy, head_dim=head_dim)
+                        v_quantizer=plan.v_quantizer[i], quantizers=plan.quantizers, policy=policy, head_dim=head_dim,
+                        rotary=rotary)
             if kind == "full_attention":
                 layers.append(RateQLayer(**args))
             elif kind in _SLIDING:

@@ -53,14 +53,15 @@ class RateQLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, *, layer_idx: int, k_bits: torch.Tensor, k_quantizer: torch.Tensor, v_bits: torch.Tensor,
-                 v_quantizer: torch.Tensor, quantizers: list[QuantSpec], policy: CachePolicy, head_dim: int):
+                 v_quantizer: torch.Tensor, quantizers: list[QuantSpec], policy: CachePolicy, head_dim: int,
+                 rotary=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.policy = policy
         self.num_heads = int(k_bits.numel())
         self.head_dim = head_dim
         self.cumulative_length = 0
-        self._k = _Role(RoleStore("k", k_bits, k_quantizer, quantizers, head_dim, layer_idx))
+        self._k = _Role(RoleStore("k", k_bits, k_quantizer, quantizers, head_dim, layer_idx, rotary))
         self._v = _Role(RoleStore("v", v_bits, v_quantizer, quantizers, head_dim, layer_idx))
         self._reset_positions()
 
@@ -104,7 +105,7 @@ class RateQLayer(DynamicLayer):
             role.tail = torch.cat([role.tail, x], dim=-2)
             if target > role.q_end:
                 m = target - role.q_end
-                role.store.append(role.tail[:, :, :m])
+                role.store.append(role.tail[:, :, :m], role.q_end)
                 # A copy, so that the quantized tokens' full-precision memory is really given back.
                 role.tail = role.tail[:, :, m:].clone()
                 role.q_end = target

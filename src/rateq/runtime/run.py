@@ -17,7 +17,7 @@ import torch
 from ..errors import RateQError
 from ..plan import Plan
 from ..policy import CachePolicy
-from .cache import RateQCache
+from .cache import RateQCache, _stores_prerope_keys, rotary_of
 
 
 def _model_device(model) -> torch.device:
@@ -41,7 +41,7 @@ def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int =
         raise RateQError("generating from a prompt needs a tokenizer; this model was loaded without one")
     device = _model_device(model)
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    cache = RateQCache(plan, model.config, policy=policy)
+    cache = _cache(plan, model, policy)
     start = time.perf_counter()
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -67,7 +67,7 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     if not 1 <= prefill <= T:
         raise RateQError(f"prefill must be between 1 and the sequence length {T}, got {prefill}")
     ids = ids.to(_model_device(model))
-    cache = RateQCache(plan, model.config, policy=policy)
+    cache = _cache(plan, model, policy)
     nll = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
 
@@ -92,3 +92,9 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     mean = float(nll) / count
     return {"ppl": math.exp(mean), "nll": mean, "predictions": count, "prefill": prefill, "seq_len": T,
             "sequences": B, "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache)}
+
+
+def _cache(plan: Plan, model, policy: CachePolicy) -> RateQCache:
+    """A cache for `model`; pre-RoPE key quantizers get the model's rotary embedding."""
+    rotary = rotary_of(model) if _stores_prerope_keys(plan) else None
+    return RateQCache(plan, model.config, policy=policy, rotary=rotary)

@@ -10,7 +10,9 @@ row is `D * bits / 8` bytes with no padding (head_dim is a multiple of 8 in ever
   scale broadcasts over its G rows without any transpose of the codes;
 - float zero-points like the scales, in the spec's `scale_dtype`; integer zero-points packed at the code width
   (`RowPackedCodes`); symmetric quantizers store none;
-- 16-bit units: the tokens in fp16, unquantized.
+- 16-bit units: the tokens in fp16, unquantized;
+- rotated and Lloyd–Max quantizers (`CodecBucket`): the parts of `rateq.quant.codec` (codes, scales or
+  per-group norms, zero-points, QJL signs and residual norms), each in its storage format, rows along tokens.
 
 Quantization is `rateq.quant.quantize_groups`, dequantization the same arithmetic as
 `rateq.quant.dequantize_groups` (in place, in fp32), so what the cache returns is bit for bit what the
@@ -23,7 +25,8 @@ import torch
 
 from ..errors import RateQError
 from ..quant.affine import from_groups, quantize_groups, storage_dtype, to_groups
-from ..quant.pack import pack, packed_nbytes
+from ..quant.codec import codec_for
+from ..quant.pack import pack, packed_nbytes, unpack
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
 from .codes import RowPackedCodes, unpack_codes
 
@@ -83,7 +86,7 @@ class Bucket:
             zero = q.zero.reshape(meta_shape).to(sdt)
         return codes, scale, zero
 
-    def append(self, x: torch.Tensor) -> None:
+    def append(self, x: torch.Tensor, start: int = 0) -> None:
         codes, scale, zero = self.encode(x)
         if self.codes is None:
             self.codes, self.scale = codes, scale
@@ -208,11 +211,135 @@ class Bucket:
         return n
 
 
+class CodecBucket(Bucket):
+    """A bucket whose quantizer goes beyond a plain uniform grid (Hadamard rotation, Lloyd–Max codebook with
+    per-group norms, QJL residual sketch): quantized by its `rateq.quant.codec` — the same arithmetic the
+    one-pass evaluation uses — and stored part by part, every part with its rows along tokens (or key blocks),
+    so appending is a concatenation and cropping a slice."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.codec = codec_for(self.spec)
+        self.base = self.spec.base_bits(self.bits)
+        self.parts: dict[str, torch.Tensor | RowPackedCodes] = {}
+        self.rows = 0
+        self.prerope = self.spec.prerope and self.role == "k"
+        self.rotary = None  # (like, positions (1, t)) -> (cos, sin): set by the store for pre-RoPE keys
+        self.pos0 = 0  # absolute position of the first stored row (pre-RoPE keys re-rotate by position)
+
+    def _rope(self, like: torch.Tensor, start: int, length: int):
+        if not self.prerope:
+            return None
+        if self.rotary is None:
+            raise RateQError(f"{self.spec.id} stores keys before RoPE and needs the model's rotary embedding: "
+                             "build the cache with RateQCache(plan, model.config, rotary=rateq.runtime.rotary_of(model))")
+        positions = torch.arange(start, start + length, device=like.device)[None]
+        return self.rotary(like, positions)
+
+    def _block_rows(self, name: str) -> bool:
+        return self.axis == "tokens" and name in ("scale", "zero")
+
+    def append(self, x: torch.Tensor, start: int = 0) -> None:
+        B, h, t, D = x.shape
+        if self.rows == 0:
+            self.pos0 = start
+        parts = self.codec.quantize_parts(x, self.bits, self.role, rope=self._rope(x, start, t))
+        sdt = storage_dtype(self.spec.scale_dtype)
+        new: dict[str, torch.Tensor] = {}
+        if "codes" in parts:
+            new["codes"] = pack(parts["codes"], self.base)
+        for name in ("scale", "norm", "rnorm"):
+            if name in parts:
+                new[name] = parts[name].to(sdt)
+        if "qjl" in parts:
+            new["qjl"] = pack(parts["qjl"], 1)
+        if "zero" in parts:
+            if self.spec.zero == "code":
+                zero = self.parts.setdefault("zero", RowPackedCodes(self.bits))
+                zero.append(parts["zero"].to(torch.uint8))
+            else:
+                new["zero"] = parts["zero"].to(sdt)
+        for name, t_ in new.items():
+            old = self.parts.get(name)
+            self.parts[name] = t_ if old is None else torch.cat([old, t_], dim=2)
+        self.rows += t
+        self.codes = self.parts.get("codes", self.parts.get("qjl"))  # for `length` and emptiness checks
+
+    def decode_into(self, out: torch.Tensor) -> None:
+        if self.rows == 0:
+            return
+        B, h = out.shape[0], len(self.head_list)
+        D = self.head_dim
+        parts: dict = {}
+        if "codes" in self.parts:
+            parts["codes"] = unpack(self.parts["codes"], self.base, D)
+        for name in ("scale", "norm", "rnorm"):
+            if name in self.parts:
+                parts[name] = self.parts[name].to(torch.float32)
+        if "qjl" in self.parts:
+            parts["qjl"] = unpack(self.parts["qjl"], 1, D)
+        zero = self.parts.get("zero")
+        if isinstance(zero, RowPackedCodes):
+            parts["zero"] = zero.unpack().to(torch.float32)
+        elif zero is not None:
+            parts["zero"] = zero.to(torch.float32)
+        rope = self._rope(out, self.pos0, self.rows)
+        x = self.codec.dequantize_parts(parts, self.bits, self.role, (B, h, self.rows, D), rope=rope)
+        self._write(out, x.to(out.dtype))
+
+    def keep(self, start: int, stop: int) -> None:
+        if self.rows == 0:
+            return
+        if self.axis == "tokens" and (start % self.group or stop % self.group):
+            raise RateQError(f"internal: cut at {start}:{stop} splits a {self.group}-token key group")
+        for name, t_ in list(self.parts.items()):
+            a, b = (start // self.group, stop // self.group) if self._block_rows(name) else (start, stop)
+            if isinstance(t_, RowPackedCodes):
+                t_.keep_rows(a, b)
+            else:
+                self.parts[name] = t_[:, :, a:b].clone()
+        self.rows = max(0, min(stop, self.rows) - start)
+        self.pos0 += start
+        self.codes = self.parts.get("codes", self.parts.get("qjl"))
+
+    @property
+    def length(self) -> int:
+        return self.rows
+
+    def tensors(self) -> dict[str, list[torch.Tensor]]:
+        codes, meta = [], []
+        for name, t_ in self.parts.items():
+            ts = t_.tensors() if isinstance(t_, RowPackedCodes) else [t_]
+            (codes if name in ("codes", "qjl") else meta).extend(ts)
+        return {"codes": codes, "metadata": meta}
+
+    def map_batch(self, fn) -> None:
+        for name, t_ in list(self.parts.items()):
+            if isinstance(t_, RowPackedCodes):
+                t_.map_batch(fn)
+            else:
+                self.parts[name] = fn(t_)
+        self.codes = self.parts.get("codes", self.parts.get("qjl"))
+
+    def clear(self) -> None:
+        self.parts, self.rows, self.codes = {}, 0, None
+
+    def expected_nbytes(self, tokens: int, batch: int) -> int:
+        """Every part is row-aligned (head_dim and its groups are multiples of 8 bits), so the bytes are the
+        spec's effective bits exactly; keys grouped along tokens count whole blocks."""
+        h, D = len(self.head_list), self.head_dim
+        if self.axis == "tokens":
+            blocks = -(-tokens // self.group)
+            meta_bits = self.spec.metadata_bits_per_group(self.bits) * blocks * D
+            return batch * h * (tokens * packed_nbytes(D, self.bits) + meta_bits // 8)
+        return int(round(batch * h * tokens * D * self.spec.bits_per_element(self.bits) / 8))
+
+
 class RoleStore:
     """The quantized history of one role of one layer: a handful of buckets covering all KV heads."""
 
     def __init__(self, role: str, bits: torch.Tensor, qids: torch.Tensor, quantizers: list[QuantSpec],
-                 head_dim: int, layer: int):
+                 head_dim: int, layer: int, rotary=None):
         self.role = role
         H = int(bits.numel())
         groups: dict[tuple[int, int], list[int]] = {}
@@ -223,13 +350,16 @@ class RoleStore:
             spec = quantizers[q]
             if b < FULL_PRECISION_BITS:
                 _check_spec(spec, role, head_dim, layer)
-            self.buckets.append(Bucket(b, spec, heads, role, H, head_dim))
+            plain = b >= FULL_PRECISION_BITS or spec.is_uniform_plain
+            self.buckets.append((Bucket if plain else CodecBucket)(b, spec, heads, role, H, head_dim))
+            if not plain:
+                self.buckets[-1].rotary = rotary
         self.length = 0
 
-    def append(self, x: torch.Tensor) -> None:
-        """Quantize and store `(B, H, t, D)` (keys: t a whole number of blocks)."""
+    def append(self, x: torch.Tensor, start: int = 0) -> None:
+        """Quantize and store `(B, H, t, D)` of positions `[start, start + t)` (keys: t a whole number of blocks)."""
         for bucket in self.buckets:
-            bucket.append(bucket.select(x))
+            bucket.append(bucket.select(x), start)
         self.length += x.shape[2]
 
     def decode_into(self, out: torch.Tensor) -> None:
@@ -283,6 +413,11 @@ def _check_spec(spec: QuantSpec, role: str, head_dim: int, layer: int) -> None:
         raise RateQError(
             f"layer {layer}: values are quantized per token as they leave the residual window, so their groups must "
             f"run along channels; quantizer {spec.id} groups them along tokens (use group_along='auto' or 'channels')"
+        )
+    if spec.outlier_frac:
+        raise RateQError(
+            f"layer {layer}: quantizer {spec.id} (sparse outliers) is available in calibration and the one-pass "
+            "evaluation, not in RateQCache; solve with the other quantizers"
         )
     if axis == "channels" and head_dim % spec.group_size:
         raise RateQError(
