@@ -43,7 +43,7 @@ def build_tiny(arch: str = "llama", *, kv_heads: int = 2, seed: int = 0, **overr
     return model
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny():
     """Factory fixture: `tiny("qwen3", kv_heads=4)`."""
     return build_tiny

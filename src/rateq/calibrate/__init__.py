@@ -33,7 +33,7 @@ from ..quant.rope import capture_rope
 from ..models import fingerprint, head_dim_of, text_config
 from ..plan import Plan
 from ..policy import CachePolicy
-from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, parse_spec
+from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, holds_role, parse_spec
 from ..text import BUNDLED_TEXT, DATASET_ALIASES, load_text, token_windows, tokenize
 from .capture import Calibrator
 from .metrics import METRICS
@@ -165,9 +165,9 @@ def _check_quantizers(quantizers, policy: CachePolicy, head_dim: int) -> list[Qu
         if q.axis_for("k") == "tokens" and policy.block % q.group_size:
             raise RateQError(f"key block {policy.block} is not a multiple of quantizer {q.id}'s group "
                              f"{q.group_size}; use CachePolicy(block=…) a multiple of it")
-        if "channels" in (q.axis_for("k"), q.axis_for("v")) and head_dim % q.group_size:
-            raise RateQError(f"head_dim {head_dim} does not split into quantizer {q.id}'s groups of {q.group_size} "
-                             f"channels; use a group size that divides it")
+        if not (holds_role(q, "k", head_dim) or holds_role(q, "v", head_dim)):
+            raise RateQError(f"quantizer {q.id} can hold neither keys nor values of head_dim {head_dim}: its groups of "
+                             f"{q.group_size} channels do not divide it")
     return specs
 
 
@@ -273,6 +273,10 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
         Q, NB = len(specs), len(bits)
         for m in metrics:
             d = cal.sums[m].view(fp.num_layers, fp.num_kv_heads, 2, Q, NB)
+            for qi, q in enumerate(specs):  # a role the quantizer cannot hold: never a candidate (infinite cost)
+                for r, role in enumerate(("k", "v")):
+                    if not holds_role(q, role, hd):
+                        d[:, :, r, qi] = float("inf")
             curves = Curves(d, bits, specs, counts, m, fp, dict(calibration, metric=m))
             bad = curves.nonmonotone()
             curves.calibration["nonmonotone"] = len(bad)

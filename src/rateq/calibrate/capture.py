@@ -16,7 +16,7 @@ from ..policy import CachePolicy
 from ..errors import RateQError
 from ..quant.affine import fake_quantize_multi
 from ..quant.rope import slice_rope
-from ..quant.spec import QuantSpec
+from ..quant.spec import QuantSpec, holds_role
 from ..simulate import plan_transform
 from .metrics import LayerInputs, allowed_pairs, candidate_errors
 
@@ -38,6 +38,8 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
         return out
     seg = x[:, :, start:end]
     for i, spec in enumerate(quantizers):
+        if not holds_role(spec, role, x.shape[-1]):
+            continue  # priced as infinite by the caller; left unquantized here
         tables = None
         if spec.prerope and role == "k":
             if rope is None:

@@ -239,3 +239,13 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def holds_role(spec: QuantSpec, role: str, head_dim: int) -> bool:
+    """Whether `spec` can store `role` ('k'/'v') of heads of `head_dim`: channel groups must divide the head dim,
+    and values (quantized per token as they leave the residual window) need their groups along channels. A
+    quantizer may serve one role only — keys per channel over 128 tokens, say, with 64-dim heads."""
+    axis = spec.axis_for(role)
+    if axis == "channels":
+        return head_dim % spec.group_size == 0
+    return role == "k"

@@ -238,13 +238,16 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
     slot_bits = np.tile(bits, Q)
     slot_cost = curves.cost().reshape(-1).numpy()
     dist = curves.distortion.reshape(N, Q * NB).numpy().copy()  # (N, C)
-    if not np.isfinite(dist).all() or (dist < 0).any():
-        raise RateQError("curves contain negative, NaN or infinite distortion; recalibrate")
+    if np.isnan(dist).any() or (dist < 0).any() or np.isneginf(dist).any():
+        raise RateQError("curves contain negative or NaN distortion; recalibrate")
+    # +inf marks a candidate the unit cannot take (a quantizer that cannot hold that role): never valid.
+    holdable = np.isfinite(dist)
     if allow_fp16:
         slot_q = np.append(slot_q, FP16)
         slot_bits = np.append(slot_bits, FULL_PRECISION_BITS)
         slot_cost = np.append(slot_cost, float(FULL_PRECISION_BITS))
         dist = np.concatenate([dist, np.zeros((N, 1))], 1)
+        holdable = np.concatenate([holdable, np.ones((N, 1), dtype=bool)], 1)
 
     # Slots every free unit may take: bit range and quantizer subset.
     free = np.ones(len(slot_q), dtype=bool)
@@ -258,7 +261,9 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
     if not free.any():
         raise RateQError(f"no candidate left: bits {list(curves.bits)} within [{min_bits}, {max_bits}] "
                          f"and quantizers {quantizers!r} leave nothing to choose")
-    valid = np.broadcast_to(free, (N, len(slot_q))).copy()
+    valid = np.broadcast_to(free, (N, len(slot_q))) & holdable
+    if not valid.any(1).all():
+        raise RateQError("some units have no candidate their quantizers can hold; add a quantizer for both K and V")
 
     # Fixed units: `bits` (any allowed quantizer at that width) or `(quantizer, bits)`; 16 = fp16.
     for key, value in (fixed or {}).items():

@@ -40,7 +40,7 @@ def fit_exponential(problem: Problem) -> tuple[np.ndarray, np.ndarray, float]:
     Q, NB = len(curves.quantizers), len(curves.bits)
     d = curves.distortion.reshape(L * H * 2, Q, NB).numpy()  # (N, Q, NB)
     x = np.broadcast_to(np.array(curves.bits, dtype=np.float64), d.shape)
-    m = (d > _TINY) & (x < FULL_PRECISION_BITS)
+    m = np.isfinite(d) & (d > _TINY) & (x < FULL_PRECISION_BITS)  # +inf: a role the quantizer cannot hold
     y = np.log(np.where(m, d, 1.0))
     n = m.sum(-1)
     sx, sy = (m * x).sum(-1), (m * y).sum(-1)
