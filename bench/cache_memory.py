@@ -1,9 +1,10 @@
 """Bytes RateQCache holds vs an fp16 DynamicCache, at 1k/4k/16k tokens and effective budgets 2, 2.5, 3, 4.
 
 Plans are solved (greedy solver) on a model's shape from synthetic distortion curves D = a_u · 4^(−b) with a
-random sensitivity a_u per unit (keys 4× more sensitive on average), over two quantizers with different
-metadata cost (KIVI's fp16 scale + zero-point per 32, and fp16 scale + packed integer zero-point per 64), so
-plans mix bit widths, quantizers and K/V allocations. Keys and values are synthetic (memory does not depend on
+random sensitivity a_u per unit (keys 4× more sensitive on average), over four quantizers with different
+storage (KIVI's fp16 scale + zero-point per 32; fp16 scale + packed integer zero-point per 64; pre-RoPE
+rotated keys per 128 tokens; Lloyd–Max codes with one fp16 norm per 64 channels), so plans mix bit widths,
+quantizers, bucket kinds and K/V allocations. Keys and values are synthetic (memory does not depend on
 their values) in fp16, written as one prefill plus a few decode steps.
 
 Each row compares what `nbytes()` reports with what the plan predicts: effective bits × quantized elements
@@ -26,7 +27,20 @@ import rateq
 from rateq import CachePolicy, Curves, QuantSpec, RateQCache
 from rateq.models import ModelFingerprint, known_models
 
-SPECS = [QuantSpec(group_size=32), QuantSpec(group_size=64, zero="code")]
+SPECS = [QuantSpec(group_size=32), QuantSpec(group_size=64, zero="code"),
+         rateq.parse_spec("minmax-g128-rhadamard-fp16-prerope"), rateq.parse_spec("lloydmax-g64-rhadamard-fp16")]
+
+
+def synthetic_rotary(head_dim: int, theta: float = 10000.0):
+    """Standard RoPE tables for pre-RoPE keys (memory does not depend on the angles)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+    def tables(like, position_ids):
+        ang = position_ids[..., None].to(torch.float32) * inv.to(like.device)
+        emb = torch.cat([ang, ang], -1)
+        return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
+
+    return tables
 
 
 def parse_args():
@@ -35,7 +49,7 @@ def parse_args():
     p.add_argument("--tokens", default="1024,4096,16384")
     p.add_argument("--budgets", default="2,2.5,3,4")
     p.add_argument("--residual", type=int, default=128)
-    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--block", type=int, default=128)
     p.add_argument("--decode", type=int, default=5, help="decode steps after the prefill")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
@@ -56,8 +70,9 @@ def synthetic_curves(fp: ModelFingerprint, seed: int = 0) -> Curves:
     a = torch.rand(L, H, 2, generator=g, dtype=torch.float64) * 10 + 0.1
     a[:, :, 0] *= 4  # keys are more sensitive
     b = torch.tensor(bits, dtype=torch.float64)
-    penalty = torch.tensor([1.0, 1.15], dtype=torch.float64)  # the coarser quantizer distorts a little more
+    penalty = torch.tensor([1.0, 1.15, 0.9, 0.8], dtype=torch.float64)
     dist = a[..., None, None] * penalty[:, None] * 4.0 ** (-b)  # (L, H, 2, Q, NB)
+    dist[:, :, 1, 2] = float("inf")  # 128-token key groups cannot hold values
     counts = torch.ones(L, H, 2, dtype=torch.float64)
     return Curves(dist, bits, SPECS, counts, "synthetic", fp)
 
@@ -85,7 +100,7 @@ def main() -> None:
     for budget in budgets:
         plan = rateq.solve(curves, budget, method="greedy", policy=policy)
         for n in tokens:
-            cache = RateQCache(plan, config, policy=policy)
+            cache = RateQCache(plan, config, policy=policy, rotary=synthetic_rotary(D))
             prefill = n - args.decode
             for t, count in [(0, prefill)] + [(prefill + i, 1) for i in range(args.decode)]:
                 for layer in range(L):

@@ -85,10 +85,16 @@ def calibrate_and_solve(model, tok, args):
     from rateq.solve import solve
 
     t0 = time.perf_counter()
-    curves = calibrate(model, tok, ids, bits=tuple(int(b) for b in args.bits.split(",")), quantizers=specs,
-                       metric=args.metric, policy=policy, batch_size=args.batch_size)
-    cal_s = time.perf_counter() - t0
-    log(f"calibrated {args.calib} ({ids.numel()} tokens, metric {args.metric}) in {cal_s:.1f} s")
+    if args.curves is not None:
+        curves = rateq.Curves.load(args.curves)
+        specs, policy = curves.quantizers, rateq.CachePolicy.from_dict(curves.calibration["policy"])
+        cal_s = float(curves.calibration.get("seconds", float("nan")))
+        log(f"curves from {args.curves} ({curves.calibration.get('tokens')} tokens of {curves.calibration.get('data')})")
+    else:
+        curves = calibrate(model, tok, ids, bits=tuple(int(b) for b in args.bits.split(",")), quantizers=specs,
+                           metric=args.metric, policy=policy, batch_size=args.batch_size)
+        cal_s = time.perf_counter() - t0
+        log(f"calibrated {args.calib} ({ids.numel()} tokens, metric {args.metric}) in {cal_s:.1f} s")
     plans = {}
     for budget in args.budgets:
         t0 = time.perf_counter()
@@ -132,7 +138,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
     p.add_argument("--calib", default="austen-emma")
-    p.add_argument("--calib-windows", type=int, default=8)
+    p.add_argument("--calib-windows", type=int, default=2)
     p.add_argument("--calib-seq-len", type=int, default=1024)
     p.add_argument("--eval", nargs="+", default=["austen-pp", "jargon"])
     p.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0])
@@ -140,7 +146,10 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--char-start", type=int, default=100_000)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--quantizers", default="minmax-g32-fp16,minmax-g64-fp16")
+    p.add_argument("--quantizers", default=None, help="candidate quantizer ids (default: rateq's DEFAULT_QUANTIZERS)")
+    p.add_argument("--curves", type=Path, default=None, help="reuse these curves instead of calibrating")
+    p.add_argument("--baseline-budgets", nargs="+", type=float, default=None,
+                   help="budgets the baselines are built at (default: --budgets)")
     p.add_argument("--bits", default="1,2,3,4,5,6,8")
     p.add_argument("--metric", default=None, help="calibration metric (default: rateq's default)")
     p.add_argument("--solver", default="exact")
@@ -157,10 +166,14 @@ def main(argv=None) -> None:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: compare with CPU figures
         torch.backends.cudnn.allow_tf32 = False
-    if args.metric is None:
-        from rateq.calibrate import DEFAULT_METRIC
+    from rateq.calibrate import DEFAULT_METRIC, DEFAULT_QUANTIZERS
 
+    if args.metric is None:
         args.metric = DEFAULT_METRIC
+    if args.quantizers is None:
+        args.quantizers = ",".join(DEFAULT_QUANTIZERS)
+    if args.baseline_budgets is None:
+        args.baseline_budgets = args.budgets
 
     t_all = time.perf_counter()
     model, tok = rateq.load_model(args.model, device=args.device, dtype="fp32")
@@ -181,7 +194,7 @@ def main(argv=None) -> None:
                 methods.append(Method.from_plan(plans[b], f"rateq@{b:g}", family="rateq", label=(
                     f"rateq {args.metric} + {args.solver}"), budget=b))
             for name in args.baselines:
-                for b in args.budgets:
+                for b in args.baseline_budgets:
                     methods.extend(bl.build(f"{name}@{b:g}", model, context=ctx))
             if not args.no_ladder:
                 # Rows at equal or larger storage; skip configurations already present (K2V2 g32 is kivi@3).

@@ -16,7 +16,7 @@ err_console = Console(stderr=True, highlight=False)
 
 # Shared options, so that every command spells them the same way.
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model alias (smollm2-135m, qwen3-8b, …), hub id or local folder.")]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="Text: austen-emma, austen-pp, jargon, a .txt/.jsonl file, wikitext2, or hf:NAME[/CONFIG]:SPLIT[:FIELD].")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Text: austen-emma, austen-pp, jargon, a .txt/.jsonl file, wikitext2, or hf:NAME\\[/CONFIG]:SPLIT\\[:FIELD].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16.")]

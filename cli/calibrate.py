@@ -42,17 +42,17 @@ def calibrate_command(
     out: OutOpt = None,
     method: MethodOpt = "exact",
     metric: Annotated[Optional[str], typer.Option("--metric", help="mse, score, output or fisher (default: the library's, chosen by measured rank correlation with ΔNLL).")] = None,
-    n_samples: Annotated[Optional[int], typer.Option("--n-samples", "-n", help="Calibration sequences (default 8).")] = None,
+    n_samples: Annotated[Optional[int], typer.Option("--n-samples", "-n", help="Calibration sequences (default 2).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence (default 1024).")] = None,
     bits: Annotated[str, typer.Option("--bits", help="Candidate code bit widths, comma-separated.")] = "1,2,3,4,5,6,8",
-    quantizers: Annotated[str, typer.Option("--quantizers", "-q", help="Candidate quantizer ids, comma-separated (e.g. minmax-g32-fp16,minmax-g64-fp16).")] = "minmax-g32-fp16",
+    quantizers: Annotated[str, typer.Option("--quantizers", "-q", help="Candidate quantizer ids, comma-separated (e.g. minmax-g32-fp16,lloydmax-g64-rhadamard-fp16); 'default' is rateq's measured set (see README).")] = "default",
     min_bits: MinBitsOpt = None,
     max_bits: MaxBitsOpt = None,
     keys_at_least_values: KeysOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows.")] = 0,
     residual: Annotated[int, typer.Option("--residual", "-r", help="Full-precision residual window of the runtime policy.")] = 0,
-    block: Annotated[int, typer.Option("--block", help="Key block size of the runtime policy.")] = 32,
+    block: Annotated[Optional[int], typer.Option("--block", help="Key block size of the runtime policy (default: the least multiple of 32 holding whole key groups of every quantizer).")] = None,
     sinks: Annotated[int, typer.Option("--sinks", help="Leading tokens kept in full precision.")] = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -80,10 +80,13 @@ def calibrate_command(
         if v is not None and v < 1:
             raise RateQError(f"{name} must be at least 1, got {v}")
     widths = _parse_bits(bits)
-    specs = [parse_spec(q) for q in parse_list(quantizers) or []]
+    from rateq.calibrate import DEFAULT_QUANTIZERS
+
+    names = parse_list(quantizers) or []
+    specs = [parse_spec(q) for q in (DEFAULT_QUANTIZERS if names == ["default"] else names)]
     if not specs:
         raise RateQError("--quantizers is empty; give at least one id such as minmax-g32-fp16")
-    policy = CachePolicy(residual=residual, block=block, sinks=sinks)
+    policy = CachePolicy.for_quantizers(specs, residual=residual, block=block, sinks=sinks)
     lo, hi = rateq.budget_range(specs, widths, min_bits=min_bits, max_bits=max_bits)
     if not lo * (1 - 1e-12) <= budget <= hi * (1 + 1e-12):
         raise RateQError(f"budget {budget:g} effective bits per element is outside the feasible range "

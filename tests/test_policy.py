@@ -32,3 +32,15 @@ def test_masks_follow_prefill_then_decode(prefill):
         assert int(vm[i].sum()) == p.quantized_values(n)
     # the quantized prefix only grows: history is never re-quantized
     assert torch.all(km[1:].sum(1) >= km[:-1].sum(1))
+
+
+def test_policy_for_quantizers_fits_every_key_group():
+    from rateq import parse_spec
+
+    specs = [parse_spec(s) for s in ("minmax-g32-fp16", "minmax-g128-rhadamard-fp16-prerope", "lloydmax-g64-rhadamard-fp16")]
+    assert CachePolicy.for_quantizers(specs).block == 128  # Lloyd–Max groups run along channels: no constraint
+    assert CachePolicy.for_quantizers(specs[:1]).block == 32
+    assert CachePolicy.for_quantizers([parse_spec("minmax-g48-fp16")], residual=8).block == 96
+    assert CachePolicy.for_quantizers(specs, block=256, sinks=4) == CachePolicy(block=256, sinks=4)
+    p = CachePolicy(residual=64, block=128, sinks=2)
+    assert CachePolicy.from_dict(p.to_dict()) == p

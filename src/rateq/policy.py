@@ -11,6 +11,7 @@ Stored codes are never re-quantized: the quantized prefix only grows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,6 +28,21 @@ class CachePolicy:
     def __post_init__(self):
         if self.residual < 0 or self.sinks < 0 or self.block < 1:
             raise RateQError("residual and sinks must be ≥ 0 and block ≥ 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CachePolicy":
+        return cls(**{k: int(d[k]) for k in ("residual", "block", "sinks") if k in d})
+
+    @classmethod
+    def for_quantizers(cls, quantizers, *, residual: int = 0, sinks: int = 0, block: int | None = None) -> "CachePolicy":
+        """A policy whose key block (default: the least multiple of 32 that holds whole key groups of every
+        quantizer grouping keys along tokens) fits `quantizers`."""
+        if block is None:
+            block = 32
+            for q in quantizers:
+                if q.axis_for("k") == "tokens":
+                    block = block * q.group_size // math.gcd(block, q.group_size)
+        return cls(residual=residual, block=block, sinks=sinks)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -77,3 +77,22 @@ def test_monotone_curves_are_what_the_solver_sees(curves_factory):
     want = sum(float(mono[0, h, r, 0, curves.bits.index(int(plan.bits("kv"[r])[0, h]))])
                for h in range(2) for r in range(2))
     assert plan.solver["predicted_distortion"] == pytest.approx(want)
+
+
+def test_the_plan_keeps_the_policy_the_curves_were_measured_under():
+    import torch
+
+    from rateq import CachePolicy, Curves, ModelFingerprint, parse_spec, solve
+
+    fp = ModelFingerprint("m", "llama", 2, 2, 64)
+    specs = [parse_spec("minmax-g128-fp16-prerope"), parse_spec("lloydmax-g64-rhadamard-fp16")]
+    bits = (1, 2, 4)
+    d = torch.rand(2, 2, 2, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1
+    d = d.cumprod(-1).flip(-1)
+    d[:, :, 1, 0] = float("inf")  # values cannot take 128-token groups
+    policy = CachePolicy(residual=16, block=128)
+    curves = Curves(d, bits, specs, torch.ones(2, 2, 2, dtype=torch.float64), "output", fp,
+                    {"policy": policy.to_dict()})
+    plan = solve(curves, 2.5)
+    assert plan.policy == policy
+    assert set(plan.v_quantizer.flatten().tolist()) == {plan.quantizers.index(specs[1])}

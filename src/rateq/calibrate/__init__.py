@@ -38,15 +38,22 @@ from ..text import BUNDLED_TEXT, DATASET_ALIASES, load_text, token_windows, toke
 from .capture import Calibrator
 from .metrics import METRICS
 
-__all__ = ["DEFAULT_BITS", "DEFAULT_METRIC", "METRICS", "calibrate", "calibrate_metrics", "calibration_ids"]
+__all__ = ["DEFAULT_BITS", "DEFAULT_METRIC", "DEFAULT_QUANTIZERS", "METRICS", "calibrate", "calibrate_metrics", "calibration_ids"]
 
 log = logging.getLogger("rateq.calibrate")
 
 DEFAULT_BITS = (1, 2, 3, 4, 5, 6, 8)
+# Candidates the solver picks from per unit (measured on smollm2-135m, README "Results"): KIVI-style keys per
+# channel quantized before RoPE (KVQuant) over 32, 64 and 128 tokens (the last after a randomized Hadamard
+# rotation), Lloyd–Max codebooks on Hadamard-rotated vectors with one fp16 norm per 64 channels (TurboQuant-MSE,
+# best for values), and plain KIVI. Quantizers that cannot hold a role (128-token key groups for values) are
+# priced infinite for it.
+DEFAULT_QUANTIZERS = ("minmax-g32-fp16-prerope", "minmax-g64-fp16-prerope", "minmax-g128-rhadamard-fp16-prerope",
+                      "lloydmax-g64-rhadamard-fp16", "minmax-g32-fp16")
 # Chosen by bench/metric_correlation.py: the metric whose predicted Σ_u D_u(plan) ranks measured ΔNLL of
 # mixed plans best on smollm2-135m (see that script's output in the project notes).
 DEFAULT_METRIC = "fisher"
-DEFAULT_SAMPLES = 8
+DEFAULT_SAMPLES = 2  # 2 × 1024 tokens: enough for stable curves on the default model (README "Results")
 DEFAULT_SEQ_LEN = 1024
 
 ProgressFn = Callable[[dict], None]
@@ -179,7 +186,7 @@ def _nll_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 # -- the pass ------------------------------------------------------------------------------------------------
 def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = (DEFAULT_METRIC,),
-                      bits=DEFAULT_BITS, quantizers=(KIVI,), n_samples: int | None = None,
+                      bits=DEFAULT_BITS, quantizers=None, n_samples: int | None = None,
                       seq_len: int | None = None, batch_size: int = 1, seed: int = 0,
                       policy: CachePolicy | None = None, reference: Plan | None = None,
                       progress: bool | ProgressFn = False, chunk_elements: int | None = None,
@@ -193,8 +200,11 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
         from ..text import DEFAULT_CALIBRATION_TEXT
 
         texts = DEFAULT_CALIBRATION_TEXT
-    policy = CachePolicy() if policy is None else policy
     bits = _check_bits(bits)
+    if quantizers is None:
+        quantizers = DEFAULT_QUANTIZERS
+    if policy is None:
+        policy = CachePolicy.for_quantizers([parse_spec(q) if isinstance(q, str) else q for q in quantizers])
     specs = _check_quantizers(quantizers, policy, head_dim_of(model.config))
     if batch_size < 1:
         raise RateQError("batch_size must be at least 1")
@@ -290,7 +300,7 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
     return out
 
 
-def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=(KIVI,), metric: str = DEFAULT_METRIC,
+def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=None, metric: str = DEFAULT_METRIC,
               n_samples: int | None = None, seq_len: int | None = None, batch_size: int = 1, seed: int = 0,
               policy: CachePolicy | None = None, reference: Plan | None = None,
               progress: bool | ProgressFn = False, chunk_elements: int | None = None,
@@ -301,9 +311,11 @@ def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=(KI
       strings, or token ids `(n, seq_len)` (then `tokenizer` may be None). Default: the bundled Emma.
     - `metric`: `mse`, `score`, `output` or `fisher` (see `rateq.calibrate.metrics`); the default is the one
       that best predicts measured ΔNLL of mixed plans.
-    - `n_samples` × `seq_len` tokens (default 8 × 1024 from text), windows drawn with `seed`; `batch_size`
+    - `n_samples` × `seq_len` tokens (default 2 × 1024 from text), windows drawn with `seed`; `batch_size`
       sequences per forward.
-    - `policy`: which positions the runtime stores quantized (sinks, residual window, key blocks).
+    - `quantizers`: candidate `QuantSpec`s or ids (default `DEFAULT_QUANTIZERS`); `bits`: candidate code widths.
+    - `policy`: which positions the runtime stores quantized (sinks, residual window, key blocks); default: no
+      residual window, key blocks that hold whole key groups of every quantizer (`CachePolicy.for_quantizers`).
     - `reference`: measure every unit with the rest of the model running under this plan.
     - `progress`: True for a rich bar on stderr, or a callable receiving event dicts (`event` = `start`,
       `batch`, `warning`; `tokens`, `total`, `seconds`, `message`).

@@ -1,7 +1,7 @@
 """`RateQCache`: a transformers `Cache` that stores every KV head at the bits a `Plan` gives it.
 
 ```python
-cache = rateq.RateQCache(plan, model.config)          # policy: plan.policy unless given
+cache = rateq.RateQCache(plan, model)                 # or (plan, model.config) when no key is stored pre-RoPE
 model.generate(**inputs, past_key_values=cache)
 cache.nbytes()                                        # bytes its tensors hold right now
 ```
@@ -21,8 +21,8 @@ from ..errors import RateQError
 from ..models import fingerprint, head_dim_of, text_config
 from ..plan import Plan
 from ..policy import CachePolicy
-from .layer import CROP_HINT, RateQLayer, RateQSlidingLayer
 from ..quant.spec import FULL_PRECISION_BITS
+from .layer import CROP_HINT, RateQLayer, RateQSlidingLayer
 from .store import check_plan_specs
 
 _SLIDING = ("sliding_attention", "chunked_attention")
@@ -53,15 +53,22 @@ def rotary_of(model):
 class RateQCache(Cache):
     """A per-head mixed-precision packed KV cache (see module docstring).
 
+    `config` is the model's config, or the model itself (then pre-RoPE key quantizers get its rotary tables;
+    with a config alone, pass `rotary=rateq.rotary_of(model)` for them).
+
     `policy` (residual window, key block, sinks) defaults to `plan.policy`. `device` is accepted for symmetry
     with other caches; tensors live where the model writes its keys and values.
     """
 
     def __init__(self, plan: Plan, config, *, policy: CachePolicy | None = None, device=None, rotary=None):
         policy = plan.policy if policy is None else policy
+        if isinstance(config, torch.nn.Module):  # a model: its config, and its rotary tables where needed
+            model, config = config, config.config
+            if rotary is None and _stores_prerope_keys(plan):
+                rotary = rotary_of(model)
         if rotary is None and _stores_prerope_keys(plan):
             raise RateQError("the plan quantizes keys before RoPE: the cache needs the model's rotary embedding, "
-                             "RateQCache(plan, model.config, rotary=rateq.runtime.rotary_of(model))")
+                             "RateQCache(plan, model), or RateQCache(plan, model.config, rotary=rateq.rotary_of(model))")
         tc = text_config(config)
         got = fingerprint(config, name=plan.model.name)
         diff = plan.model.mismatches(got)

@@ -298,6 +298,12 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
 
     problem = Problem(curves=curves, weight=weight, slot_q=slot_q, slot_bits=slot_bits, slot_cost=slot_cost,
                       dist=dist, valid=valid, budget=budget, layer_budget=layer_budget,
-                      keys_at_least_values=bool(keys_at_least_values), policy=policy or CachePolicy())
+                      keys_at_least_values=bool(keys_at_least_values), policy=policy or _calibration_policy(curves))
     problem.check_feasible(budget=check_budget)
     return problem
+
+
+def _calibration_policy(curves: Curves) -> CachePolicy:
+    """The policy the curves were measured under (their quantizers' key groups fit its block)."""
+    d = curves.calibration.get("policy")
+    return CachePolicy.from_dict(d) if isinstance(d, dict) else CachePolicy.for_quantizers(curves.quantizers)
