@@ -147,7 +147,7 @@ def test_show_and_export_errors(monkeypatch, capsys, tmp_path, profile_file):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--budget", "1.5"], "outside the feasible range [2.0000, 9.0000]"),
+    (["--budget", "1.0"], "outside the feasible range [1.2500, 9.0000]"),
     (["--budget", "2.5", "--metric", "psnr"], "unknown --metric"),
     (["--budget", "2.5", "--bits", "2,x"], "comma-separated integers"),
     (["--budget", "2.5", "--quantizers", "minmax-q7"], "cannot parse quantizer"),
@@ -165,13 +165,14 @@ def test_calibrate_checks_inputs_before_loading_the_model(monkeypatch, capsys, t
 @pytest.mark.slow
 def test_calibrate_end_to_end_on_the_default_model(tmp_path, smol):
     out = tmp_path / "smol.safetensors"
-    res = runner.invoke(app, ["calibrate", "--budget", "3.0", "--n-samples", "1", "--seq-len", "64",
+    res = runner.invoke(app, ["calibrate", "--budget", "3.0", "--n-samples", "1", "--seq-len", "128",
                               "--metric", "output", "--bits", "2,3,4", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     plan = rateq.load_profile(out, model=smol[0])  # the fingerprint matches the model it was made from
     assert doc["curves"] == str(tmp_path / "smol.curves.safetensors")
     curves = rateq.Curves.load(doc["curves"])
-    assert curves.shape == (30, 3, 2, 1, 3) and curves.calibration["tokens"] == 64
+    assert curves.shape == (30, 3, 2, 5, 3) and curves.calibration["tokens"] == 128  # the default quantizers
+    assert plan.policy.block == 128  # a key block that holds the 128-token key groups
     assert plan.effective_bits <= 3.0 and plan.model.name == "smollm2-135m"
     assert plan.calibration["data"] == "austen-emma" and plan.calibration["metric"] == "output"
