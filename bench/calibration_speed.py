@@ -63,8 +63,14 @@ def main():
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--metric", default=DEFAULT_METRIC, help=f"one of {', '.join(METRICS)}, or 'all'")
     ap.add_argument("--reference", default=None, help="measure around a uniform plan, e.g. K2V2")
+    ap.add_argument("--quantizers", default="minmax-g32-fp16",
+                    help="candidate quantizer ids, comma-separated, or 'default' (rateq's DEFAULT_QUANTIZERS)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    from rateq.calibrate import DEFAULT_QUANTIZERS
+
+    specs = [rateq.parse_spec(q) for q in (DEFAULT_QUANTIZERS if args.quantizers == "default"
+                                           else args.quantizers.split(","))]
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
@@ -87,7 +93,7 @@ def main():
     # Warm-up: first-call costs (allocator, kernels, lazy imports) belong to neither side.
     warm = ids[:1, : min(args.seq_len, 256)]
     plain_pass(model, warm, 1, backward=True)
-    calibrate_metrics(model, None, warm, metrics=("fisher",), batch_size=1)
+    calibrate_metrics(model, None, warm, metrics=("fisher",), batch_size=1, quantizers=specs)
 
     for metric in metrics:
         backward = metric == "fisher"
@@ -96,7 +102,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         curves = calibrate_metrics(model, None, ids, metrics=(metric,), batch_size=args.batch_size,
-                                   reference=reference)[metric]
+                                   reference=reference, quantizers=specs)[metric]
         sync(args.device)
         cal = time.perf_counter() - t0
         base2 = plain_pass(model, ids, args.batch_size, backward)  # again after: load on a shared machine drifts
@@ -107,7 +113,7 @@ def main():
         what = "forward+backward" if backward else "forward"
         print(f"{metric:7s} {tokens} tokens: calibrate {cal:8.2f} s ({tokens / cal:,.0f} tok/s) | plain {what} "
               f"{base:8.2f} s ({tokens / base:,.0f} tok/s) | ratio {cal / base:.2f}x "
-              f"(target <= 3x){peak}; curves {tuple(curves.shape)}")
+              f"(target <= 3x){peak}; curves {tuple(curves.shape)} ({len(specs)} quantizers)")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def main():
             curves.update({m + suffix: rateq.Curves.load(f) for m, f in files.items()})
             return
         t0 = time.perf_counter()
-        got = calibrate_metrics(model, tok, calib, metrics=names, reference=reference, progress=True)
+        got = calibrate_metrics(model, tok, calib, metrics=names, reference=reference, quantizers=[rateq.KIVI],
+                                progress=True)
         extra = f" (NLL under {suffix[1:]}: {got['fisher'].calibration['nll']:.4f})" if "fisher" in got and suffix else ""
         print(f"calibrated {','.join(names)}{' around ' + suffix[1:] if suffix else ''} on {calib.numel()} tokens "
               f"in {time.perf_counter() - t0:.1f} s{extra}")
