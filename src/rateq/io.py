@@ -22,6 +22,9 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     os.close(fd)
     try:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (mkstemp makes it private)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

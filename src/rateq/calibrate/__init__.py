@@ -172,9 +172,10 @@ def _check_quantizers(quantizers, policy: CachePolicy, head_dim: int) -> list[Qu
         if q.axis_for("k") == "tokens" and policy.block % q.group_size:
             raise RateQError(f"key block {policy.block} is not a multiple of quantizer {q.id}'s group "
                              f"{q.group_size}; use CachePolicy(block=…) a multiple of it")
-        if not (holds_role(q, "k", head_dim) or holds_role(q, "v", head_dim)):
-            raise RateQError(f"quantizer {q.id} can hold neither keys nor values of head_dim {head_dim}: its groups of "
-                             f"{q.group_size} channels do not divide it")
+    for role, name in (("k", "keys"), ("v", "values")):
+        if not any(holds_role(q, role, head_dim) for q in specs):
+            raise RateQError(f"no quantizer of {', '.join(q.id for q in specs)} can hold the {name} of head_dim "
+                             f"{head_dim} (channel groups must divide it; values need groups along channels)")
     return specs
 
 
