@@ -26,7 +26,7 @@ import torch
 from ..errors import RateQError
 from ..quant.affine import from_groups, quantize_groups, storage_dtype, to_groups
 from ..quant.codec import codec_for
-from ..quant.pack import pack, packed_nbytes, unpack
+from ..quant.pack import pack, packed_nbytes
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
 from .codes import RowPackedCodes, unpack_codes
 
@@ -272,12 +272,12 @@ class CodecBucket(Bucket):
         D = self.head_dim
         parts: dict = {}
         if "codes" in self.parts:
-            parts["codes"] = unpack(self.parts["codes"], self.base, D)
+            parts["codes"] = unpack_codes(self.parts["codes"], self.base, D)
         for name in ("scale", "norm", "rnorm"):
             if name in self.parts:
                 parts[name] = self.parts[name].to(torch.float32)
         if "qjl" in self.parts:
-            parts["qjl"] = unpack(self.parts["qjl"], 1, D)
+            parts["qjl"] = unpack_codes(self.parts["qjl"], 1, D)
         zero = self.parts.get("zero")
         if isinstance(zero, RowPackedCodes):
             parts["zero"] = zero.unpack().to(torch.float32)
