@@ -124,11 +124,11 @@ def plot_bit_map(plan, path: Path, *, title: str = "") -> Path:
     k, v = plan.k_bits.numpy(), plan.v_bits.numpy()
     lo, hi = int(min(k.min(), v.min())), int(max(k.max(), v.max()))
     L, H = k.shape
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 0.5 * H * 2, 1.5 + 0.18 * L), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 2.2 + 0.5 * H * 2), 1.8 + 0.18 * L), sharey=True)
     for ax, data, role in zip(axes, (k, v), ("K", "V")):
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
         qids = (plan.k_quantizer if role == "K" else plan.v_quantizer).flatten().tolist()
-        mix = ", ".join(f"{plan.quantizers[q].id} ×{qids.count(q)}" for q in sorted(set(qids)))
+        mix = "\n".join(f"{plan.quantizers[q].id} ×{qids.count(q)}" for q in sorted(set(qids)))
         ax.set_title(f"{role}: mean {data.mean():.2f} bits\n{mix}", fontsize=8)
         ax.set_xlabel("KV head")
         ax.set_xticks(range(H))
