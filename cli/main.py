@@ -6,6 +6,7 @@ import os
 import sys
 
 import typer
+from rich.text import Text
 
 import rateq
 from rateq.errors import RateQError
@@ -62,7 +63,8 @@ def main() -> None:
     except RateQError as exc:
         if os.environ.get("RATEQ_DEBUG") == "1":
             raise
-        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True, markup=True)
+        # The message is plain text (it may quote brackets, e.g. hf:NAME[/CONFIG]): never parsed as markup.
+        err_console.print(Text.assemble(("error:", "red"), f" {exc}"), soft_wrap=True)
         sys.exit(2)
 
 
