@@ -35,7 +35,7 @@ def synthetic_rotary(head_dim: int, theta: float = 10000.0):
     """Standard RoPE tables for pre-RoPE keys (memory does not depend on the angles)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
-    def tables(like, position_ids):
+    def tables(like, position_ids, layer):
         ang = position_ids[..., None].to(torch.float32) * inv.to(like.device)
         emb = torch.cat([ang, ang], -1)
         return emb.cos().to(like.dtype), emb.sin().to(like.dtype)

@@ -49,6 +49,12 @@ def attention_hook(model, fn: Callable):
             c._attn_implementation = s
 
 
+def forward_attention_mask(args: tuple, kwargs: dict):
+    """The `attention_mask` a causal LM's forward was called with (keyword, or second positional argument)."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    return mask if isinstance(mask, torch.Tensor) else None
+
+
 def plain_attention(module, query, key, value, attention_mask, **kwargs):
     """The reference attention rateq wraps: transformers' SDPA path (handles GQA, masks, sliding windows)."""
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

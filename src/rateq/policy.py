@@ -74,3 +74,19 @@ class CachePolicy:
         kmask = (j[None, :] >= self.sinks) & (j[None, :] < kend[:, None])
         vmask = (j[None, :] >= self.sinks) & (j[None, :] < vend[:, None])
         return kmask, vmask
+
+
+def left_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Leading padding tokens per row `(B,)` of a 2-D attention mask (1 = token, 0 = padding); None when no row is
+    padded (or the mask is not 2-D). Rows must be left-padded, as `generate` pads them; a row whose padding
+    comes after its tokens is refused, since its cached tokens would depend on where the padding sits."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    real = attention_mask != 0
+    if bool(real.all()):
+        return None
+    pad = (~real).to(torch.int32).cumprod(dim=1).sum(dim=1)
+    if not torch.equal(real.sum(dim=1), real.shape[1] - pad):
+        raise RateQError("the attention mask pads some row after its tokens; rateq's cache and one-pass evaluation "
+                         "take left padding only (tokenizer.padding_side = 'left', as for generate)")
+    return pad.to("cpu", torch.long)

@@ -12,7 +12,7 @@ import rateq
 from rateq import CachePolicy, Plan, QuantSpec, RateQError, parse_spec
 from rateq.hooks import attention_hook, plain_attention
 from rateq.quant import fake_quantize, hadamard, lloydmax, qjl
-from rateq.quant.rope import apply_rope, capture_rope, invert_rope, rotary_tables
+from rateq.quant.rope import apply_rope, capture_rope, invert_rope, model_rotary
 
 
 def gauss(shape, seed=0):
@@ -247,7 +247,7 @@ def test_captured_tables_recover_the_pre_rope_keys(tiny, arch):
         torch.testing.assert_close(invert_rope(key, tables.for_layer(layer)), p, atol=2e-5, rtol=1e-5)
         assert not torch.allclose(key, p, atol=1e-3)  # RoPE really rotated them
         # a runtime recomputes the same tables for any positions from the model's rotary module
-        cos, sin = rotary_tables(model, layer, torch.arange(8, 24))
+        cos, sin = model_rotary(model)(key, torch.arange(8, 24)[None], layer)
         torch.testing.assert_close(cos, tables[layer][0][:1, 8:24])
         torch.testing.assert_close(sin, tables[layer][1][:1, 8:24])
 

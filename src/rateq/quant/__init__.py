@@ -15,11 +15,11 @@ from .affine import (
 )
 from .codec import Codec, codec_for, decode, encode
 from .pack import pack, packed_nbytes, unpack
-from .rope import apply_rope, capture_rope, invert_rope, rotary_tables
+from .rope import apply_rope, capture_rope, invert_rope, model_rotary
 from .spec import FULL_PRECISION_BITS, KIVI, QuantSpec, parse_spec
 
 __all__ = [
-    "Codec", "codec_for", "encode", "decode", "apply_rope", "capture_rope", "invert_rope", "rotary_tables",
+    "Codec", "codec_for", "encode", "decode", "apply_rope", "capture_rope", "invert_rope", "model_rotary",
     "FULL_PRECISION_BITS", "KIVI", "QuantSpec", "QuantizedGroups", "dequantize_groups", "fake_quantize",
     "fake_quantize_multi", "from_groups", "pack", "packed_nbytes", "parse_spec", "quantize_groups", "sqnr_db",
     "storage_dtype", "to_groups", "unpack",

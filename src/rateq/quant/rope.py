@@ -14,12 +14,13 @@ transformers models; interleaved or partial rotary layouts are refused.
 `capture_rope(model)` records each attention module's cos/sin as it runs (a forward pre-hook), which is where
 the one-pass evaluation gets them: it sees the positions the model really used, whatever they are. A cache
 that stores pre-RoPE keys and re-rotates its history at every step gets the tables of any positions from the
-model's own rotary module with `rotary_tables(model, layer, positions)`.
+model's own rotary module with `model_rotary(model)`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 
 import torch
@@ -65,6 +66,21 @@ def slice_rope(rope: Rope, start: int, end: int) -> Rope:
     return cos[..., start:end, :], sin[..., start:end, :]
 
 
+# Set while a transform runs on some rows of a batch from some position on (left-padded rows are quantized
+# from their first real token): `RopeTables.for_layer` then returns those rows' tables from that position.
+_ROW_VIEW: contextvars.ContextVar = contextvars.ContextVar("rateq_rope_row_view", default=None)
+
+
+@contextlib.contextmanager
+def row_view(rows: torch.Tensor, start: int):
+    """Inside the block, `RopeTables.for_layer` gives the tables of batch rows `rows` from position `start` on."""
+    token = _ROW_VIEW.set((rows, start))
+    try:
+        yield
+    finally:
+        _ROW_VIEW.reset(token)
+
+
 class RopeTables(dict):
     """layer index → `(cos, sin)` of that layer's latest forward."""
 
@@ -72,7 +88,14 @@ class RopeTables(dict):
         if self.get(layer) is None:
             raise RateQError(f"layer {layer}'s attention received no rotary tables (position_embeddings); "
                              "pre-RoPE keys are not supported for this architecture — use prerope=False")
-        return self[layer]
+        cos, sin = self[layer]
+        view = _ROW_VIEW.get()
+        if view is not None:
+            rows, start = view
+            if cos.dim() == 3 and cos.shape[0] > 1:
+                cos, sin = cos[rows.to(cos.device)], sin[rows.to(sin.device)]
+            cos, sin = cos[..., start:, :], sin[..., start:, :]
+        return cos, sin
 
 
 def _attention_modules(model):
@@ -101,17 +124,27 @@ def capture_rope(model):
             h.remove()
 
 
-def rotary_tables(model, layer: int, positions: torch.Tensor, dtype=torch.float32) -> Rope:
-    """`(cos, sin)` `(1, T, D)` of `positions` for `layer`, computed by the model's rotary module (per layer type
-    where the architecture has several, as Gemma 3's local and global layers)."""
-    rot = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
-    attn = next((m for m in _attention_modules(model) if m.layer_idx == layer), None)
-    if rot is None or attn is None:
-        raise RateQError("found no rotary module (`rotary_emb`) or no attention module for layer "
-                         f"{layer}: pre-RoPE keys are not supported for this architecture — use prerope=False")
-    device = next(model.parameters()).device
-    pos = positions.reshape(1, -1).to(device)
-    x = torch.zeros(1, dtype=dtype, device=device)  # only its device and dtype are read
-    if "layer_type" in inspect.signature(rot.forward).parameters:
-        return rot(x, pos, getattr(attn, "layer_type", None))
-    return rot(x, pos)
+def model_rotary(model):
+    """The model's rotary embedding as `rotary(like, position_ids, layer) -> (cos, sin)`, for pre-RoPE keys.
+
+    `position_ids` is `(1, T)` or `(B, T)`; the tables come back `(·, T, D)` in `like`'s dtype, computed by the
+    model's own rotary module (`…rotary_emb`), with the layer's type where the architecture keeps one table per
+    type (Gemma 3's local and global RoPE) — exactly the tables the model applies to that layer's keys."""
+    rot = [m for name, m in model.named_modules() if name == "rotary_emb" or name.endswith(".rotary_emb")]
+    if len(rot) != 1:
+        raise RateQError(f"pre-RoPE keys need the model's rotary module (`rotary_emb`); {type(model).__name__} has "
+                         f"{len(rot)}: use quantizers without 'prerope' for this model")
+    rot = rot[0]
+    typed = "layer_type" in inspect.signature(rot.forward).parameters
+    layer_types = {m.layer_idx: getattr(m, "layer_type", None) for m in _attention_modules(model)}
+    if typed and any(t is None for t in layer_types.values()):
+        raise RateQError(f"{type(model).__name__}'s rotary tables depend on a layer type its attention modules do "
+                         "not name: use quantizers without 'prerope' for this model")
+
+    def tables(like: torch.Tensor, position_ids: torch.Tensor, layer: int) -> Rope:
+        pos = position_ids.to(like.device)
+        if typed:
+            return rot(like, pos, layer_types[layer])
+        return rot(like, pos)
+
+    return tables

@@ -18,9 +18,11 @@ import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from ..errors import RateQError
+from ..hooks import forward_attention_mask
 from ..models import fingerprint, head_dim_of, text_config
 from ..plan import Plan
-from ..policy import CachePolicy
+from ..policy import CachePolicy, left_padding
+from ..quant.rope import model_rotary
 from ..quant.spec import FULL_PRECISION_BITS
 from .layer import CROP_HINT, RateQLayer, RateQSlidingLayer
 from .store import check_plan_specs
@@ -34,27 +36,30 @@ def _stores_prerope_keys(plan: Plan) -> bool:
 
 
 def rotary_of(model):
-    """The model's rotary embedding as `rotary(like, position_ids) -> (cos, sin)`, for pre-RoPE key quantizers.
+    """The model's rotary embedding as `rotary(like, position_ids, layer) -> (cos, sin)`, for pre-RoPE key
+    quantizers (each layer gets its own type's tables, e.g. Gemma 3's local and global RoPE)."""
+    return model_rotary(model)
 
-    Refused for models whose layers use different rotary tables (e.g. Gemma 3's local and global RoPE)."""
-    found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
-    if len(found) != 1:
-        raise RateQError(f"pre-RoPE keys need one rotary embedding shared by every layer; {type(model).__name__} "
-                         f"has {len(found)}: use quantizers without 'prerope' for this model")
-    rotary = found[0]
 
-    def tables(like: torch.Tensor, position_ids: torch.Tensor):
-        cos, sin = rotary(like, position_ids)
-        return cos, sin
+def _padding_hook(module, args, kwargs):
+    """Before a forward that writes into an empty RateQCache: tell it which leading tokens are padding."""
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, RateQCache) and cache.get_seq_length() == 0:
+        cache.set_padding(forward_attention_mask(args, kwargs), kwargs.get("position_ids"))
 
-    return tables
+
+def _watch_padding(model) -> None:
+    if getattr(model, "_rateq_padding_hook", None) is None:
+        model._rateq_padding_hook = model.register_forward_pre_hook(_padding_hook, with_kwargs=True)
 
 
 class RateQCache(Cache):
     """A per-head mixed-precision packed KV cache (see module docstring).
 
-    `config` is the model's config, or the model itself (then pre-RoPE key quantizers get its rotary tables;
-    with a config alone, pass `rotary=rateq.rotary_of(model)` for them).
+    `config` is the model's config, or the model itself: then pre-RoPE key quantizers get its rotary tables, and
+    every forward that starts the cache tells it which rows are left-padded (from its `attention_mask`), so that
+    each row is stored exactly as it would be alone. With a config alone, pass `rotary=rateq.rotary_of(model)`
+    for pre-RoPE keys, and call `cache.set_padding(attention_mask)` before the first forward of a padded batch.
 
     `policy` (residual window, key block, sinks) defaults to `plan.policy`. `device` is accepted for symmetry
     with other caches; tensors live where the model writes its keys and values.
@@ -66,6 +71,7 @@ class RateQCache(Cache):
             model, config = config, config.config
             if rotary is None and _stores_prerope_keys(plan):
                 rotary = rotary_of(model)
+            _watch_padding(model)
         if rotary is None and _stores_prerope_keys(plan):
             raise RateQError("the plan quantizes keys before RoPE: the cache needs the model's rotary embedding, "
                              "RateQCache(plan, model), or RateQCache(plan, model.config, rotary=rateq.rotary_of(model))")
@@ -99,6 +105,24 @@ class RateQCache(Cache):
 
     def __repr__(self):
         return f"RateQCache({self.plan.model.name}, {len(self.layers)} layers, {self.get_seq_length()} tokens)"
+
+    def set_padding(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> None:
+        """Before the first forward: the 2-D `attention_mask` of the batch (0 = padding, on the left). Padding is
+        never stored, and each row's key blocks, sinks and residual window count from its first real token.
+        `position_ids` (as `generate` passes them) give the model's position of that token for pre-RoPE keys;
+        without them it is the token's index, as the model's default positions are."""
+        if self.get_seq_length() > 0:
+            raise RateQError("set_padding is for an empty cache: call it before the first forward (or reset())")
+        pad = left_padding(attention_mask)
+        shift = None
+        if pad is not None:
+            if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[0] == pad.numel():
+                first = pad.clamp(max=position_ids.shape[1] - 1).to(position_ids.device)
+                shift = position_ids.gather(1, first[:, None])[:, 0]
+            else:
+                shift = pad.clone()
+        for layer in self.layers:
+            layer.set_padding(pad, shift)
 
     # -- whole-cache operations: check every layer first, then act -------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:

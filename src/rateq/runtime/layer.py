@@ -63,6 +63,7 @@ class RateQLayer(DynamicLayer):
         self.cumulative_length = 0
         self._k = _Role(RoleStore("k", k_bits, k_quantizer, quantizers, head_dim, layer_idx, rotary))
         self._v = _Role(RoleStore("v", v_bits, v_quantizer, quantizers, head_dim, layer_idx))
+        self._pad: torch.Tensor | None = None  # (B,) leading padding tokens per row; None: no row is padded
         self._reset_positions()
 
     def __repr__(self):
@@ -73,6 +74,29 @@ class RateQLayer(DynamicLayer):
         for role in (self._k, self._v):
             role.q_start = role.q_end = S
             role.start = 0
+        self._pad = None
+        self._pmin = self._pmax = 0
+
+    # -- padding ------------------------------------------------------------------------------------------
+    def set_padding(self, pad: torch.Tensor | None, shift: torch.Tensor | None = None) -> None:
+        """Before the first token: row b's first `pad[b]` tokens are padding, and `shift[b]` is the model's position
+        of its first real token (pre-RoPE keys). Each row is then stored exactly as it would be alone."""
+        if self.is_initialized:
+            raise RateQError("internal: padding is set before the first token is cached")
+        self._pad = None if pad is None else pad.to("cpu", torch.long)
+        self._k.store.position_shift = None if shift is None else shift.to(torch.long)
+        self._spread()
+
+    def _spread(self) -> None:
+        pad = self._pad
+        if pad is None or pad.numel() == 0:
+            self._pad, self._pmin, self._pmax = None, 0, 0
+        else:
+            self._pmin, self._pmax = int(pad.min()), int(pad.max())
+
+    def _lengths(self, n: int) -> tuple[int, int]:
+        """Tokens of the shortest and longest row once `n` positions are written (padding excluded)."""
+        return max(0, n - self._pmax), max(0, n - self._pmin)
 
     # -- transformers' layer interface --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -82,6 +106,8 @@ class RateQLayer(DynamicLayer):
                 f"layer {self.layer_idx}: the model writes {H} KV heads of dim {D} but the plan has "
                 f"{self.num_heads} heads of dim {self.head_dim}; load the profile made for this model"
             )
+        if self._pad is not None and self._pad.numel() != B:
+            raise RateQError(f"the attention mask has {self._pad.numel()} rows but the model writes a batch of {B}")
         self.dtype, self.device = key_states.dtype, key_states.device
         for role, x in ((self._k, key_states), (self._v, value_states)):
             empty = x.new_empty(B, H, 0, D)
@@ -95,24 +121,66 @@ class RateQLayer(DynamicLayer):
         n0 = self.cumulative_length
         n = n0 + key_states.shape[-2]
         self.cumulative_length = n
+        for role, x in ((self._k, key_states), (self._v, value_states)):
+            self._write(role, x, n0, n)
+        self._settle()
+        first = self._first_returned(n0)
+        keys = self._dense(self._k, first, self.policy.quantized_keys)
+        values = self._dense(self._v, first, self.policy.quantized_values)
+        self._forget(n)  # after building the output: this call's queries may still see what goes now
+        return keys, values
+
+    def _write(self, role: _Role, x: torch.Tensor, n0: int, n: int) -> None:
+        """Append the tokens of absolute positions `[n0, n)` to the sinks and the tail, in each row's own
+        positions (0 = its first real token): padding is never stored."""
         S = self.policy.sinks
-        for role, x, target in ((self._k, key_states, self.policy.quantized_keys(n)),
-                                (self._v, value_states, self.policy.quantized_values(n))):
-            if n0 < S:  # the first S tokens go to the sinks and stay there in full precision
-                m = min(S, n) - n0
+        t = x.shape[2]
+        if self._pmin == self._pmax:  # every row alike (unpadded batches): one slice for all
+            p = self._pmin
+            x = x[:, :, min(t, max(0, p - n0)):]
+            r0 = max(0, n0 - p)
+            if r0 < S:
+                m = min(S - r0, x.shape[2])
                 role.sink = torch.cat([role.sink, x[:, :, :m]], dim=-2)
                 x = x[:, :, m:]
             role.tail = torch.cat([role.tail, x], dim=-2)
+            return
+        # Rows differ: grow the sinks and the tail to the longest row, then copy each row's new tokens in place.
+        _, longest = self._lengths(n)
+        if role.start == 0:
+            role.sink = _grow(role.sink, min(S, longest))
+        role.tail = _grow(role.tail, max(0, longest - role.q_end))
+        for b, p in enumerate(self._pad.tolist()):
+            lo, hi = max(0, n0 - p), n - p
+            if hi <= lo:
+                continue
+            src = x[b, :, t - (hi - lo):]
+            if lo < S:
+                m = min(S, hi) - lo
+                role.sink[b, :, lo:lo + m] = src[:, :m]
+                src, lo = src[:, m:], lo + m
+            if hi > lo:
+                role.tail[b, :, lo - role.q_end:hi - role.q_end] = src
+
+    def _settle(self) -> None:
+        """Quantize the front of each tail up to what the policy stores for the shortest row, and hold no
+        position beyond the longest row."""
+        n = self.cumulative_length
+        shortest, longest = self._lengths(n)
+        for role, target in ((self._k, self.policy.quantized_keys(shortest)),
+                             (self._v, self.policy.quantized_values(shortest))):
+            if role.sink is None:
+                continue
+            if role.sink.shape[2] > longest:
+                role.sink = role.sink[:, :, :longest].clone()
+            if role.tail.shape[2] > max(0, longest - role.q_end):
+                role.tail = role.tail[:, :, :max(0, longest - role.q_end)].clone()
             if target > role.q_end:
                 m = target - role.q_end
                 role.store.append(role.tail[:, :, :m], role.q_end)
                 # A copy, so that the quantized tokens' full-precision memory is really given back.
                 role.tail = role.tail[:, :, m:].clone()
                 role.q_end = target
-        first = self._first_returned(n0)
-        keys, values = self._dense(self._k, first), self._dense(self._v, first)
-        self._forget(n)  # after building the output: this call's queries may still see what goes now
-        return keys, values
 
     def _forget(self, n: int) -> None:
         """Drop what no later query can attend to (sliding layers only)."""
@@ -120,18 +188,41 @@ class RateQLayer(DynamicLayer):
     def _first_returned(self, n0: int) -> int:
         return 0
 
-    def _dense(self, role: _Role, first: int) -> torch.Tensor:
-        """Positions `[first, n)` of a role, dense in the model's dtype: sinks + dequantized history + tail."""
+    def _dense(self, role: _Role, first: int, stored_end) -> torch.Tensor:
+        """Absolute positions `[first, n)` of a role, dense in the model's dtype: sinks + dequantized history +
+        tail; padding positions are zeros (the attention mask hides them)."""
         sink, tail, Tq = role.sink, role.tail, role.store.length
         s = sink.shape[2]
         B, H, _, D = tail.shape
-        out = torch.empty(B, H, s + Tq + tail.shape[2], D, dtype=self.dtype, device=tail.device)
+        held = torch.empty(B, H, s + Tq + tail.shape[2], D, dtype=self.dtype, device=tail.device)
         if s:
-            out[:, :, :s] = sink
-        role.store.decode_into(out[:, :, s:s + Tq])
-        out[:, :, s + Tq:] = tail
-        lead = first - role.start  # held positions before what this call returns (sliding layers)
-        return out[:, :, lead:] if lead else out
+            held[:, :, :s] = sink
+        role.store.decode_into(held[:, :, s:s + Tq])
+        held[:, :, s + Tq:] = tail
+        n = self.cumulative_length
+        if self._pmin != self._pmax:
+            # A row longer than the shortest sees in stored form what it would have stored alone: the front of
+            # the shared tail, quantized on the fly by the store's own code (so with the same bits).
+            end = stored_end(n - self._pmin)
+            if end > role.q_end:
+                lag = role.store.roundtrip(tail[:, :, :end - role.q_end], role.q_end)
+                at = s + Tq
+                for b, p in enumerate(self._pad.tolist()):
+                    e = stored_end(n - p) - role.q_end
+                    if e > 0:
+                        held[b, :, at:at + e] = lag[b, :, :e]
+        # `held` covers each row's positions [start, its length); the output is aligned to absolute positions.
+        if self._pmin == self._pmax:
+            lead = first - self._pmin - role.start
+            if lead >= 0:
+                return held[:, :, lead:] if lead else held
+            return torch.cat([held.new_zeros(B, H, -lead, D), held], dim=-2)
+        out = held.new_zeros(B, H, n - first, D)
+        for b, p in enumerate(self._pad.tolist()):
+            lo = max(first, p)
+            if n > lo:
+                out[b, :, lo - first:] = held[b, :, lo - p - role.start:n - p - role.start]
+        return out
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cumulative_length + query_length, 0
@@ -164,15 +255,15 @@ class RateQLayer(DynamicLayer):
         they are quantized here, their full-precision values are gone."""
         if tokens_to_remove <= 0 or not self.is_initialized:
             return None
-        n = self.cumulative_length
-        n_new = max(0, n - tokens_to_remove)
-        for name, role, target in (("keys", self._k, self.policy.quantized_keys(n_new)),
-                                   ("values", self._v, self.policy.quantized_values(n_new))):
+        n_new = max(0, self.cumulative_length - tokens_to_remove)
+        shortest, longest = self._lengths(n_new)
+        for name, role, target in (("keys", self._k, self.policy.quantized_keys(shortest)),
+                                   ("values", self._v, self.policy.quantized_values(shortest))):
             if role.start > 0:
                 return (f"layer {self.layer_idx} is a sliding-window layer that has already dropped tokens older "
                         f"than its window")
-            # A fresh cache would hold [target, n_new) in full precision; we hold full precision from q_end on.
-            if target != role.q_end and target < n_new:
+            # A fresh cache would hold [target, ·) in full precision; we hold full precision from q_end on.
+            if target != role.q_end and target < longest:
                 return (f"layer {self.layer_idx} {name} at positions [{target}, {role.q_end}) are already stored "
                         f"quantized, and a fresh cache of {n_new} tokens would hold them in full precision")
         return None
@@ -189,17 +280,20 @@ class RateQLayer(DynamicLayer):
         if problem:
             raise RateQError(f"cannot crop {k} tokens: {problem}. {CROP_HINT}")
         n_new = max(0, self.cumulative_length - k)
-        S = self.policy.sinks
-        for role, target in ((self._k, self.policy.quantized_keys(n_new)),
-                             (self._v, self.policy.quantized_values(n_new))):
-            role.sink = role.sink[:, :, :min(S, n_new)].clone()
+        shortest, longest = self._lengths(n_new)
+        for role, target in ((self._k, self.policy.quantized_keys(shortest)),
+                             (self._v, self.policy.quantized_values(shortest))):
             if target < role.q_end:  # everything after `target` is dropped: nothing left in full precision
                 role.store.keep(0, max(0, target - role.q_start))
                 role.q_end = target
                 role.tail = role.tail[:, :, :0].clone()
-            else:
-                role.tail = role.tail[:, :, :max(0, n_new - role.q_end)].clone()
+            if self._pad is not None:  # rows keep their own positions below their new length only
+                for b, p in enumerate(self._pad.tolist()):
+                    keep = max(0, n_new - p)
+                    role.sink[b, :, keep:] = 0
+                    role.tail[b, :, max(0, keep - role.q_end):] = 0
         self.cumulative_length = n_new
+        self._settle()
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
@@ -207,6 +301,10 @@ class RateQLayer(DynamicLayer):
         for role in (self._k, self._v):
             role.sink, role.tail = fn(role.sink), fn(role.tail)
             role.store.map_batch(fn)
+        if self._pad is not None:
+            self._pad = fn(self._pad)
+            self._spread()
+            self._settle()  # the shortest row may be longer now: quantize what the policy stores for it
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the batch of everything held (packed codes, metadata, sinks, tails) alike."""
@@ -235,6 +333,13 @@ class RateQLayer(DynamicLayer):
                 for name, r in (("k", self._k), ("v", self._v))}
 
 
+def _grow(x: torch.Tensor, length: int) -> torch.Tensor:
+    """`x (B, H, T, D)` extended with zeros to `length` positions (unchanged when it already has them)."""
+    if x.shape[2] >= length:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:2], length - x.shape[2], x.shape[3])], dim=-2)
+
+
 CROP_HINT = ("A RateQCache can remove only tokens whose removal un-quantizes nothing: with residual=0, the tokens "
              "after the last complete key block; with a residual window R > 0, none once values have begun to "
              "leave the window (more than sinks + R tokens). Use CachePolicy(residual=0) for rollbacks "
@@ -255,7 +360,9 @@ class RateQSlidingLayer(RateQLayer):
         return max(n0 - self.sliding_window + 1, 0)
 
     def _forget(self, n: int) -> None:
-        lo = n - self.sliding_window + 1  # the next query (position n) sees [n - W + 1, n]
+        # The next query (position n) sees [n - W + 1, n]; in a row's own positions the earliest of these belongs
+        # to the most padded (shortest) row, and everything before it can go.
+        lo = self._lengths(n)[0] - self.sliding_window + 1
         S, G = self.policy.sinks, self.policy.block
         if lo <= S:
             return

@@ -21,6 +21,8 @@ one-pass fake-quant evaluation computes from the same inputs.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..errors import RateQError
@@ -224,7 +226,7 @@ class CodecBucket(Bucket):
         self.parts: dict[str, torch.Tensor | RowPackedCodes] = {}
         self.rows = 0
         self.prerope = self.spec.prerope and self.role == "k"
-        self.rotary = None  # (like, positions (1, t)) -> (cos, sin): set by the store for pre-RoPE keys
+        self.rotary = None  # (like, start, length) -> (cos, sin) of those rows: set by the store for pre-RoPE keys
         self.pos0 = 0  # absolute position of the first stored row (pre-RoPE keys re-rotate by position)
 
     def _rope(self, like: torch.Tensor, start: int, length: int):
@@ -232,9 +234,8 @@ class CodecBucket(Bucket):
             return None
         if self.rotary is None:
             raise RateQError(f"{self.spec.id} stores keys before RoPE and needs the model's rotary embedding: "
-                             "build the cache with RateQCache(plan, model.config, rotary=rateq.runtime.rotary_of(model))")
-        positions = torch.arange(start, start + length, device=like.device)[None]
-        return self.rotary(like, positions)
+                             "build the cache with RateQCache(plan, model)")
+        return self.rotary(like, start, length)
 
     def _block_rows(self, name: str) -> bool:
         return self.axis == "tokens" and name in ("scale", "zero")
@@ -336,11 +337,18 @@ class CodecBucket(Bucket):
 
 
 class RoleStore:
-    """The quantized history of one role of one layer: a handful of buckets covering all KV heads."""
+    """The quantized history of one role of one layer: a handful of buckets covering all KV heads.
+
+    Positions are a row's own (0 = its first real token). `rotary(like, position_ids, layer)` gives the model's
+    rotary tables (pre-RoPE keys only); `position_shift` `(B,)`, when set, is the model's position of each row's
+    first real token (left-padded batches whose position ids start at the padding)."""
 
     def __init__(self, role: str, bits: torch.Tensor, qids: torch.Tensor, quantizers: list[QuantSpec],
                  head_dim: int, layer: int, rotary=None):
         self.role = role
+        self.layer = layer
+        self.rotary = rotary
+        self.position_shift: torch.Tensor | None = None
         H = int(bits.numel())
         groups: dict[tuple[int, int], list[int]] = {}
         for hd, (b, q) in enumerate(zip(bits.tolist(), qids.tolist())):
@@ -352,9 +360,27 @@ class RoleStore:
                 _check_spec(spec, role, head_dim, layer)
             plain = b >= FULL_PRECISION_BITS or spec.is_uniform_plain
             self.buckets.append((Bucket if plain else CodecBucket)(b, spec, heads, role, H, head_dim))
-            if not plain:
-                self.buckets[-1].rotary = rotary
+            if not plain and rotary is not None:
+                self.buckets[-1].rotary = self._rope
         self.length = 0
+
+    def _rope(self, like: torch.Tensor, start: int, length: int):
+        """The model's `(cos, sin)` for positions `[start, start + length)` of every row."""
+        positions = torch.arange(start, start + length, device=like.device)[None]
+        if self.position_shift is not None:
+            positions = positions + self.position_shift.to(like.device)[:, None]
+        return self.rotary(like, positions, self.layer)
+
+    def roundtrip(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The stored form of `(B, H, t, D)` at positions `[start, start + t)` — what `append` then `decode_into`
+        would give — without storing anything (same code path, so the same bits)."""
+        out = torch.empty_like(x)
+        for bucket in self.buckets:
+            scratch = copy.copy(bucket)
+            scratch.clear()
+            scratch.append(bucket.select(x), start)
+            scratch.decode_into(out)
+        return out
 
     def append(self, x: torch.Tensor, start: int = 0) -> None:
         """Quantize and store `(B, H, t, D)` of positions `[start, start + t)` (keys: t a whole number of blocks)."""
@@ -375,11 +401,14 @@ class RoleStore:
     def map_batch(self, fn) -> None:
         for bucket in self.buckets:
             bucket.map_batch(fn)
+        if self.position_shift is not None:
+            self.position_shift = fn(self.position_shift)
 
     def clear(self) -> None:
         for bucket in self.buckets:
             bucket.clear()
         self.length = 0
+        self.position_shift = None
 
     def tensors(self) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {"codes": [], "metadata": []}
