@@ -7,12 +7,54 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import DeviceOpt, DtypeOpt, JsonOpt, console, emit_json, progress
+from ._common import (DeviceOpt, DtypeOpt, JsonOpt, ThreadsOpt, check_policy_options, console, emit_json, progress,
+                      use_threads)
 from .main import app
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+def _check_fits_runtime(plan, config, policy) -> None:
+    """What RateQCache refuses, checked from the config before the weights load."""
+    from rateq.errors import RateQError
+    from rateq.models import head_dim_of
+    from rateq.quant.spec import FULL_PRECISION_BITS
+    from rateq.runtime.store import check_plan_specs
+
+    used = set(zip(plan.k_bits.flatten().tolist(), plan.k_quantizer.flatten().tolist()))
+    for b, q in sorted(used):
+        spec = plan.quantizers[q]
+        if b < FULL_PRECISION_BITS and spec.axis_for("k") == "tokens" and policy.block % spec.group_size:
+            raise RateQError(f"key block {policy.block} is not a multiple of quantizer {spec.id}'s key groups of "
+                             f"{spec.group_size} tokens; give --block a multiple of {spec.group_size}, or leave it "
+                             f"out (the profile's is {plan.policy.block})")
+    head_dim = head_dim_of(config)
+    for layer in range(plan.num_layers):
+        for role in ("k", "v"):
+            check_plan_specs(plan.bits(role)[layer], plan.quantizer_ids(role)[layer], plan.quantizers, role,
+                             head_dim, layer, policy.block)
+
+
+def unquantized_note(result: dict) -> str | None:
+    """Why a short run holds more than a DynamicCache: keys are quantized a whole key block at a time."""
+    policy = result["policy"]
+    if result["quantized_key_tokens"]:
+        return None
+    window = f" beyond the {policy['residual']}-token residual window" if policy["residual"] else ""
+    sinks = f" (after {policy['sinks']} sink tokens)" if policy["sinks"] else ""
+    what = "nothing quantized yet" if not result["quantized_value_tokens"] else "no key quantized yet"
+    dense, fp16 = result["ratio_to_dynamic"], result["ratio_to_fp16"]
+    more = ""
+    if dense > 1 + 1e-9:
+        more = f", which is why the cache holds more than a {result['dtype']} DynamicCache"
+    elif dense >= 1 - 1e-9:
+        more = f", which is why the cache holds as much as a {result['dtype']} DynamicCache"
+    elif fp16 > 1:
+        more = ", which is why the cache holds more than an fp16 DynamicCache"
+    return (f"{what}: keys stay full precision ({result['dtype']}) until a whole key block of {policy['block']} "
+            f"tokens{sinks} has filled{window}, and only {result['tokens']} tokens are cached{more}")
 
 
 @app.command("apply")
@@ -31,26 +73,58 @@ def apply_command(
     sinks: Annotated[Optional[int], typer.Option("--sinks", help="Leading tokens kept in full precision (default: the profile's policy).")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run the model through a cache that holds each KV head packed at its planned bits: generate from
-    --prompt, or measure perplexity on --data (prefill, then token by token). Prints bytes held against an
-    fp16 DynamicCache holding the same tokens."""
+    --prompt, or measure perplexity on --data (prefill, then token by token). Prints bytes held against a
+    DynamicCache holding the same tokens in the model's dtype (fp32 on CPU) and in fp16. Keys are quantized a
+    whole key block at a time: until the first block fills (a short prompt), nothing of them is."""
     import dataclasses
 
     import rateq
     from rateq.errors import RateQError
+    from rateq.models import check_device, fingerprint, load_config, load_tokenizer, resolve_dtype
     from rateq.profile import load_profile
     from rateq.runtime.run import cache_perplexity, generate
 
+    # Everything that can be checked from the arguments, the profile and the model's config is checked before
+    # the weights load.
     if (prompt is None) == (data is None):
         raise RateQError("give exactly one of --prompt (generate) or --data (perplexity through the cache)")
+    if prompt is not None and not prompt.strip():
+        raise RateQError("--prompt is empty; give some text to continue")
+    for opt, v, least in (("--max-new-tokens", max_new_tokens, 1), ("--seq-len", seq_len, 2),
+                          ("--n-windows", n_windows, 1), ("--char-start", char_start, 0)):
+        if v < least:
+            raise RateQError(f"{opt} must be at least {least}, got {v}")
+    if prefill is not None and not 1 <= prefill <= seq_len:
+        raise RateQError(f"--prefill must be between 1 and --seq-len {seq_len}, got {prefill}")
+    check_policy_options(residual, block, sinks)
+    check_device(device)
+    resolve_dtype(dtype, device)
+    use_threads(threads)
     plan = load_profile(profile)
     name = model or plan.model.name
-    lm, tok = rateq.load_model(name, dtype=dtype, device=device)
-    plan = load_profile(profile, model=lm)  # refuses a model of another shape, naming each difference
     changes = {k: v for k, v in (("residual", residual), ("block", block), ("sinks", sinks)) if v is not None}
     policy = dataclasses.replace(plan.policy, **changes)
+    try:
+        config = load_config(name)  # fast: an unknown or unreachable model fails here
+    except RateQError as exc:
+        if model is not None:
+            raise
+        raise RateQError(f"{exc}. The profile names this model: give --model to run a local copy of it") from None
+    plan = load_profile(profile, model=fingerprint(config, name=name))  # names each difference of shape
+    _check_fits_runtime(plan, config, policy)
+    tok = load_tokenizer(name)
+    ids = None
+    if data is not None:
+        ids = rateq.text_windows(tok, data, n_windows, seq_len, seed=None, char_start=char_start)
+
+    with progress(not json_out) as bar:
+        bar.add_task(f"loading {name}", total=None, rate="")
+        lm, tok = rateq.load_model(name, dtype=dtype, device=device, tokenizer=tok)
+    plan = load_profile(profile, model=lm)  # refuses a model of another shape, naming each difference
     head = {"profile": str(profile), "model": name, "effective_bits": plan.effective_bits,
             "nominal_bits": plan.nominal_bits}
 
@@ -59,9 +133,6 @@ def apply_command(
             bar.add_task("generating", total=None, rate="")
             result = generate(lm, tok, plan, prompt, max_new_tokens=max_new_tokens, policy=policy)
     else:
-        if tok is None:
-            raise RateQError(f"model {name} has no tokenizer; --data needs one")
-        ids = rateq.text_windows(tok, data, n_windows, seq_len, seed=None, char_start=char_start)
         with progress(not json_out) as bar:
             task = bar.add_task("decoding", total=None, rate="")
 
@@ -71,8 +142,9 @@ def apply_command(
             result = cache_perplexity(lm, ids, plan, policy=policy, prefill=prefill, progress=step)
         result["data"] = data
     result = {**head, **result}
+    note = unquantized_note(result)
     if json_out:
-        emit_json(result)
+        emit_json({**result, "note": note} if note else result)
         return
     console.print(f"{name}: {plan.effective_bits:.3f} effective bits ({plan.nominal_bits:.3f} nominal), "
                   f"policy {policy.to_dict()}", markup=False)
@@ -83,8 +155,12 @@ def apply_command(
         console.print(f"perplexity through RateQCache: {result['ppl']:.3f} on {result['predictions']} predictions "
                       f"({result['sequences']} × {result['seq_len']} tokens of {data}, prefill {result['prefill']}, "
                       f"{result['seconds']:.1f} s)", markup=False)
+    dense = (f"a {result['dtype']} DynamicCache (the model's dtype) would hold {_mib(result['dynamic_nbytes'])}: "
+             f"{result['ratio_to_dynamic']:.3f}×; " if result["dtype"] != "float16" else "")
     console.print(
         f"cache holds {_mib(result['nbytes'])} for {result['tokens']} tokens "
         f"(codes {_mib(result['nbytes_codes'])}, metadata {_mib(result['nbytes_metadata'])}, "
-        f"full precision {_mib(result['nbytes_full_precision'])}); an fp16 DynamicCache would hold "
-        f"{_mib(result['fp16_dynamic_nbytes'])}: {result['ratio_to_fp16']:.3f}×", markup=False)
+        f"full precision {_mib(result['nbytes_full_precision'])}); {dense}an fp16 DynamicCache would hold "
+        f"{_mib(result['fp16_dynamic_nbytes'])}: {result['ratio_to_fp16']:.3f}×", markup=False, soft_wrap=True)
+    if note:
+        console.print(f"note: {note}", markup=False, soft_wrap=True)

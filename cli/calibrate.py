@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ._common import DataOpt, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, console, emit_json, progress
+from ._common import (DataOpt, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, ThreadsOpt, check_out, check_policy_options,
+                      console, emit_json, parse_specs, progress, use_threads)
 from .main import app
-from .solve import KeysOpt, MaxBitsOpt, MethodOpt, MinBitsOpt, check_out, parse_list
+from .solve import KeysOpt, MaxBitsOpt, MethodOpt, MinBitsOpt, parse_list
 
 
 def default_out(model: str, budget: float) -> Path:
@@ -27,11 +29,46 @@ def curves_path(profile: Path) -> Path:
 
 def _parse_bits(text: str) -> tuple[int, ...]:
     from rateq.errors import RateQError
+    from rateq.quant.spec import FULL_PRECISION_BITS
 
     try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
+        widths = tuple(int(b) for b in text.split(",") if b.strip())
     except ValueError:
         raise RateQError(f"--bits wants comma-separated integers such as 1,2,3,4,5,6,8; got {text!r}") from None
+    if not widths:
+        raise RateQError("--bits is empty; give code bit widths such as 1,2,3,4,5,6,8")
+    bad = [b for b in widths if not (1 <= b <= 8 or b == FULL_PRECISION_BITS)]
+    if bad:
+        raise RateQError(f"--bits: code bit widths must be 1..8 (or {FULL_PRECISION_BITS} for fp16), got {bad}")
+    if list(widths) != sorted(set(widths)):
+        raise RateQError(f"--bits must be increasing and distinct, got {text!r}; e.g. 1,2,3,4,5,6,8")
+    return widths
+
+
+def check_quantizers_fit(specs, config, policy, model: str) -> None:
+    """Refuse quantizers that can never run on this model (from its config, before any weight loads): channel
+    groups that do not divide its head_dim, Hadamard rotations of a head_dim that is not a power of two, key
+    groups along tokens that do not fill the key block, and a set that cannot hold its keys or its values."""
+    from rateq.errors import RateQError
+    from rateq.models import head_dim_of
+    from rateq.quant.spec import holds_role
+
+    hd = head_dim_of(config)
+    for q in specs:
+        if q.rotation != "none" and hd & (hd - 1):
+            raise RateQError(f"quantizer {q.id} rotates each head with a Hadamard transform, which needs a "
+                             f"power-of-two head_dim; {model} has head_dim {hd}: use a quantizer without rotation")
+        if not any(holds_role(q, role, hd) for role in ("k", "v")):
+            raise RateQError(f"quantizer {q.id} can hold neither keys nor values of {model}: its groups of "
+                             f"{q.group_size} channels do not divide head_dim {hd}; use a group size that divides {hd}")
+        if q.axis_for("k") == "tokens" and policy.block % q.group_size:
+            raise RateQError(f"--block {policy.block} is not a multiple of quantizer {q.id}'s group of "
+                             f"{q.group_size} tokens; use a multiple of it, or leave --block out")
+    for role, name in (("k", "keys"), ("v", "values")):
+        if not any(holds_role(q, role, hd) for q in specs):
+            raise RateQError(f"no quantizer of {', '.join(q.id for q in specs)} can hold the {name} of {model} "
+                             f"(head_dim {hd}; channel groups must divide it, and values need groups along "
+                             "channels); add one that can")
 
 
 @app.command("calibrate")
@@ -56,22 +93,24 @@ def calibrate_command(
     sinks: Annotated[int, typer.Option("--sinks", help="Leading tokens kept in full precision.")] = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Calibrate MODEL on DATA (defaults: the bundled smollm2-135m and Emma), keep the curves beside the profile
     (P.curves.safetensors), solve at --budget, write the profile (default ./<model>-b<budget>.safetensors) and
     print its summary. Re-solve the kept curves at other budgets with `rateq solve`."""
     import rateq
-    from rateq.calibrate import METRICS
+    from rateq.calibrate import METRICS, calibration_ids
     from rateq.errors import RateQError
+    from rateq.models import check_device, load_config, load_tokenizer, resolve_dtype
     from rateq.policy import CachePolicy
     from rateq.profile import plan_summary, save_profile
-    from rateq.quant.spec import parse_spec
     from rateq.solve import METHODS
 
     from .profile_cmds import print_summary
 
-    # Validate everything that needs no model before spending minutes on calibration.
+    # Everything that can be checked from the arguments, the files and the model's config is checked before
+    # the weights load: first what needs no model at all.
     if method not in METHODS:
         raise RateQError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
     if metric is not None and metric not in METRICS:
@@ -83,25 +122,38 @@ def calibrate_command(
     from rateq.calibrate import DEFAULT_QUANTIZERS
 
     names = parse_list(quantizers) or []
-    specs = [parse_spec(q) for q in (DEFAULT_QUANTIZERS if names == ["default"] else names)]
+    specs = parse_specs(DEFAULT_QUANTIZERS if names == ["default"] else names)
     if not specs:
         raise RateQError("--quantizers is empty; give at least one id such as minmax-g32-fp16")
+    check_policy_options(residual, block, sinks)
     policy = CachePolicy.for_quantizers(specs, residual=residual, block=block, sinks=sinks)
+    if not (math.isfinite(budget) and budget > 0):
+        raise RateQError(f"--budget must be a positive number of effective bits per element, got {budget:g}")
     lo, hi = rateq.budget_range(specs, widths, min_bits=min_bits, max_bits=max_bits)
     if not lo * (1 - 1e-12) <= budget <= hi * (1 + 1e-12):
         raise RateQError(f"budget {budget:g} effective bits per element is outside the feasible range "
                          f"[{lo:.4f}, {hi:.4f}] of quantizers {', '.join(q.id for q in specs)} at bits {list(widths)}; "
                          "pick a budget inside it")
     out = out if out is not None else default_out(model, budget)
-    check_out(out)
     cpath = curves_path(out)
+    check_out(out)
+    check_out(cpath, "the curves file")
+    check_device(device)
+    resolve_dtype(dtype, device)
+    use_threads(threads)
+    # Then what needs the model's config and tokenizer (fast; no weights).
+    config = load_config(model)
+    check_quantizers_fit(specs, config, policy, model)
+    tok = load_tokenizer(model)
+    ids, data_name = calibration_ids(tok, data, n_samples, seq_len, seed)  # the windows calibration would cut
 
     with progress(not json_out) as bar:
         bar.add_task(f"loading {model}", total=None, rate="")
-        lm, tok = rateq.load_model(model, dtype=dtype, device=device)
+        lm, tok = rateq.load_model(model, dtype=dtype, device=device, tokenizer=tok)
     kw = {} if metric is None else {"metric": metric}
-    curves = rateq.calibrate(lm, tok, data, bits=widths, quantizers=specs, n_samples=n_samples, seq_len=seq_len,
-                             batch_size=batch_size, seed=seed, policy=policy, progress=True, **kw)
+    curves = rateq.calibrate(lm, tok, ids, bits=widths, quantizers=specs, batch_size=batch_size, seed=seed,
+                             policy=policy, progress=True, **kw)
+    curves.calibration["data"] = data_name
     curves.save(cpath)  # first: the expensive part is kept even if solving is interrupted
     plan = rateq.solve(curves, budget, method=method, min_bits=min_bits, max_bits=max_bits,
                        keys_at_least_values=keys_at_least_values, policy=policy)

@@ -1,17 +1,25 @@
-"""Entry point: the typer app, its commands, and one-line errors with exit code 2."""
+"""Entry point: the typer app, its commands, and one-line errors with exit code 2.
+
+Every problem a user can fix — a usage error (missing or unknown option, a value of the wrong type) or a
+`RateQError` (bad input, missing file, mismatched model) — prints one line `error: …` on stderr and exits
+with code 2, with no traceback unless RATEQ_DEBUG=1.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from typing import Optional
 
 import typer
 from rich.text import Text
+from typer._click import exceptions as click_exceptions
 
 import rateq
 from rateq.errors import RateQError
 
-from ._common import err_console
+from ._common import THREADS_HELP, err_console, use_threads
 
 app = typer.Typer(
     name="rateq",
@@ -28,8 +36,12 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    threads: Optional[int] = typer.Option(None, "--threads", envvar="RATEQ_THREADS", show_envvar=False,
+                                          help=THREADS_HELP),
+) -> None:
     """rateq: per-head K/V bit plans for the KV cache."""
+    use_threads(threads)
 
 
 @app.command()
@@ -56,16 +68,42 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _fail(message: str, code: int = 2) -> None:
+    # The message is plain text (it may quote brackets, e.g. hf:NAME[/CONFIG]): never parsed as markup; one line.
+    line = " ".join(str(message).split())
+    err_console.print(Text.assemble(("error:", "red"), f" {line}"), soft_wrap=True)
+    sys.exit(code)
+
+
+def _usage_message(exc: click_exceptions.ClickException) -> str:
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click_exceptions.UsageError) and ctx is not None:
+        message = f"{message.rstrip('.')}; see '{ctx.command_path} --help'"
+    return message
+
+
 def main() -> None:
-    """Run the app; a RateQError becomes one line on stderr and exit code 2 (RATEQ_DEBUG=1 keeps tracebacks)."""
+    """Run the app; usage errors and RateQErrors become one line on stderr and exit code 2 (RATEQ_DEBUG=1 keeps
+    the traceback of a RateQError)."""
+    # Commands show rateq's warnings on their own console (calibration's under its progress bar); without a
+    # handler Python's last-resort one would print each of them a second time.
+    log = logging.getLogger("rateq")
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
     try:
-        app()  # standalone: usage errors already print one message and exit 2
+        code = app(prog_name="rateq", standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError:
+        sys.exit(2)  # the help has been printed
+    except click_exceptions.ClickException as exc:
+        _fail(_usage_message(exc), exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
     except RateQError as exc:
         if os.environ.get("RATEQ_DEBUG") == "1":
             raise
-        # The message is plain text (it may quote brackets, e.g. hf:NAME[/CONFIG]): never parsed as markup.
-        err_console.print(Text.assemble(("error:", "red"), f" {exc}"), soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, OutOpt, console, emit_json
+from ._common import JsonOpt, OutOpt, check_out, console, emit_json
 from .main import app
 
 # Cell colours by code bits: the fewer bits, the hotter.
@@ -78,6 +78,7 @@ def show_command(
     layer × head bit map."""
     from rateq.profile import load_profile, plan_summary, plot_plan
 
+    check_out(png, "--png")
     plan = load_profile(profile)
     written = plot_plan(plan, png) if png is not None else None
     if json_out:
@@ -92,7 +93,7 @@ def show_command(
 @app.command("export")
 def export_command(
     profile: Annotated[Path, typer.Argument(help="Profile (.safetensors).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: json (DESIGN.md's plan JSON).")] = "json",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: json (the plan JSON: per layer, each KV head's bits and quantizer).")] = "json",
     out: OutOpt = None,
 ) -> None:
     """Write a profile's plan as JSON: per layer, each KV head's K and V bits and quantizer, the quantizer specs,
@@ -102,8 +103,7 @@ def export_command(
 
     if fmt != "json":
         raise RateQError(f"unknown export format {fmt!r}; use json")
-    if out is not None and out.is_dir():
-        raise RateQError(f"--out {out} is a folder; give a file name such as plan.json")
+    check_out(out)
     plan = load_profile(profile)
     if out is None:
         emit_json(plan_to_json(plan))

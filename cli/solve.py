@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._common import JsonOpt, OutOpt, console, emit_json
+from ._common import JsonOpt, OutOpt, check_out, console, emit_json
 from .main import app
 
 MethodOpt = Annotated[str, typer.Option("--method", help="exact (optimal), greedy (convex-hull, fastest) or waterfill (RateQuant's fitted-curve allocation).")]
@@ -37,22 +37,6 @@ def parse_sweep(text: str) -> list[float]:
 
 def parse_list(text: Optional[str]) -> Optional[list[str]]:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-
-
-def check_out(out: Optional[Path], what: str = "--out") -> None:
-    """Refuse an output path that cannot be a file before any work is done."""
-    from rateq.errors import RateQError
-
-    if out is None:
-        return
-    if out.is_dir():
-        raise RateQError(f"{what} {out} is a folder; give a file name such as plan.safetensors")
-    parent = out.parent if str(out.parent) else Path(".")
-    for p in [parent, *parent.parents]:
-        if p.exists():
-            if not p.is_dir():
-                raise RateQError(f"{what} {out}: {p} is a file, not a folder")
-            break
 
 
 def frontier_table(rows: list[dict], metric: str) -> Table:
@@ -86,7 +70,7 @@ def solve_command(
     Without a model: re-solving takes milliseconds to a second."""
     import rateq
     from rateq.errors import RateQError
-    from rateq.policy import CachePolicy
+    from rateq.plan import policy_from_dict
     from rateq.profile import plan_summary, save_profile
     from rateq.solve import METHODS, frontier
 
@@ -99,13 +83,18 @@ def solve_command(
         raise RateQError("--budget needs --out: where to write the profile (e.g. --out plan.safetensors)")
     if method is not None and method not in METHODS:
         raise RateQError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise RateQError(f"--budget must be a positive number of effective bits per element, got {budget:g}")
+    for name, v in (("--min-bits", min_bits), ("--max-bits", max_bits)):
+        if v is not None and not 1 <= v <= 16:
+            raise RateQError(f"{name} must be a code bit width between 1 and 16, got {v}")
     budgets = parse_sweep(sweep) if sweep is not None else None
     check_out(out)
     if out is not None and out.resolve() == curves.resolve():
         raise RateQError("--out would overwrite the curves file; choose another name")
 
     cv = rateq.Curves.load(curves)
-    policy = CachePolicy(**cv.calibration.get("policy", {}))
+    policy = policy_from_dict(cv.calibration.get("policy", {}), f"{curves}'s calibration policy")
     constraints = dict(min_bits=min_bits, max_bits=max_bits, keys_at_least_values=keys_at_least_values,
                        quantizers=parse_list(quantizers))
     result: dict = {"curves": str(curves)}

@@ -58,9 +58,90 @@ def test_default_model_loads_offline(smol):
 
 
 def test_default_model_reference_perplexity(smol, reference_windows):
-    # DESIGN.md: plain-forward perplexity of smollm2-135m on the reference window is 24.88.
+    # Plain-forward perplexity of smollm2-135m on the reference window (4 × 1024 tokens of Pride and Prejudice
+    # from character 100000) is 24.88.
     model, _ = smol
     with torch.no_grad():
         logits = model(reference_windows, use_cache=False).logits
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), reference_windows[:, 1:].flatten())
     assert math.exp(float(nll)) == pytest.approx(24.88, abs=0.05)
+
+
+def test_devices_are_checked_before_anything_loads():
+    from rateq.models import check_device
+
+    assert check_device("cpu") == torch.device("cpu") and check_device(torch.device("meta")).type == "meta"
+    for bad, match in (("tpu", "unknown device"), ("cuda:x", "unknown device"), ("", "unknown device"),
+                       ("cuda:99", "cuda:99")):
+        with pytest.raises(rateq.RateQError, match=match):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(rateq.RateQError, match="CUDA"):
+            check_device("cuda")
+        with pytest.raises(rateq.RateQError, match="CUDA"):
+            rateq.load_model("smollm2-135m", device="cuda")  # refused before the model is looked at
+
+
+def test_fingerprints_from_files_are_checked():
+    good = {"name": "m", "architecture": "llama", "num_layers": 2, "num_kv_heads": 1, "head_dim": 8}
+    assert rateq.ModelFingerprint.from_dict(good).head_dim == 8
+    for change in ({"num_layers": "2"}, {"num_layers": 0}, {"head_dim": 2.5}, {"num_kv_heads": True},
+                   {"name": 5}, {"head_dim": None}):
+        with pytest.raises(rateq.RateQError):
+            rateq.ModelFingerprint.from_dict({**good, **change})
+    with pytest.raises(rateq.RateQError, match="lacks head_dim"):
+        rateq.ModelFingerprint.from_dict({k: v for k, v in good.items() if k != "head_dim"})
+    with pytest.raises(rateq.RateQError, match="JSON object"):
+        rateq.ModelFingerprint.from_dict([1, 2])
+
+
+def test_config_and_tokenizer_load_without_weights(tmp_path, tiny, monkeypatch):
+    from rateq.models import load_config, load_tokenizer
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("weights loaded"))
+    config = load_config("smollm2-135m")
+    assert rateq.fingerprint(config, name="smollm2-135m") == rateq.ModelFingerprint("smollm2-135m", "llama", 30, 3, 64)
+    assert load_tokenizer("smollm2-135m")("Emma")["input_ids"]
+    folder = tmp_path / "tiny"
+    tiny("qwen3", kv_heads=4).config.save_pretrained(folder)
+    assert rateq.fingerprint(load_config(str(folder))).num_kv_heads == 4
+    with pytest.raises(rateq.RateQError, match="no tokenizer files"):
+        load_tokenizer(str(folder))  # a folder with a config and no tokenizer
+
+
+@pytest.mark.parametrize("name, match", [("./no/such/folder", "does not exist"), ("", "give a model"),
+                                         ("nobody/no-such-model-rateq", "hub is unreachable"),
+                                         ("gpt-7", "not a rateq alias")])
+def test_models_that_cannot_load_fail_fast(name, match, monkeypatch):
+    from rateq.models import load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(rateq.RateQError, match=match):
+        load_config(name)
+
+
+def test_a_model_folder_must_hold_a_config(tmp_path):
+    from rateq.models import load_config
+
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(rateq.RateQError, match="no config.json"):
+        load_config(str(tmp_path))
+    with pytest.raises(rateq.RateQError, match="is a file"):
+        load_config(str(tmp_path / "weights.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(rateq.RateQError, match="cannot load the config"):
+        load_config(str(tmp_path))
+
+
+def test_loading_is_quiet_and_leaves_settings_as_they_were():
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from rateq.models import quiet_loading
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with quiet_loading():
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+    assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled() == bars

@@ -1,6 +1,7 @@
 """Profiles on disk and plan JSON: bit-exact round trips, and one clear error for every kind of bad file."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -125,10 +126,50 @@ def test_failed_save_leaves_previous_profile_intact(tmp_path, plan_and_curves, m
         raise OSError("disk full")
 
     monkeypatch.setattr("rateq.io.save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(rateq.RateQError, match="cannot write .*p.safetensors: disk full"):
         rateq.save_profile(plan, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary file left behind
+    with pytest.raises(rateq.RateQError, match="disk full"):
+        rateq.save_profile(plan, tmp_path / "new" / "deeper" / "q.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # nor the folders made for it
+
+
+def test_written_files_get_the_usual_mode(tmp_path, plan_and_curves):
+    plan, curves = plan_and_curves
+    mask = os.umask(0o022)
+    try:
+        paths = [rateq.save_profile(plan, tmp_path / "p.safetensors"), write_plan_json(plan, tmp_path / "p.json"),
+                 plot_plan(plan, tmp_path / "p.png")]
+        curves.save(tmp_path / "c.safetensors")
+        paths.append(tmp_path / "c.safetensors")
+    finally:
+        os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in paths} == {oct(0o644)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "p.json", "p.png", "p.safetensors"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where no file can be created")
+def test_unwritable_targets_are_one_clear_error(tmp_path, plan_and_curves):
+    from rateq.io import check_writable
+
+    plan, _ = plan_and_curves
+    for target, match in ((tmp_path, "is a folder"), (tmp_path / "file" / "p.safetensors", "is a file"),
+                          ("/proc/p.safetensors", "cannot be written")):
+        if target == tmp_path / "file" / "p.safetensors":
+            (tmp_path / "file").write_text("x")
+        with pytest.raises(rateq.RateQError, match=match):
+            check_writable(target)
+    check_writable(tmp_path / "missing" / "p.safetensors")  # a missing folder is made when writing
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(rateq.RateQError, match="cannot write"):
+        rateq.save_profile(plan, "/proc/p.safetensors")
+    with pytest.raises(rateq.RateQError, match="cannot write"):
+        write_plan_json(plan, "/proc/p.json")
+    with pytest.raises(rateq.RateQError, match="cannot write"):
+        plot_plan(plan, "/proc/p.png")
+    with pytest.raises(rateq.RateQError, match="image"):
+        plot_plan(plan, tmp_path / "p.nosuchformat")
 
 
 def test_plan_json_schema_and_round_trip(tmp_path, plan_and_curves):

@@ -47,3 +47,25 @@ def test_windows_are_seeded_and_distinct():
 def test_too_little_text_is_clear():
     with pytest.raises(rateq.RateQError, match="not enough text"):
         token_windows(torch.arange(1000), 3, 512)
+
+
+@pytest.mark.parametrize("content, match", [(b"", "is empty"), (b" \n\t\n", "is empty"),
+                                            (b"text\x00more", "is binary"), ("caf\xe9".encode("latin-1"), "not UTF-8")])
+def test_files_that_hold_no_usable_text(tmp_path, content, match):
+    path = tmp_path / "t.txt"
+    path.write_bytes(content)
+    with pytest.raises(rateq.RateQError, match=match):
+        rateq.load_text(str(path))
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(rateq.RateQError, match="holds no text"):
+        rateq.load_text(str(tmp_path / "rows.jsonl"))
+
+
+def test_a_folder_is_not_a_text_file(tmp_path):
+    with pytest.raises(rateq.RateQError, match="is a folder"):
+        rateq.load_text(str(tmp_path))
+
+
+def test_negative_character_offsets_are_refused():
+    with pytest.raises(rateq.RateQError, match="0 or more"):
+        rateq.text_windows(None, "austen-pp", 1, 16, char_start=-5)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 
 from .errors import RateQError
-from .io import read_safetensors, write_safetensors
+from .io import meta_json, read_safetensors, write_safetensors
 from .models import ModelFingerprint
-from .quant.spec import QuantSpec
+from .plan import policy_from_dict
+from .quant.spec import FULL_PRECISION_BITS, QuantSpec
 
 CURVES_FORMAT = "rateq.curves"
 CURVES_VERSION = "1"
@@ -34,7 +36,19 @@ class Curves:
     def __post_init__(self):
         self.distortion = torch.as_tensor(self.distortion, dtype=torch.float64)
         self.counts = torch.as_tensor(self.counts, dtype=torch.float64)
+        if any(isinstance(b, bool) or not isinstance(b, Integral) for b in self.bits):
+            raise RateQError(f"curve bit widths must be whole numbers, got {list(self.bits)}")
         self.bits = tuple(int(b) for b in self.bits)
+        bad = [b for b in self.bits if not (1 <= b <= 8 or b == FULL_PRECISION_BITS)]
+        if bad:
+            raise RateQError(f"curve bit widths must be 1..8 or {FULL_PRECISION_BITS}, got {bad}")
+        self.quantizers = list(self.quantizers)
+        if not self.quantizers or not all(isinstance(q, QuantSpec) for q in self.quantizers):
+            raise RateQError("curves need at least one quantizer, each a QuantSpec")
+        if not isinstance(self.model, ModelFingerprint):
+            raise RateQError(f"curves' model is a ModelFingerprint, got {type(self.model).__name__}")
+        if not isinstance(self.metric, str) or not isinstance(self.calibration, dict):
+            raise RateQError("curves' metric is a name and their calibration facts a dict")
         L, H = self.model.num_layers, self.model.num_kv_heads
         want = (L, H, 2, len(self.quantizers), len(self.bits))
         if tuple(self.distortion.shape) != want:
@@ -78,20 +92,47 @@ class Curves:
 
     @classmethod
     def load(cls, path) -> "Curves":
+        """The curves at `path`; any damage (malformed tensors or metadata) is one RateQError naming the file."""
         tensors, meta = read_safetensors(path, "curves file")
         if meta.get("format") != CURVES_FORMAT:
-            raise RateQError(f"{path} is not a rateq curves file (format {meta.get('format')!r})")
+            what = "a profile, not curves (its curves are kept in P.curves.safetensors beside it)" \
+                if meta.get("format") == "rateq.profile" else f"not a rateq curves file (format {meta.get('format')!r})"
+            raise RateQError(f"{path} is {what}")
         if meta.get("version") != CURVES_VERSION:
             raise RateQError(f"{path} has curves version {meta.get('version')!r}; this rateq reads {CURVES_VERSION}")
-        try:
-            return cls(
-                distortion=tensors["distortion"],
-                bits=tuple(json.loads(meta["bits"])),
-                quantizers=[QuantSpec.from_dict(q) for q in json.loads(meta["quantizers"])],
-                counts=tensors["counts"],
-                metric=meta["metric"],
-                model=ModelFingerprint.from_dict(json.loads(meta["model"])),
-                calibration=json.loads(meta.get("calibration", "{}")),
-            )
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise RateQError(f"{path} is a damaged curves file (missing or bad {exc})") from None
+        return curves_from_metadata(path, tensors, meta)
+
+
+def curves_from_metadata(path, tensors: dict, meta: dict, what: str = "curves file") -> Curves:
+    """`Curves` from stored tensors (`distortion`, `counts`) and metadata strings (`bits`, `quantizers`,
+    `metric`, `model`, `calibration`), checked: a RateQError naming `path` for anything malformed."""
+    try:
+        distortion, counts = tensors["distortion"], tensors["counts"]
+        for name, t in (("distortion", distortion), ("counts", counts)):
+            if not t.is_floating_point():
+                raise ValueError(f"tensor {name!r} holds {str(t.dtype).replace('torch.', '')}, not real numbers")
+        bits = meta_json(meta, "bits", list)
+        specs = meta_json(meta, "quantizers", list)
+        if not all(isinstance(q, dict) for q in specs):
+            raise ValueError("metadata 'quantizers' must be a list of spec objects")
+        model = meta_json(meta, "model", dict)
+        calibration = meta_json(meta, "calibration", dict, default="{}")
+        if "policy" in calibration:
+            policy_from_dict(calibration["policy"], "the calibration policy")
+        curves = Curves(distortion=distortion, bits=tuple(bits), quantizers=[QuantSpec.from_dict(q) for q in specs],
+                        counts=counts, metric=meta["metric"], model=ModelFingerprint.from_dict(model),
+                        calibration=calibration)
+    except KeyError as exc:
+        raise RateQError(f"{path} is a damaged {what} (missing {exc})") from None
+    except (TypeError, ValueError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
+        raise RateQError(f"{path} is a damaged {what} ({exc})") from None
+    except RateQError as exc:
+        raise RateQError(f"{path} is a damaged {what}: {exc}") from None
+    d = curves.distortion
+    if bool(torch.isnan(d).any()) or bool((d < 0).any()):
+        raise RateQError(f"{path} is a damaged {what}: distortion must be non-negative numbers (+inf marks a role "
+                         "a quantizer cannot hold), found NaN or negative values")
+    c = curves.counts
+    if not bool(torch.isfinite(c).all()) or bool((c < 0).any()) or not float(c.sum()) > 0:
+        raise RateQError(f"{path} is a damaged {what}: counts must be finite, non-negative and not all zero")
+    return curves

@@ -5,7 +5,9 @@ Saving and loading as a safetensors profile, and JSON export, live in `rateq.pro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 
@@ -30,9 +32,23 @@ class Plan:
     weights: torch.Tensor | None = None  # (L, H, 2) elements per unit (counts); None = all equal
 
     def __post_init__(self):
+        if not isinstance(self.model, ModelFingerprint):
+            raise RateQError(f"a plan's model is a ModelFingerprint, got {type(self.model).__name__}")
+        self.quantizers = list(self.quantizers)
+        if not self.quantizers or not all(isinstance(q, QuantSpec) for q in self.quantizers):
+            raise RateQError("a plan needs at least one quantizer, each a QuantSpec")
+        self.budget_bits = check_budget_bits(self.budget_bits)
+        if not isinstance(self.policy, CachePolicy):
+            raise RateQError(f"a plan's policy is a CachePolicy, got {type(self.policy).__name__}")
+        for name in ("calibration", "solver"):
+            if not isinstance(getattr(self, name), dict):
+                raise RateQError(f"a plan's {name} facts are a dict, got {type(getattr(self, name)).__name__}")
         L, H = self.model.num_layers, self.model.num_kv_heads
         for name in ("k_bits", "v_bits", "k_quantizer", "v_quantizer"):
-            t = torch.as_tensor(getattr(self, name)).to(torch.int64)
+            t = torch.as_tensor(getattr(self, name))
+            if t.dtype == torch.bool or t.is_complex() or (t.is_floating_point() and not bool((t == t.round()).all())):
+                raise RateQError(f"plan {name} must hold integers, got {t.dtype}")
+            t = t.to(torch.int64)
             if tuple(t.shape) != (L, H):
                 raise RateQError(f"plan {name} has shape {tuple(t.shape)}, expected ({L}, {H}) for {self.model.name}")
             setattr(self, name, t)
@@ -44,6 +60,15 @@ class Plan:
         for q in (self.k_quantizer, self.v_quantizer):
             if q.numel() and (q.min() < 0 or q.max() >= nq):
                 raise RateQError(f"plan quantizer ids must be in 0..{nq - 1}")
+        if self.weights is not None:
+            w = torch.as_tensor(self.weights)
+            if w.dtype == torch.bool or w.is_complex() or tuple(w.shape) != (L, H, 2):
+                raise RateQError(f"plan weights must be real numbers of shape ({L}, {H}, 2), got {w.dtype} "
+                                 f"{tuple(w.shape)}")
+            w64 = w.to(torch.float64)
+            if not bool(torch.isfinite(w64).all()) or bool((w64 < 0).any()) or not float(w64.sum()) > 0:
+                raise RateQError("plan weights (elements per unit) must be finite, non-negative and not all zero")
+            self.weights = w
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -107,3 +132,25 @@ class Plan:
     def describe(self) -> str:
         return (f"{self.model.name}: {self.effective_bits:.3f} effective bits ({self.nominal_bits:.3f} nominal), "
                 f"K {self.mean_bits('k'):.2f} / V {self.mean_bits('v'):.2f} mean code bits")
+
+
+def check_budget_bits(value) -> float | None:
+    """A plan's budget: None (hand-made) or a finite positive number of effective bits per element."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise RateQError(f"a plan's budget is a positive number of effective bits per element (or none), got {value!r}")
+    return value
+
+
+def policy_from_dict(data, where: str = "policy") -> CachePolicy:
+    """A `CachePolicy` from stored JSON: a dict of whole numbers `residual`, `block`, `sinks` (each optional)."""
+    if not isinstance(data, dict):
+        raise RateQError(f"{where} must be a JSON object with residual, block and sinks, got {type(data).__name__}")
+    unknown = set(data) - {"residual", "block", "sinks"}
+    if unknown:
+        raise RateQError(f"{where} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+    for k, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, Integral):
+            raise RateQError(f"{where} {k} must be a whole number, got {v!r}")
+    return CachePolicy(**{k: int(v) for k, v in data.items()})

@@ -11,18 +11,21 @@ the stored bit figures, and — given a model — the fingerprint, naming each d
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
-from .curves import Curves
+from .curves import Curves, curves_from_metadata
 from .errors import RateQError
-from .io import read_safetensors, write_safetensors
+from .io import atomic_write, meta_json, read_safetensors, write_safetensors
 from .models import ModelFingerprint, fingerprint
-from .plan import Plan
-from .policy import CachePolicy
+from .plan import Plan, policy_from_dict
 from .quant.spec import QuantSpec
+
+# What a damaged file's metadata can make the parsers raise; every one becomes a RateQError naming the file.
+_PARSE_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RecursionError)
 
 PROFILE_FORMAT = "rateq.profile"
 PROFILE_VERSION = "1"
@@ -103,28 +106,54 @@ def _read_profile(path) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def _specs(value) -> list[QuantSpec]:
+    if not all(isinstance(q, dict) for q in value):
+        raise ValueError("metadata 'quantizers' must be a list of spec objects")
+    return [QuantSpec.from_dict(q) for q in value]
+
+
+def _plan_tensor(tensors: dict, name: str) -> torch.Tensor:
+    t = tensors[name]
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"tensor {name!r} holds {str(t.dtype).replace('torch.', '')}, not integers")
+    return t
+
+
 def load_profile(path: str | os.PathLike, model=None) -> Plan:
-    """The plan stored at `path`. With `model` (a model, config or `ModelFingerprint`), also check it fits."""
+    """The plan stored at `path`. With `model` (a model, config or `ModelFingerprint`), also check it fits.
+
+    Any damage (missing or malformed tensors or metadata, figures that disagree with the tensors) is one
+    RateQError naming the file."""
     tensors, meta = _read_profile(path)
     try:
+        weights = tensors.get("weights")
+        if weights is not None and not weights.is_floating_point():
+            raise ValueError(f"tensor 'weights' holds {str(weights.dtype).replace('torch.', '')}, not real numbers")
         plan = Plan(
-            **{name: tensors[name] for name in _PLAN_TENSORS},
-            quantizers=[QuantSpec.from_dict(q) for q in json.loads(meta["quantizers"])],
-            model=ModelFingerprint.from_dict(json.loads(meta["model"])),
-            budget_bits=json.loads(meta["budget_bits"]),
-            policy=CachePolicy(**json.loads(meta["policy"])),
-            calibration=json.loads(meta["calibration"]),
-            solver=json.loads(meta["solver"]),
-            weights=tensors.get("weights"),
+            **{name: _plan_tensor(tensors, name) for name in _PLAN_TENSORS},
+            quantizers=_specs(meta_json(meta, "quantizers", list)),
+            model=ModelFingerprint.from_dict(meta_json(meta, "model", dict)),
+            budget_bits=meta_json(meta, "budget_bits"),
+            policy=policy_from_dict(meta_json(meta, "policy")),
+            calibration=meta_json(meta, "calibration", dict),
+            solver=meta_json(meta, "solver", dict),
+            weights=weights,
         )
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise RateQError(f"{path} is a damaged profile (missing or bad {exc})") from None
+        try:
+            stored = float(meta["effective_bits"])
+        except ValueError:
+            raise ValueError(f"metadata 'effective_bits' is not a number: {meta['effective_bits'][:40]!r}") from None
+        effective = plan.effective_bits
+    except KeyError as exc:
+        raise RateQError(f"{path} is a damaged profile (missing {exc})") from None
+    except _PARSE_ERRORS as exc:
+        raise RateQError(f"{path} is a damaged profile ({exc})") from None
     except RateQError as exc:
         raise RateQError(f"{path} is a damaged profile: {exc}") from None
-    stored = float(meta.get("effective_bits", "nan"))
-    if abs(stored - plan.effective_bits) > 1e-9 * max(1.0, abs(stored)):
+    if not math.isfinite(stored) or not math.isfinite(effective) or \
+            abs(stored - effective) > 1e-9 * max(1.0, abs(stored)):
         raise RateQError(f"{path} is a damaged profile: it says {stored} effective bits, its tensors give "
-                         f"{plan.effective_bits}")
+                         f"{effective}")
     if model is not None:
         check_model(plan, model, source=f"profile {path}")
     return plan
@@ -136,20 +165,23 @@ def load_profile_curves(path: str | os.PathLike) -> Curves | None:
     if "curves" not in meta:
         return None
     try:
-        c = json.loads(meta["curves"])
-        return Curves(distortion=tensors["curves.distortion"], bits=tuple(c["bits"]),
-                      quantizers=[QuantSpec.from_dict(q) for q in c["quantizers"]], counts=tensors["curves.counts"],
-                      metric=c["metric"], model=ModelFingerprint.from_dict(json.loads(meta["model"])),
-                      calibration=c.get("calibration", {}))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise RateQError(f"{path} has damaged curves (missing or bad {exc})") from None
+        c = meta_json(meta, "curves", dict)
+        fields = {"bits": json.dumps(c["bits"]), "quantizers": json.dumps(c["quantizers"]), "metric": c["metric"],
+                  "model": meta["model"], "calibration": json.dumps(c.get("calibration", {}))}
+        stored = {"distortion": tensors["curves.distortion"], "counts": tensors["curves.counts"]}
+    except KeyError as exc:
+        raise RateQError(f"{path} has damaged curves (missing {exc})") from None
+    except _PARSE_ERRORS as exc:
+        raise RateQError(f"{path} has damaged curves ({exc})") from None
+    return curves_from_metadata(path, stored, fields, what="curves stored in the profile")
 
 
 # -- JSON ------------------------------------------------------------------------------------------------
 
 def plan_to_json(plan: Plan) -> dict:
-    """The plan as the JSON document of DESIGN.md (a dict; `json.dumps` it). Quantizers are keyed by spec id,
-    and each head's `k_quantizer` / `v_quantizer` names one of those ids. `policy` and `solver` ride along."""
+    """The plan as rateq's plan JSON document (a dict; `json.dumps` it): per layer, each KV head's K and V bits
+    and quantizer. Quantizers are keyed by spec id, and each head's `k_quantizer` / `v_quantizer` names one of
+    those ids. `policy` and `solver` ride along."""
     ids = [q.id for q in plan.quantizers]
     if len(set(ids)) != len(ids):
         raise RateQError(f"plan has duplicate quantizer ids {ids}")
@@ -190,6 +222,8 @@ def plan_from_json(doc: dict | str) -> Plan:
     if doc.get("version") != PLAN_VERSION:
         raise RateQError(f"plan JSON version {doc.get('version')!r}; this rateq reads {PLAN_VERSION}")
     try:
+        if not isinstance(doc["quantizers"], dict) or not isinstance(doc["layers"], list):
+            raise TypeError("quantizers must be an object keyed by id and layers a list")
         ids = list(doc["quantizers"])
         quantizers = [QuantSpec.from_dict(doc["quantizers"][i]) for i in ids]
         layers = sorted(doc["layers"], key=lambda r: r["layer"])
@@ -198,27 +232,18 @@ def plan_from_json(doc: dict | str) -> Plan:
         return Plan(k_bits=col("k_bits"), v_bits=col("v_bits"), k_quantizer=qcol("k_quantizer"),
                     v_quantizer=qcol("v_quantizer"), quantizers=quantizers,
                     model=ModelFingerprint.from_dict(doc["model"]), budget_bits=doc.get("budget_bits"),
-                    policy=CachePolicy(**doc.get("policy", {})), calibration=doc.get("calibration", {}),
+                    policy=policy_from_dict(doc.get("policy", {})), calibration=doc.get("calibration", {}),
                     solver=doc.get("solver", {}))
-    except (KeyError, TypeError, ValueError) as exc:
+    except _PARSE_ERRORS as exc:
         raise RateQError(f"plan JSON is damaged (missing or bad {exc})") from None
 
 
 def write_plan_json(plan: Plan, path: str | os.PathLike) -> Path:
-    """Write `plan_to_json(plan)` to `path` atomically (a temporary file, then a rename)."""
-    import tempfile
-
+    """Write `plan_to_json(plan)` to `path` atomically (a temporary file, then a rename; nothing left on failure)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(plan_to_json(plan), f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = json.dumps(plan_to_json(plan), indent=2, default=str) + "\n"
+    with atomic_write(path, "plan JSON") as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -250,8 +275,6 @@ def plan_summary(plan: Plan) -> dict:
 
 def plot_plan(plan: Plan, path: str | os.PathLike) -> Path:
     """Save a layer × head heatmap of K and V code bits (PNG, or any format matplotlib infers from the suffix)."""
-    import tempfile
-
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -276,13 +299,10 @@ def plot_plan(plan: Plan, path: str | os.PathLike) -> Path:
     fig.suptitle(f"{plan.model.name}: {budget}{plan.effective_bits:.3f} effective bits "
                  f"({plan.nominal_bits:.3f} nominal)", fontsize=11)
     fig.colorbar(im, ax=axes, label="code bits", shrink=0.8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    fmt = (path.suffix[1:] or "png").lower()
+    formats = fig.canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise RateQError(f"cannot write a {path.suffix} image; use one of {', '.join('.' + k for k in sorted(formats))}")
+    with atomic_write(path, "image") as tmp:
+        fig.savefig(tmp, dpi=120, format=fmt)
     return path

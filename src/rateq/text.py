@@ -42,19 +42,20 @@ def load_text(spec: str) -> str:
         return lzma.decompress(data).decode("utf-8")
     path = Path(spec).expanduser()
     if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
-        if not path.is_file():
-            raise RateQError(f"text file {spec} does not exist")
+        text = _read_text_file(path, spec)
         if path.suffix in (".jsonl", ".json"):
             rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
                     rows.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError, RecursionError):
                     raise RateQError(f"{spec}:{n}: each line must be a JSON object with a 'text' field") from None
-            return "\n\n".join(rows)
-        return path.read_text(encoding="utf-8")
+            text = "\n\n".join(rows)
+            if not text.strip():
+                raise RateQError(f"text file {spec} holds no text (no line with a non-empty 'text' field)")
+        return text
     if spec in DATASET_ALIASES:
         return _load_dataset_text(*DATASET_ALIASES[spec])
     if spec.startswith("hf:"):
@@ -67,6 +68,28 @@ def load_text(spec: str) -> str:
         f"unknown text {spec!r}: use {', '.join(BUNDLED_TEXT)}, a .txt/.jsonl file, "
         f"{', '.join(DATASET_ALIASES)}, or hf:NAME[/CONFIG]:SPLIT[:FIELD]"
     )
+
+
+def _read_text_file(path: Path, spec: str) -> str:
+    """A local file's text: it must exist, be readable, be UTF-8 text and hold more than whitespace."""
+    if path.is_dir():
+        raise RateQError(f"text file {spec} is a folder; give a .txt or .jsonl file")
+    if not path.is_file():
+        raise RateQError(f"text file {spec} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RateQError(f"cannot read text file {spec} ({exc.strerror or exc})") from None
+    if b"\x00" in data:
+        raise RateQError(f"text file {spec} is binary (it holds NUL bytes); give UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RateQError(f"text file {spec} is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}); "
+                         "convert it to UTF-8") from None
+    if not text.strip():
+        raise RateQError(f"text file {spec} is empty; give a file with text in it")
+    return text
 
 
 def _load_dataset_text(name: str, config: str | None, split: str, field: str) -> str:
@@ -116,6 +139,8 @@ def token_windows(ids: torch.Tensor, n: int, seq_len: int, *, seed: int | None =
 def text_windows(tokenizer, spec: str, n: int, seq_len: int, *, seed: int | None = 0,
                  char_start: int = 0) -> torch.Tensor:
     """Load `spec`, skip `char_start` characters, tokenize, and cut `(n, seq_len)` windows (see token_windows)."""
+    if char_start < 0:
+        raise RateQError(f"the character offset must be 0 or more, got {char_start}")
     text = load_text(spec)
     if char_start >= len(text):
         raise RateQError(f"text {spec!r} has {len(text)} characters; cannot start at {char_start}")

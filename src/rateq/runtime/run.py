@@ -17,20 +17,34 @@ import torch
 from ..errors import RateQError
 from ..plan import Plan
 from ..policy import CachePolicy
-from .cache import RateQCache, _stores_prerope_keys, rotary_of
+from .cache import RateQCache
 
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def memory_summary(cache: RateQCache) -> dict:
-    """Bytes held by kind, and against what an fp16 `DynamicCache` would hold for the same tokens."""
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def memory_summary(cache: RateQCache, dtype: torch.dtype | None = None) -> dict:
+    """Bytes held by kind, against what a `DynamicCache` would hold for the same tokens — in `dtype`, the dtype
+    the model runs in and so the one a DynamicCache would store (fp32 on CPU), and in fp16 — and how many
+    tokens are stored quantized: keys only once a whole key block has left the residual window, so a short
+    sequence holds more than a DynamicCache."""
     kinds = cache.nbytes_by_kind()
     held = sum(kinds.values())
     fp16 = cache.dense_nbytes(torch.float16)
+    dtype = torch.float16 if dtype is None else dtype
+    dense = cache.dense_nbytes(dtype)
+    positions = cache.held_positions()
+    quantized = {role: max((p[role]["quantized"] for p in positions), default=0) for role in ("k", "v")}
     return {"tokens": cache.get_seq_length(), "nbytes": held, **{f"nbytes_{k}": v for k, v in kinds.items()},
-            "fp16_dynamic_nbytes": fp16, "ratio_to_fp16": held / fp16 if fp16 else float("nan")}
+            "fp16_dynamic_nbytes": fp16, "ratio_to_fp16": held / fp16 if fp16 else float("nan"),
+            "dtype": str(dtype).replace("torch.", ""), "dynamic_nbytes": dense,
+            "ratio_to_dynamic": held / dense if dense else float("nan"),
+            "quantized_key_tokens": quantized["k"], "quantized_value_tokens": quantized["v"]}
 
 
 @torch.no_grad()
@@ -41,7 +55,7 @@ def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int =
         raise RateQError("generating from a prompt needs a tokenizer; this model was loaded without one")
     device = _model_device(model)
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    cache = _cache(plan, model, policy)
+    cache = RateQCache(plan, model, policy=policy)
     start = time.perf_counter()
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -49,7 +63,7 @@ def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int =
     new = out[0, inputs["input_ids"].shape[1]:]
     return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
             "prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": int(new.numel()),
-            "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache)}
+            "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache, _model_dtype(model))}
 
 
 @torch.no_grad()
@@ -67,7 +81,7 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     if not 1 <= prefill <= T:
         raise RateQError(f"prefill must be between 1 and the sequence length {T}, got {prefill}")
     ids = ids.to(_model_device(model))
-    cache = _cache(plan, model, policy)
+    cache = RateQCache(plan, model, policy=policy)
     nll = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
 
@@ -91,10 +105,4 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     count = B * (T - 1)
     mean = float(nll) / count
     return {"ppl": math.exp(mean), "nll": mean, "predictions": count, "prefill": prefill, "seq_len": T,
-            "sequences": B, "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache)}
-
-
-def _cache(plan: Plan, model, policy: CachePolicy) -> RateQCache:
-    """A cache for `model`; pre-RoPE key quantizers get the model's rotary embedding."""
-    rotary = rotary_of(model) if _stores_prerope_keys(plan) else None
-    return RateQCache(plan, model.config, policy=policy, rotary=rotary)
+            "sequences": B, "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache, _model_dtype(model))}
