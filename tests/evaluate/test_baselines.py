@@ -173,3 +173,52 @@ def test_waterfill_row_from_curves(model):
     assert m.family == "waterfill" and m.effective_bits <= 2.5 + 1e-6
     (r,) = bl.build("rateq@3", model, context=ctx)
     assert r.effective_bits <= 3.0 + 1e-6
+
+
+def test_names_parse_without_a_model(tmp_path):
+    assert bl.parse_name("kivi", [2.5, 3.0]).budgets == (2.5, 3.0)
+    assert bl.parse_name("KIVI@2.5").kind == "kivi"
+    assert bl.parse_name("k3v2:minmax-g64-fp16").split[:2] == (3, 2)
+    assert bl.parse_name("rank16").rank == 16
+    assert bl.parse_name("rot-hadamard@3").budgets == (3.0,)
+    assert bl.parse_name("rank@2.5").needs_calibration and not bl.parse_name("K2V2").needs_calibration
+    for bad, match in [("kivvi", "unknown baseline"), ("rot-foo@2", "unknown baseline"), ("", "empty"),
+                       ("kivi", "needs an effective-bits budget"), ("kivi@x", "NAME@BITS"),
+                       ("kivi@nan", "positive, finite"), ("kivi@inf", "positive, finite"),
+                       ("kivi@0", "positive, finite"), ("kivi@-1", "positive, finite"),
+                       ("K3V2@2.5", "no @BITS"), ("fp@2", "no @BITS"), ("K9V2", "1..8"),
+                       ("K2V2:minmax-g33-nonsense", "cannot parse quantizer"), ("rank0", "at least 1"),
+                       (str(tmp_path / "none.safetensors"), "does not exist")]:
+        with pytest.raises(rateq.RateQError, match=match):
+            bl.parse_name(bad)
+    with pytest.raises(rateq.RateQError, match="--budget"):
+        bl.parse_name("kivi", [float("nan")])
+
+
+def test_names_check_against_a_config_without_weights(model):
+    config = model.config  # the shape is all these checks read
+    assert bl.check_name("kivi", [2.5], config=config).kind == "kivi"
+    bl.check_name("reference", config=config)
+    bl.check_name("rotations@3", config=config)
+    for name, budgets, match in [("kivi", [0.5], "no uniform quantizer fits"),
+                                 ("splits", [2.7], "no fixed K/V split"), ("rank", [0.1], "outside"),
+                                 (f"rank{HD + 1}", [], "outside"), ("wnorm", [1.2], "already costs")]:
+        with pytest.raises(rateq.RateQError, match=match):
+            bl.check_name(name, budgets, config=config)
+    odd = type(config)(**{**config.to_dict(), "head_dim": 48})
+    with pytest.raises(rateq.RateQError, match="power of two"):
+        bl.check_name("rot-hadamard@3", config=odd)
+
+
+def test_profile_name_runs_under_its_policy(model, tmp_path):
+    fp = rateq.fingerprint(model)
+    plan = rateq.Plan.uniform(fp, 3, 2, spec=QuantSpec(group_size=64), policy=rateq.CachePolicy(block=128))
+    path = tmp_path / "mine.safetensors"
+    rateq.save_profile(plan, path)
+    assert bl.is_profile_name(str(path)) and not bl.is_profile_name("kivi")
+    (m,) = bl.build(str(path), model)
+    assert m.name == "mine" and m.policy == rateq.CachePolicy(block=128)
+    assert m.policy_for(rateq.CachePolicy()).block == 128
+    m = bl.profile(str(path), model, overrides={"residual": 8})
+    assert m.policy == rateq.CachePolicy(residual=8, block=128)
+    assert bl.profile(str(path), model, own_policy=False).policy is None

@@ -154,3 +154,53 @@ def test_duplicate_and_unknown_methods_are_errors(tiny):
         evaluate(model, _ids(n=1), ["fp", "fp"])
     with pytest.raises(rateq.RateQError, match="unknown baseline"):
         evaluate(model, _ids(n=1), ["nonsense"])
+
+
+def test_full_precision_row_is_always_first(tiny):
+    model = tiny("llama")
+    fp = rateq.fingerprint(model)
+    m = Method.from_plan(Plan.uniform(fp, 2, spec=SPEC), "q")
+    res = evaluate(model, _ids(n=1), [m], flips=False)
+    assert [r["name"] for r in res] == ["fp", "q"]
+    assert res["q"]["delta_ppl"] == pytest.approx(res["q"]["ppl"] - res["fp"]["ppl"])
+    res = evaluate(model, _ids(n=1), [m, "fp"], flips=False)
+    assert [r["name"] for r in res] == ["fp", "q"]
+
+
+def test_plans_keep_their_policy_unless_one_is_given(tiny):
+    model = tiny("llama")
+    fp = rateq.fingerprint(model)
+    ids = _ids(n=1, t=96)
+    own = CachePolicy(residual=0, block=64)
+    plan = Plan.uniform(fp, 2, spec=SPEC, policy=own)
+    fixed = Method.from_plan(Plan.uniform(fp, 3, spec=SPEC), "fixed", policy=CachePolicy(residual=16, block=8))
+    res = evaluate(model, ids, [plan, fixed, Method.from_plan(Plan.uniform(fp, 4, spec=SPEC), "follows")],
+                   flips=False)
+    rows = {r["name"]: r for r in res}
+    plan_row = next(r for r in res if r["name"].startswith("plan@"))
+    assert plan_row["policy"] == own.to_dict()
+    assert rows["fixed"]["policy"] == {"residual": 16, "block": 8, "sinks": 0}
+    assert rows["follows"]["policy"] == CachePolicy().to_dict()
+    given = CachePolicy(residual=32, block=16)
+    res = evaluate(model, ids, [plan, fixed], policy=given, flips=False)
+    assert res[1]["policy"] == given.to_dict() and res["fixed"]["policy"]["residual"] == 16
+    assert res[1]["ppl"] != pytest.approx(plan_row["ppl"], rel=1e-6)
+    assert res.settings["policy"] == given.to_dict()
+
+
+def test_rows_say_whether_they_are_at_a_compared_budget(tiny):
+    model = tiny("llama")
+    fp = rateq.fingerprint(model)
+    g8 = Plan.uniform(fp, 2, spec=SPEC)  # 2 + 32/8 = 6 effective bits
+    under = Method.from_plan(Plan.uniform(fp, 1, spec=SPEC), "under", budget=6.0)  # 5 bits, built for 6
+    res = evaluate(model, _ids(n=1), [Method.from_plan(g8, "exact"), under,
+                                      Method.from_plan(Plan.uniform(fp, 3, spec=SPEC), "other")],
+                   budgets=[6.0], flips=False)
+    assert [res[n]["compared_at"] for n in ("exact", "under", "other")] == [6.0, 6.0, None]
+    assert res["fp"]["compared_at"] is None and res.settings["budgets"] == [6.0]
+    # Without budgets, the compared budgets are those the rows were built for.
+    res = evaluate(model, _ids(n=1), [under, Method.from_plan(Plan.uniform(fp, 3, spec=SPEC), "other")],
+                   flips=False)
+    assert res.settings["budgets"] == [6.0] and res["other"]["compared_at"] is None
+    with pytest.raises(rateq.RateQError, match="positive, finite"):
+        evaluate(model, _ids(n=1), [under], budgets=[float("inf")])

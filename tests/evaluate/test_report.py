@@ -49,3 +49,47 @@ def test_write_report(tiny, tmp_path):
     table = to_markdown(res)
     assert table.count("\n") == 2 + 3  # header, rule, three rows
     assert f"{mixed.effective_bits:.3f}" in table
+
+
+def _row(name, family, eff, ppl, *, at, budget=None, policy=None):
+    return {"name": name, "label": name, "family": family, "budget": budget, "nominal_bits": eff,
+            "effective_bits": eff, "ppl": ppl, "delta_ppl": ppl - 20.0, "kl": 0.1, "flip_rate": None,
+            "key_flip_rate": 0.1, "compared_at": at,
+            "policy": policy if family != "fp" else None}
+
+
+R32 = {"residual": 0, "block": 32, "sinks": 0}
+R128 = {"residual": 0, "block": 128, "sinks": 0}
+
+
+def test_kivi_excess_removed_follows_the_compared_budget():
+    """A row built for 2.5 bits that stores 2.496 is compared with KIVI at 2.5; one at 3.5 bits is not."""
+    rows = [_row("fp", "fp", 16.0, 20.0, at=None),
+            _row("kivi@2.5", "uniform", 2.5, 40.0, at=2.5, budget=2.5, policy=R32),
+            _row("waterfill@2.5", "waterfill", 2.496, 25.0, at=2.5, budget=2.5, policy=R128),
+            _row("K3V2", "split", 3.5, 22.0, at=None, policy=R32)]
+    removed = kivi_excess_removed(rows)
+    assert removed == {"kivi@2.5": pytest.approx(0.0), "waterfill@2.5": pytest.approx(0.75)}
+
+
+def test_markdown_lists_unmatched_rows_apart():
+    rows = [_row("fp", "fp", 16.0, 20.0, at=None),
+            _row("p3", "rateq", 3.0, 22.0, at=3.0, budget=3.0, policy=R128),
+            _row("p2.5", "rateq", 2.5, 25.0, at=2.5, budget=2.5, policy=R128),
+            _row("kivi@2.5", "uniform", 2.5, 40.0, at=2.5, budget=2.5, policy=R32),
+            _row("K3V2", "split", 3.5, 22.0, at=None, policy=R32),
+            _row("p2", "rateq", 2.0, 30.0, at=None, budget=2.0, policy=R128)]
+    md = to_markdown(rows)
+    matched, sep, apart = md.partition("Not matched")
+    assert sep and "(2.5, 3 effective bits)" in apart
+    names = [line.split("|")[1].strip() for line in matched.splitlines() if line.startswith("| ")][2:]
+    assert names == ["fp", "p2.5", "kivi@2.5", "p3"]  # fp first, then each budget's rows in input order
+    assert [line.split("|")[1].strip() for line in apart.splitlines() if line.startswith("| ")][2:] == ["K3V2", "p2"]
+    header = matched.splitlines()[0]
+    assert "matched at" in header and "KIVI excess removed" in header and "policy" in header
+    assert "KIVI excess removed" not in apart and "matched at" not in apart
+    assert "| p2.5 | p2.5 | 2.5 |" in matched and "| 75% | R 0, block 128, sinks 0 |" in matched
+    assert matched.splitlines()[2].split("|")[3].strip() == "–"  # fp is the reference, at no budget
+    # One policy for every row: no policy column.
+    same = [dict(r, policy=R32 if r["family"] != "fp" else None) for r in rows]
+    assert "policy" not in to_markdown(same).splitlines()[0]

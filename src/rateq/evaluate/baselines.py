@@ -9,14 +9,21 @@ budget, a name without it is expanded at every `--budget`:
 | `KxVy[:SPEC]` | fixed split, x-bit keys and y-bit values, quantizer SPEC (default `minmax-g32-fp16`) |
 | `kivi@B` | uniform KIVI-style b bits, asymmetric min-max, group size chosen so that b + 32/G = B |
 | `splits@B` | every fixed split KxVy (x ≠ y, |x − y| ≤ 2) whose bits and group size match B exactly |
-| `wnorm@B` | data-free greedy from key/value projection weight norms with D ∝ ‖W‖²·2^(−2b) (seed 001's allocator) |
+| `wnorm@B` | keys-favoured, data-free greedy from key/value projection weight norms with D ∝ ‖W‖²·2^(−2b) |
 | `waterfill@B` | RateQuant-style: fitted D(b) = α·β^(−b) per head and reverse waterfilling (`rateq.solve`) |
 | `rateq@B` | rateq's own plan: `rateq.calibrate` + `rateq.solve` at budget B |
 | `rank@B`, `rankR` | per-head PCA keeping r of D dims in fp16 (r = B·D/16); `rankR` keeps R dims |
 | `hybrid@B` | PCA to D/2 dims, then KIVI-style quantization of the coefficients at the bits that fit B |
 | `rot-{identity,hadamard,random,pca}@B`, `rotations@B` | `kivi@B` after rotating each head by an orthogonal matrix |
-| `reference` | DESIGN.md's reference table: fp, K8V8 … K2V2 and rank 32/16 of 64, fp32 scales |
-| a `.safetensors` path | a profile (`rateq.load_profile`) |
+| `reference` | the reference table of `results/reference.md`: fp, K8V8 … K2V2 and rank 32/16 of 64, fp32 scales |
+| a `.safetensors` path | a profile (`rateq.load_profile`), run under its own cache policy |
+
+Names of fixed storage (`fp`, `KxVy`, `rankR`, `reference`, profiles) take no `@B`. `parse_name` checks a name
+without a model, `check_name` adds every check that needs only the model's config.
+
+Matched storage: a row is *matched* at a compared budget B when it was built for B and stores at most B
+effective bits, or when it stores exactly B (a fixed split, a profile); other rows are reported apart, as
+not matched, and get no KIVI comparison. Every default baseline is built at the compared budgets.
 
 Storage accounting: `effective_bits` = code bits + metadata bits (scales, zero-points) per element, the same
 count as `QuantSpec.bits_per_element`. Rank reduction stores `r` fp16 coefficients per token and head:
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,8 +52,8 @@ from .transforms import KVBases, kv_bases, projected_transform, rank_transform, 
 GROUP_SIZES = (16, 32, 64, 128)  # group sizes the matched-bits searches may use (all divide a 128-token block)
 ROTATIONS = ("identity", "hadamard", "random", "pca")
 REFERENCE_SPLITS = ((8, 8), (4, 4), (4, 3), (3, 4), (3, 3), (4, 2), (3, 2), (2, 4), (2, 3), (2, 2))
-REFERENCE_SPEC = QuantSpec(scale_dtype="fp32")  # DESIGN.md's table keeps scales and zero-points in fp32
-DEFAULT_BASELINES = ("fp", "kivi", "splits", "wnorm", "rank", "hybrid")
+REFERENCE_SPEC = QuantSpec(scale_dtype="fp32")  # the reference table keeps scales and zero-points in fp32
+DEFAULT_BASELINES = ("fp", "kivi", "splits", "wnorm", "rank", "hybrid")  # all matched: built at each budget
 _TOL = 1e-9
 
 
@@ -236,7 +243,7 @@ def greedy_allocate(sensitivity: torch.Tensor, spec: QuantSpec, budget: float, *
 
 
 def weight_norm(model, budget: float, *, spec: QuantSpec = QuantSpec(group_size=64), bits=range(1, 9)) -> Method:
-    """Seed 001's data-free allocator, per head: sensitivity ‖W_k,h‖²_F (keys) and ‖W_v,h‖²_F (values), fixed
+    """A data-free allocator, per head: sensitivity ‖W_k,h‖²_F (keys) and ‖W_v,h‖²_F (values), fixed
     2^(−2b) law, greedy to the budget. One quantizer (`spec`) for every unit."""
     fp = fingerprint(model)
     L, H = fp.num_layers, fp.num_kv_heads
@@ -271,15 +278,20 @@ def rateq_plan(context: BaselineContext, budget: float) -> Method:
                             notes=f"K {plan.mean_bits('k'):.2f} / V {plan.mean_bits('v'):.2f} mean code bits")
 
 
-def profile(path: str, model=None) -> Method:
-    """A saved profile; with `model`, its fingerprint is checked against it."""
+def profile(path: str, model=None, *, own_policy: bool = True, overrides: dict | None = None) -> Method:
+    """A saved profile; with `model` (a model, its config or a fingerprint), its fingerprint is checked first.
+
+    The row runs under the profile's own cache policy (`plan.policy`) with `overrides` (any of residual,
+    block, sinks) replaced; `own_policy=False` leaves the policy to the evaluation instead."""
     try:
         from ..profile import load_profile
     except ImportError:
         raise RateQError("loading profiles needs rateq.load_profile, which this rateq does not provide") from None
     plan = load_profile(path, model)
+    policy = replace(plan.policy, **(overrides or {})) if own_policy else None
     return Method.from_plan(plan, Path(path).stem, family="rateq", label=f"profile {Path(path).name}",
-                            notes=f"K {plan.mean_bits('k'):.2f} / V {plan.mean_bits('v'):.2f} mean code bits")
+                            notes=f"K {plan.mean_bits('k'):.2f} / V {plan.mean_bits('v'):.2f} mean code bits",
+                            policy=policy)
 
 
 # -- transform-based baselines --------------------------------------------------------------------------------
@@ -349,7 +361,7 @@ def rotated(context: BaselineContext, kind: str, budget: float, *, seed: int = 0
 
 
 def reference(model) -> list[Method]:
-    """DESIGN.md's reference table (fp32 scales and zero-points, groups of 32, R = 0)."""
+    """The reference table of `results/reference.md` (fp32 scales and zero-points, groups of 32, R = 0)."""
     fp = fingerprint(model)
     out = [full_precision()]
     for kb, vb in REFERENCE_SPLITS:
@@ -366,6 +378,43 @@ def reference_rank(context: BaselineContext) -> list[Method]:
 # -- names ----------------------------------------------------------------------------------------------------
 _BUDGETED = ("kivi", "splits", "wnorm", "waterfill", "rateq", "rank", "hybrid", "rotations") + tuple(
     f"rot-{k}" for k in ROTATIONS)
+_NEED_CALIBRATION = ("rank", "rank-fixed", "hybrid", "rotations", "rot-pca", "reference")  # PCA bases
+
+
+def check_budget(value, what: str = "budget") -> float:
+    """`value` as a positive, finite number of effective bits per element, or a RateQError naming `what`."""
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        raise RateQError(f"{what} must be a number of effective bits per element, e.g. 2.5; got {value!r}") from None
+    if not math.isfinite(budget) or budget <= 0:
+        raise RateQError(f"{what} must be a positive, finite number of effective bits per element, got {value}")
+    return budget
+
+
+@dataclass(frozen=True)
+class BaselineName:
+    """A parsed baseline name: what `build` will construct, known before any model is loaded.
+
+    `kind` is `fp`, `reference`, `rank-fixed` (rankR), `split` (KxVy[:SPEC]), `profile` (a path), or one of
+    the budgeted families (`kivi`, `splits`, `wnorm`, `waterfill`, `rateq`, `rank`, `hybrid`, `rotations`,
+    `rot-KIND`), which are built once per entry of `budgets`."""
+
+    text: str
+    kind: str
+    budgets: tuple[float, ...] = ()
+    split: tuple[int, int, QuantSpec] | None = None
+    rank: int | None = None
+    path: str | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the rows need calibration text (PCA bases; curves for waterfill / rateq unless given)."""
+        return self.kind in _NEED_CALIBRATION or self.kind in ("waterfill", "rateq")
+
+    @property
+    def needs_curves(self) -> bool:
+        return self.kind in ("waterfill", "rateq")
 
 
 def _parse_split(name: str):
@@ -376,56 +425,140 @@ def _parse_split(name: str):
     k, _, v = head[1:].partition("V")
     if not (k.isdigit() and v.isdigit()):
         return None
-    return int(k), int(v), (parse_spec(spec) if spec else QuantSpec())
+    k, v = int(k), int(v)
+    for role, b in (("key", k), ("value", v)):
+        if not (1 <= b <= 8 or b == FULL_PRECISION_BITS):
+            raise RateQError(f"baseline {name!r}: {role} bits must be 1..8 or {FULL_PRECISION_BITS}, got {b}")
+    return k, v, (parse_spec(spec) if spec else QuantSpec())
 
 
-def build(name: str, model, *, budgets=(), context: BaselineContext | None = None) -> list[Method]:
-    """The methods a baseline name stands for (see the module docstring for the names)."""
-    context = context or BaselineContext(model)
-    fp = fingerprint(model)
-    name = name.strip()
-    if name.endswith(".safetensors") or Path(name).is_file():
-        return [profile(name, model)]
-    base, at, b = name.partition("@")
+def _known(base: str) -> bool:
+    key = base.lower()
+    if key in ("fp", "reference") or key in _BUDGETED or (key.startswith("rank") and key[4:].isdigit()):
+        return True
+    head = base.partition(":")[0].upper()
+    k, _, v = head[1:].partition("V")
+    return head.startswith("K") and k.isdigit() and v.isdigit()
+
+
+def is_profile_name(name: str) -> bool:
+    """Whether a baseline name stands for a profile: a `.safetensors` path, or an existing file whose name is
+    not a baseline's."""
+    text = str(name).strip()
+    return text.endswith(".safetensors") or (Path(text).is_file() and not _known(text.partition("@")[0]))
+
+
+def parse_name(name: str, budgets=()) -> BaselineName:
+    """Parse a baseline name (see the module docstring) without a model: unknown names, malformed `@BITS`,
+    bad quantizer ids, missing profiles and budgeted names without any budget raise RateQError."""
+    text = str(name).strip()
+    if not text:
+        raise RateQError("empty baseline name; use e.g. kivi, K3V2 or rank16")
+    base, at, bits = text.partition("@")
+    key = base.lower()
     if at:
-        try:
-            budget_list = [float(b)]
-        except ValueError:
-            raise RateQError(f"bad budget in {name!r}: expected NAME@BITS, e.g. kivi@2.5") from None
+        given = (check_budget(bits, f"the budget in baseline {text!r} (NAME@BITS)"),)
     else:
-        budget_list = list(budgets)
-    if base == "fp":
-        return [full_precision()]
-    if base == "reference":
-        return reference(model) + reference_rank(context)
-    if base.startswith("rank") and base[4:].isdigit():
-        return [rank(context, r=int(base[4:]))]
+        given = tuple(check_budget(b, "--budget") for b in budgets)
+
+    def fixed(kind: str, **kw) -> BaselineName:
+        if at:
+            raise RateQError(f"baseline {base!r} has a fixed storage and takes no @BITS; write {base}, or pick a "
+                             f"budgeted family such as kivi@{bits}")
+        return BaselineName(text, kind, **kw)
+
+    if key == "fp":
+        return fixed("fp")
+    if key == "reference":
+        return fixed("reference")
+    if key.startswith("rank") and key[4:].isdigit():
+        r = int(key[4:])
+        if r < 1:
+            raise RateQError(f"baseline {text!r}: the rank must be at least 1")
+        return fixed("rank-fixed", rank=r)
     split = _parse_split(base)
     if split is not None:
-        return [fixed_split(fp, *split, name=base)]
-    if base not in _BUDGETED:
-        raise RateQError(f"unknown baseline {name!r}; use fp, KxVy[:SPEC], rankR, reference, a profile path, or "
-                         f"one of {', '.join(_BUDGETED)} (with @BITS or --budget)")
-    if not budget_list:
-        raise RateQError(f"baseline {base!r} needs an effective-bits budget: {base}@2.5, or --budget 2.5")
+        return fixed("split", split=split)
+    if key in _BUDGETED:
+        if not given:
+            raise RateQError(f"baseline {key!r} needs an effective-bits budget: {key}@2.5, or --budget 2.5")
+        return BaselineName(text, key, budgets=given)
+    if is_profile_name(text):
+        if not Path(text).is_file():
+            raise RateQError(f"profile {text} does not exist")
+        return BaselineName(text, "profile", path=text)
+    raise RateQError(f"unknown baseline {text!r}; use fp, KxVy[:SPEC], rankR, reference, a profile path, or "
+                     f"one of {', '.join(_BUDGETED)} (with @BITS or --budget)")
+
+
+def check_name(name: str, budgets=(), *, config=None, curves=None) -> BaselineName:
+    """`parse_name`, then, given the model's `config` (no weights needed), every check of `build` that needs
+    only the model's shape: matched bits that exist for its head_dim, ranks within it, Hadamard sizes, a
+    profile's fingerprint. With `curves`, waterfill / rateq budgets are checked against the curves' range."""
+    parsed = parse_name(name, budgets)
+    if curves is not None and parsed.needs_curves:
+        from ..solve import budget_range
+
+        lo, hi = budget_range(curves.quantizers, curves.bits)
+        for b in parsed.budgets:
+            if not lo - _TOL <= b <= hi + _TOL:
+                raise RateQError(f"baseline {parsed.text!r}: budget {b:g} is outside the range [{lo:.4f}, {hi:.4f}] "
+                                 f"the curves can be solved for")
+    if config is None:
+        if parsed.kind == "profile":
+            profile(parsed.path)
+        elif parsed.kind == "wnorm":
+            for b in parsed.budgets:
+                _wnorm_fits(b)
+        return parsed
+    if parsed.kind == "wnorm":
+        for b in parsed.budgets:
+            _wnorm_fits(b)
+    elif not parsed.needs_curves:
+        build(parsed, config, context=BaselineContext(config))  # a dry build: plans and shapes, no data
+    return parsed
+
+
+def _wnorm_fits(budget: float, spec: QuantSpec = QuantSpec(group_size=64)) -> None:
+    if spec.bits_per_element(1) > budget + _TOL:
+        raise RateQError(f"wnorm@{_fmt(budget)}: 1 bit with {spec.id} already costs {spec.bits_per_element(1)} "
+                         f"effective bits, more than the budget")
+
+
+def build(name, model, *, budgets=(), context: BaselineContext | None = None) -> list[Method]:
+    """The methods a baseline name (or a `parse_name` result) stands for (see the module docstring)."""
+    parsed = name if isinstance(name, BaselineName) else parse_name(name, budgets)
+    context = context or BaselineContext(model)
+    kind = parsed.kind
+    if kind == "fp":
+        return [full_precision()]
+    if kind == "profile":
+        return [profile(parsed.path, model)]
+    if kind == "reference":
+        return reference(model) + reference_rank(context)
+    if kind == "rank-fixed":
+        return [rank(context, r=parsed.rank)]
+    if kind == "split":
+        return [fixed_split(fingerprint(model), *parsed.split, name=parsed.text)]
+    fp = fingerprint(model)
     out: list[Method] = []
-    for budget in budget_list:
-        if base == "kivi":
+    for budget in parsed.budgets:
+        if kind == "kivi":
             out.append(kivi(fp, budget))
-        elif base == "splits":
+        elif kind == "splits":
             out.extend(splits(fp, budget))
-        elif base == "wnorm":
+        elif kind == "wnorm":
             out.append(weight_norm(model, budget))
-        elif base == "waterfill":
+        elif kind == "waterfill":
             out.append(waterfill(context, budget))
-        elif base == "rateq":
+        elif kind == "rateq":
             out.append(rateq_plan(context, budget))
-        elif base == "rank":
+        elif kind == "rank":
             out.append(rank(context, budget=budget))
-        elif base == "hybrid":
+        elif kind == "hybrid":
             out.append(hybrid(context, budget))
-        elif base == "rotations":
+        elif kind == "rotations":
             out.extend(rotated(context, k, budget) for k in ROTATIONS)
         else:
-            out.append(rotated(context, base[4:], budget))
+            out.append(rotated(context, kind[4:], budget))
     return out

@@ -26,10 +26,12 @@ from ..quant.rope import capture_rope
 from ..policy import CachePolicy
 from ..simulate import simulate
 from ..text import text_windows
+from .baselines import check_budget
 from .method import Method
 from .metrics import RoutingProbe, TokenStats
 
 Progress = Callable[[int, int, str], None]
+DEFAULT_CHAR_START = 100_000  # where evaluation text starts by default (past front matter; `rateq apply` agrees)
 
 
 @dataclass
@@ -100,7 +102,9 @@ def _windows(data, tokenizer, n_windows, seq_len, seed, char_start) -> torch.Ten
     raise RateQError(f"data must be token ids (a LongTensor) or a text name, got {type(data).__name__}")
 
 
-def _resolve(model, items, *, budgets, context) -> list[Method]:
+def _resolve(model, items, *, budgets, context, own_policy: bool) -> list[Method]:
+    """Methods for `items`, full precision first (added when not asked for). With `own_policy`, plans and
+    profiles run under their own cache policy."""
     from . import baselines
 
     out: list[Method] = []
@@ -108,11 +112,17 @@ def _resolve(model, items, *, budgets, context) -> list[Method]:
         if isinstance(item, Method):
             out.append(item)
         elif isinstance(item, Plan):
-            out.append(Method.from_plan(item))
+            out.append(Method.from_plan(item, policy=item.policy if own_policy else None))
         elif isinstance(item, (str, Path)):
-            out.extend(baselines.build(str(item), model, budgets=budgets, context=context))
+            parsed = baselines.parse_name(str(item), budgets)
+            if parsed.kind == "profile":
+                out.append(baselines.profile(parsed.path, model, own_policy=own_policy))
+            else:
+                out.extend(baselines.build(parsed, model, context=context))
         else:
             raise RateQError(f"cannot evaluate a {type(item).__name__}: pass a Plan, a Method or a baseline name")
+    full = [m for m in out if m.is_full_precision]
+    out = (full or [baselines.full_precision()]) + [m for m in out if not m.is_full_precision]
     names = [m.name for m in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -120,39 +130,62 @@ def _resolve(model, items, *, budgets, context) -> list[Method]:
     return out
 
 
+def matched_budget(effective_bits: float, budget: float | None, budgets: Iterable[float], *,
+                   tol: float = 1e-6) -> float | None:
+    """The compared budget a row is matched at: one it was built for and stays within, else one it stores
+    exactly; None when it is at none of `budgets` (another storage: not comparable at matched bits)."""
+    budgets = list(budgets)
+    if budget is not None:
+        for b in budgets:
+            if abs(budget - b) <= tol and effective_bits <= b + tol:
+                return b
+    for b in budgets:
+        if abs(effective_bits - b) <= tol:
+            return b
+    return None
+
+
 @torch.no_grad()
 def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=None,
-             policy: CachePolicy = CachePolicy(residual=0), budgets: Iterable[float] | None = None,
-             n_windows: int = 4, seq_len: int = 1024, seed: int | None = None, char_start: int = 0,
+             policy: CachePolicy | None = None, budgets: Iterable[float] | None = None,
+             n_windows: int = 4, seq_len: int = 1024, seed: int | None = None, char_start: int = DEFAULT_CHAR_START,
              batch_size: int = 1, flips: bool = True, flip_layers: Iterable[int] | None = None,
              calibration=None, curves=None, progress: Progress | None = None) -> Evaluation:
     """Evaluate plans and baselines on the same windows.
 
     - `data`: token ids `(N, T)`, or a text name (`austen-pp`, a file, …) cut into `n_windows` windows of
-      `seq_len` tokens (`seed=None`: consecutive from `char_start`; otherwise seeded random windows).
+      `seq_len` tokens after skipping `char_start` characters (`seed=None`: consecutive windows; otherwise
+      seeded random ones). The default start, 100000, is `rateq eval`'s and `rateq apply`'s.
     - `methods`: Plans, `Method`s, or baseline names (`fp`, `K4V2`, `kivi@2.5`, `splits`, `wnorm`, `rank`,
       `hybrid`, `rot-hadamard`, `waterfill`, `rateq`, `reference`, a profile path …; see
-      `rateq.evaluate.baselines`). Names without `@B` are expanded at every budget in `budgets`.
-    - `policy`: which tokens the cache holds quantized (R = 0: the papers' protocol).
+      `rateq.evaluate.baselines`). Names without `@B` are expanded at every budget in `budgets`. A full-precision
+      row (`fp`) is always evaluated, first: it is the reference of KL, flips and ΔPPL.
+    - `budgets`: the compared budgets. Each row is matched at one of them (`compared_at`) when it was built for
+      it and stays within it, or stores exactly it; other rows are at another storage (`compared_at` None).
+      Default: the budgets the rows were built for.
+    - `policy`: which tokens the cache holds quantized (R = 0: the papers' protocol). None: plans and profiles
+      run under their own `plan.policy`, every other row under `CachePolicy()` (R = 0, key block 32, no
+      sinks); a policy given applies to every row without a policy of its own (`Method.policy`). Each row's
+      key block is raised to a multiple of its key groups (`Method.policy_for`); rows report their policy.
     - `calibration`: token ids or a text name for the baselines that need calibration data (PCA bases,
       curves); default `austen-emma`, 2 windows of `seq_len`. `curves`: distortion curves for `waterfill`
       and `rateq` rows (calibrated on demand otherwise).
     - `flips`: measure routing flips (an extra `(B, Hq, T, T)` score product per probed layer; `flip_layers`
       restricts it to some layers).
 
-    Returns an `Evaluation` whose rows hold name, family, nominal and effective bits, ppl, nll, kl,
-    flip_rate, key_flip_rate, delta_ppl and seconds.
+    Returns an `Evaluation` whose rows hold name, family, nominal and effective bits, compared_at, policy,
+    ppl, nll, kl, flip_rate, key_flip_rate, delta_ppl and seconds.
     """
     from .baselines import BaselineContext
 
     if isinstance(methods, (str, Plan, Method, Path)):
         methods = [methods]
     ids = _windows(data, tokenizer, n_windows, seq_len, seed, char_start)
-    budgets = [float(b) for b in budgets] if budgets is not None else []
+    budgets = [check_budget(b, "budget") for b in budgets] if budgets is not None else []
     context = BaselineContext(model, tokenizer, calibration=calibration, curves=curves, seq_len=int(ids.shape[1]))
-    resolved = _resolve(model, methods, budgets=budgets, context=context)
-    if not resolved:
-        raise RateQError("nothing to evaluate: give at least one plan or baseline")
+    resolved = _resolve(model, methods, budgets=budgets, context=context, own_policy=policy is None)
+    compared = budgets or sorted({m.budget for m in resolved if m.budget is not None and not m.is_full_precision})
+    policy = CachePolicy() if policy is None else policy
 
     device = next(model.parameters()).device
     tokens = {m.name: TokenStats() for m in resolved}
@@ -226,6 +259,8 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
                    key_flip_rate=(probe.stats.key_flip_rate if probe else
                                   (0.0 if m.is_full_precision and flips else None)),
                    delta_ppl=(st.ppl - fp_ppl) if fp_ppl is not None else None, tokens=st.tokens,
+                   compared_at=None if m.is_full_precision else matched_budget(m.effective_bits, m.budget, compared),
+                   policy=None if m.is_full_precision else m.policy_for(policy).to_dict(),
                    routing_decisions=probe.stats.decisions if probe else None,
                    seconds=round(seconds[m.name], 2))
         rows.append(row)
@@ -233,7 +268,7 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
         "model": getattr(model, "rateq_name", None) or getattr(model.config, "name_or_path", "model"),
         "data": data if isinstance(data, str) else "token ids",
         "windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "seed": seed, "char_start": char_start,
-        "policy": policy.to_dict(), "budgets": budgets, "flip_layers": sorted(layers) if layers else "all",
+        "policy": policy.to_dict(), "budgets": compared, "flip_layers": sorted(layers) if layers else "all",
         "calibration": context.describe(),
     }
     return Evaluation(rows, settings, resolved)

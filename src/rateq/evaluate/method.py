@@ -18,7 +18,8 @@ class Method:
     `nominal_bits` are code bits per cached element; `effective_bits` add metadata (scales, zero-points) and,
     for rank reduction, count the kept coefficients — what `--budget` means. `key_group` is the token-group
     size of the keys' quantizer: the evaluation's key block must be a multiple of it (KIVI quantizes keys
-    block by block, one group per block).
+    block by block, one group per block). `policy` is the row's own cache policy (a profile's); None runs the
+    row under the evaluation's policy.
     """
 
     name: str
@@ -32,13 +33,16 @@ class Method:
     label: str = ""
     notes: str = ""
     info: dict = field(default_factory=dict)
+    policy: CachePolicy | None = None
 
     @property
     def is_full_precision(self) -> bool:
         return self.build is None
 
     def policy_for(self, policy: CachePolicy) -> CachePolicy:
-        """`policy` with its key block raised to a multiple of this method's key group size."""
+        """The policy this row runs under: its own if it has one, else `policy`, with the key block raised to a
+        multiple of this method's key group size."""
+        policy = self.policy if self.policy is not None else policy
         block = policy.block * self.key_group // math.gcd(policy.block, self.key_group)
         return policy if block == policy.block else replace(policy, block=block)
 
@@ -50,12 +54,14 @@ class Method:
 
     @classmethod
     def from_plan(cls, plan: Plan, name: str | None = None, *, family: str = "plan", label: str = "",
-                  notes: str = "", budget: float | None = None) -> "Method":
-        """A plan run through the one-pass evaluation with its own quantizers."""
+                  notes: str = "", budget: float | None = None, policy: CachePolicy | None = None) -> "Method":
+        """A plan run through the one-pass evaluation with its own quantizers; under `policy` if given (e.g.
+        `plan.policy`), else under the evaluation's policy."""
         groups = [q.group_size for q in plan.quantizers if q.axis_for("k") == "tokens"]
         key_group = math.lcm(*groups) if groups else 1
         return cls(
             name=name or f"plan@{plan.effective_bits:.3g}", family=family, nominal_bits=plan.nominal_bits,
             effective_bits=plan.effective_bits, build=lambda policy, rope=None: plan_transform(plan, policy, rope), plan=plan,
-            budget=plan.budget_bits if budget is None else budget, key_group=key_group, label=label, notes=notes,
+            budget=plan.budget_bits if budget is None else budget, key_group=key_group, policy=policy, label=label,
+            notes=notes,
         )

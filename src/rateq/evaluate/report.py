@@ -18,53 +18,122 @@ def _num(x, fmt: str) -> str:
     return format(x, fmt)
 
 
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def _compared(row: dict):
+    """The budget a row is matched at: its `compared_at` (rows of `evaluate`), or its effective bits for rows
+    that do not say (a hand-made list: rows compare at equal storage)."""
+    return row["compared_at"] if "compared_at" in row else round(row["effective_bits"], 6)
+
+
 def kivi_excess_removed(rows: list[dict]) -> dict[str, float]:
-    """For each row with a `kivi` row at the same effective bits: the share of KIVI's excess perplexity (over
-    full precision) that the row removes, 1 − (ppl − fp) / (ppl_kivi − fp)."""
+    """For each row matched at a budget that a `kivi` row is matched at too: the share of KIVI's excess
+    perplexity (over full precision) that the row removes, 1 − (ppl − fp) / (ppl_kivi − fp). Rows at another
+    storage than the compared budgets get none."""
     fp = next((r["ppl"] for r in rows if r["family"] == "fp"), None)
     if fp is None:
         return {}
-    kivi = {round(r["effective_bits"], 6): r["ppl"] for r in rows if r["name"].startswith("kivi@")}
+    kivi = {_compared(r): r["ppl"] for r in rows if r["name"].startswith("kivi@") and _compared(r) is not None}
     out = {}
     for r in rows:
-        ref = kivi.get(round(r["effective_bits"], 6))
+        at = _compared(r)
+        ref = kivi.get(at) if at is not None else None
         if ref is not None and ref > fp and r["family"] != "fp":
             out[r["name"]] = 1.0 - (r["ppl"] - fp) / (ref - fp)
     return out
 
 
+def policy_text(policy: dict | None) -> str:
+    if not policy:
+        return "–"
+    return f"R {policy.get('residual')}, block {policy.get('block')}, sinks {policy.get('sinks')}"
+
+
+def _policies(rows: list[dict]) -> set[str]:
+    return {policy_text(r.get("policy")) for r in rows if r.get("family") != "fp" and r.get("policy")}
+
+
+def _table(rows: list[dict], removed: dict, *, matched_column: bool, kivi_column: bool,
+           policy_column: bool) -> list[str]:
+    head = ["method", "what"] + (["matched at"] if matched_column else []) + [
+        "nominal bits", "effective bits", "PPL", "ΔPPL", "KL (nats)", "flips", "key flips"]
+    head += (["KIVI excess removed"] if kivi_column else []) + (["policy"] if policy_column else [])
+    align = ["---", "---"] + ["---:"] * (len(head) - 2 - policy_column) + (["---"] if policy_column else [])
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
+    for r in rows:
+        flips, kflips = r.get("flip_rate"), r.get("key_flip_rate")
+        cells = [r["name"], r.get("label", "")]
+        if matched_column:
+            at = r.get("compared_at")
+            cells.append("–" if r.get("family") == "fp" else _num(at, "g"))
+        cells += [_num(r["nominal_bits"], ".3f"), _num(r["effective_bits"], ".3f"), _num(r["ppl"], ".2f"),
+                  _num(r.get("delta_ppl"), "+.2f"), _num(r.get("kl"), ".4f"),
+                  _pct(flips), _pct(kflips)]
+        if kivi_column:
+            cells.append(_num(None if r["name"] not in removed else 100 * removed[r["name"]], ".0f")
+                         + ("%" if r["name"] in removed else ""))
+        if policy_column:
+            cells.append(policy_text(r.get("policy")))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
 def to_markdown(result: Evaluation | list[dict], *, title: str | None = None) -> str:
-    """A markdown table of the rows: nominal and effective bits, PPL, ΔPPL, KL, flip rates, KIVI excess removed."""
+    """Markdown tables of the rows: nominal and effective bits, PPL, ΔPPL, KL, flip rates, KIVI excess removed.
+
+    With compared budgets, the first table holds full precision and the rows matched at a budget (column
+    "matched at", grouped by budget); rows at any other storage follow in a second table headed "Not matched",
+    without a KIVI comparison. A "policy" column appears when the rows ran under different cache policies."""
     rows = list(result)
+    budgets = list(result.settings.get("budgets") or []) if isinstance(result, Evaluation) else []
+    budgets = budgets or sorted({r["compared_at"] for r in rows if r.get("compared_at") is not None})
     removed = kivi_excess_removed(rows)
+    policy_column = len(_policies(rows)) > 1
     lines = []
     if title:
         lines += [f"### {title}", ""]
-    lines.append("| method | what | nominal bits | effective bits | PPL | ΔPPL | KL (nats) | flips | key flips | "
-                 "KIVI excess removed |")
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        flips = r.get("flip_rate")
-        kflips = r.get("key_flip_rate")
-        lines.append(
-            f"| {r['name']} | {r.get('label', '')} | {_num(r['nominal_bits'], '.3f')} | "
-            f"{_num(r['effective_bits'], '.3f')} | {_num(r['ppl'], '.2f')} | {_num(r.get('delta_ppl'), '+.2f')} | "
-            f"{_num(r.get('kl'), '.4f')} | {_num(None if flips is None else 100 * flips, '.2f')}% | "
-            f"{_num(None if kflips is None else 100 * kflips, '.2f')}% | "
-            f"{_num(None if r['name'] not in removed else 100 * removed[r['name']], '.0f')}"
-            f"{'%' if r['name'] in removed else ''} |"
-        )
+    if not budgets:  # no comparison at matched storage: one table, rows at their own storage
+        lines += _table(rows, removed, matched_column=False, kivi_column=True, policy_column=policy_column)
+        return "\n".join(lines) + "\n"
+    fp = [r for r in rows if r.get("family") == "fp"]
+    order = {b: i for i, b in enumerate(budgets)}
+    matched = [r for r in rows if r.get("family") != "fp" and r.get("compared_at") is not None]
+    matched.sort(key=lambda r: order.get(r["compared_at"], len(order)))  # stable: input order within a budget
+    other = [r for r in rows if r.get("family") != "fp" and r.get("compared_at") is None]
+    lines += _table(fp + matched, removed, matched_column=True, kivi_column=True, policy_column=policy_column)
+    if other:
+        shown = ", ".join(f"{b:g}" for b in budgets)
+        lines += ["", f"Not matched: at other storage than the compared budgets ({shown} effective bits), so "
+                      "not comparable at matched bits (no KIVI comparison):", ""]
+        lines += _table(other, removed, matched_column=False, kivi_column=False, policy_column=policy_column)
     return "\n".join(lines) + "\n"
 
 
-def _settings_md(settings: dict) -> str:
+def describe_settings(settings: dict, rows: list[dict] | None = None) -> str:
+    """One paragraph: model, data, windows, the cache policies the rows ran under, what flips count."""
     pol = settings.get("policy", {})
-    return (f"Model `{settings.get('model')}`, data `{settings.get('data')}`: {settings.get('windows')} windows × "
-            f"{settings.get('seq_len')} tokens (seed {settings.get('seed')}, from character "
-            f"{settings.get('char_start')}), teacher-forced one-pass simulation with residual "
-            f"{pol.get('residual')}, key block {pol.get('block')}, sinks {pol.get('sinks')}. Flips: share of "
-            f"(query, query head) pairs of layers {settings.get('flip_layers')} whose most-attended key differs "
-            f"from the full-precision model's (`flips`) or from the same query on exact keys (`key flips`).")
+    policies = sorted(_policies(rows or []))
+    if len(policies) > 1:
+        how = ("cache policies per row (see the policy column: profiles keep their own, each key block is a "
+               "multiple of the row's key groups)")
+    elif policies:
+        how = f"cache policy {policies[0]}"
+    else:
+        how = f"cache policy {policy_text(pol)}"
+    budgets = settings.get("budgets") or []
+    compared = (f" Compared at {', '.join(f'{b:g}' for b in budgets)} effective bits per element." if budgets
+                else "")
+    seed = settings.get("seed")
+    drawn = "consecutive" if seed is None else f"drawn with seed {seed}"
+    layers = settings.get("flip_layers")
+    layers = "every layer" if layers in (None, "all") else f"layers {layers}"
+    return (f"Model `{settings.get('model')}`, data `{settings.get('data')}`: {settings.get('windows')} × "
+            f"{settings.get('seq_len')} tokens ({drawn}, from character {settings.get('char_start')}), "
+            f"teacher-forced one-pass simulation, {how}.{compared} Flips: share of (query, query head) pairs of "
+            f"{layers} whose most-attended key differs from the full-precision model's (`flips`) or from the "
+            f"same query on exact keys (`key flips`).")
 
 
 def plot_ppl_vs_bits(rows: list[dict], path: Path, *, title: str = "") -> Path:
@@ -201,7 +270,7 @@ def write_report(result: Evaluation, out_dir, *, curves=None, title: str = "rate
     doc = {"settings": result.settings, "rows": rows, "kivi_excess_removed": removed}
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     paths["json"] = out / "results.json"
-    md = [f"# {title}", "", _settings_md(result.settings), "", to_markdown(rows), ""]
+    md = [f"# {title}", "", describe_settings(result.settings, rows), "", to_markdown(result), ""]
     md += ["Effective bits count code bits plus scales and zero-points per element; rank reduction counts its fp16 "
            "coefficients, its basis being a per-model constant (see notes).", ""]
     notes = [(r["name"], r["notes"]) for r in rows if r.get("notes")]
