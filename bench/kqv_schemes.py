@@ -1,4 +1,5 @@
-"""Seed 002's comparison on the default model: KV vs KQV vs QKQV at n total bits per element.
+"""KV vs KQV vs QKQV on the default model at n total bits per element: MSE-optimal Lloyd–Max codebooks against
+TurboQuant-prod (Lloyd–Max at n − 1 bits + a 1-bit QJL sketch of the residual) on values, or on keys and values.
 
     python bench/kqv_schemes.py                          # 2 x 512 tokens of Pride and Prejudice, n = 2..6
     python bench/kqv_schemes.py --windows 4 --seq-len 1024 --no-kivi
@@ -13,7 +14,8 @@ keys' error). Reported per row: effective bits (codes + norms), KL(fp ‖ quanti
 per token, perplexity, and the relative MSE Σ‖K − K̂‖² / Σ‖K‖² of the stored keys (likewise values) over all
 layers. The ratio column is the row's KL over KV's at the same n. KIVI (min-max g32, fp16 scale + zero) at the
 same code bits is printed for scale. QJL's reconstruction is unbiased for inner products but not an MSE
-reconstruction, so its key error is expected to be larger; the seed's point is what softmax does with that.
+reconstruction, so its key error is expected to be larger; the question is what softmax does with that (an
+unbiased but noisier attention score against a biased but closer one).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python bench/quality.py                                  # the README table: 4 x 1024 tokens per text
     python bench/quality.py --windows 2 --seq-len 512        # cheaper
-    python bench/quality.py --only-reference                 # DESIGN.md's reference table alone
+    python bench/quality.py --only-reference                 # the reference table alone (results/reference.md)
     python bench/quality.py --device cuda --out quality-out  # reports (markdown, JSON, PNG) per text
 
 Steps, all in this process: calibrate `--model` on `--calib` (curves for every quantizer in `--quantizers` and
@@ -11,7 +11,7 @@ precision, rateq's plan, RateQuant-style waterfilling on the same curves, KIVI a
 fixed K/V splits that match it, the weight-norm allocator, rank reduction, rank + quantization, rotations, and
 a ladder of uniform and split rows at equal or larger storage. Each row states nominal and effective bits;
 "KIVI excess removed" is 1 − (PPL − fp) / (PPL_KIVI − fp) at the same effective bits. Finally the reference
-table of DESIGN.md (fp32 scales, R = 0) is re-measured on its own windows and printed beside its figures.
+table (`REFERENCE_FIGURES`: fp32 scales, R = 0) is re-measured on its own windows and printed beside its figures.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from rateq.evaluate import baselines as bl
 from rateq.evaluate import Method, evaluate, to_markdown, write_report
 from rateq.evaluate.report import kivi_excess_removed
 
-# DESIGN.md: smollm2-135m, Pride and Prejudice, 4 x 1024 tokens from character 100000, fp32 scales, R = 0.
-DESIGN_REFERENCE = {
+# The reference figures rateq was specified against (results/reference.md): PPL of smollm2-135m on Pride and
+# Prejudice, 4 x 1024 tokens from character 100000, KIVI-style min-max g32 with fp32 scales, R = 0; rank rows keep
+# 32 or 16 of 64 dims in a per-head PCA basis.
+REFERENCE_FIGURES = {
     "fp": 24.88, "K8V8": 24.88, "K4V4": 25.33, "K4V3": 25.89, "K3V4": 26.24, "K3V3": 27.09, "K4V2": 28.71,
     "K3V2": 30.24, "K2V4": 34.95, "K2V3": 35.13, "K2V2": 42.83, "rank32": 81.89, "rank16": 290.1,
 }
@@ -57,12 +59,12 @@ def reference_table(model, tok, args) -> tuple[str, list[dict]]:
     res = evaluate(model, ids, ["reference"], tokenizer=tok, batch_size=args.batch_size, calibration=args.calib,
                    progress=progress("reference"))
     seconds = time.perf_counter() - t0
-    lines = ["| config | effective bits | DESIGN.md PPL | measured PPL | Δ | flips | key flips |",
+    lines = ["| config | effective bits | reference PPL | measured PPL | Δ | flips | key flips |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     within = 0
     for row in res:
         key = row["name"].split(":")[0]
-        ref = DESIGN_REFERENCE.get(key)
+        ref = REFERENCE_FIGURES.get(key)
         diff = row["ppl"] - ref if ref is not None else None
         within += diff is not None and abs(diff) <= 0.3
         fl = "–" if row["flip_rate"] is None else f"{100 * row['flip_rate']:.2f}%"
@@ -70,7 +72,7 @@ def reference_table(model, tok, args) -> tuple[str, list[dict]]:
         lines.append(f"| {key} | {row['effective_bits']:.2f} | {ref} | {row['ppl']:.2f} | "
                      f"{'–' if diff is None else f'{diff:+.2f}'} | {fl} | {kfl} |")
     lines.append("")
-    lines.append(f"{within}/{len(res)} rows within ±0.3 PPL of DESIGN.md ({seconds:.0f} s; rank bases: per-head "
+    lines.append(f"{within}/{len(res)} rows within ±0.3 PPL of the reference ({seconds:.0f} s; rank bases: per-head "
                  f"centred PCA of {args.calib})")
     return "\n".join(lines) + "\n", res.rows
 
@@ -220,7 +222,7 @@ def main(argv=None) -> None:
         print()
 
     if not args.no_reference:
-        print("## DESIGN.md reference table (fp32 scales and zero-points, groups of 32, R = 0)\n")
+        print("## Reference table (fp32 scales and zero-points, groups of 32, R = 0)\n")
         table, rows = reference_table(model, tok, args)
         print(table)
         out_json["reference"] = rows

@@ -59,7 +59,8 @@ def smol():
 
 @pytest.fixture(scope="session")
 def reference_windows(smol):
-    """The reference evaluation window of DESIGN.md: 4 × 1024 tokens of Pride and Prejudice from char 100000."""
+    """The reference evaluation windows (results/reference.md): 4 × 1024 consecutive tokens of Pride and Prejudice
+    from character 100000."""
     import rateq
 
     return rateq.text_windows(smol[1], "austen-pp", 4, 1024, seed=None, char_start=100_000)

@@ -4,7 +4,7 @@ from rateq import KIVI, QuantSpec, RateQError, parse_spec
 
 
 def test_kivi_costs_one_bit_of_metadata():
-    # fp16 scale + fp16 zero per group of 32 = 32 bits / 32 elements (DESIGN.md "Metadata is as expensive as a code bit")
+    # fp16 scale + fp16 zero per group of 32 = 32 bits / 32 elements — metadata as expensive as a whole code bit
     assert KIVI.bits_per_element(2) == 3.0
     assert QuantSpec(group_size=64).bits_per_element(2) == 2.5
     assert QuantSpec(kind="symmetric").bits_per_element(4) == 4.5

@@ -12,7 +12,10 @@ from rateq import RateQCache, simulate_plan
 
 # Gemma 3: local (sliding, its own RoPE base) and global layers; Mistral: MQA; Qwen3: k_norm before RoPE.
 ARCHS = [("llama", 2), ("qwen2", 2), ("qwen3", 4), ("mistral", 1), ("gemma3", 2)]
-LOGIT_ATOL = 2e-3  # a one-token and a whole-sequence forward differ in the last float bits (test_cache_model.py)
+# A one-token and a whole-sequence forward differ in the last float bits (test_cache_model.py), and so do the
+# rotations' matrix products over a different number of rows or threads: now and then a code at 1–2 bits flips,
+# which moves a few logits by ~3e-3. Nearly every logit agrees to 2e-3; none is off by more than 2e-2.
+LOGIT_ATOL, FLIP_SHARE, LOGIT_MAX = 2e-3, 1e-3, 2e-2
 
 
 @pytest.mark.parametrize("arch,kv_heads", ARCHS)
@@ -51,5 +54,6 @@ def _decode_matches_one_pass(model, plan, g):
             want = model(ids, use_cache=False).logits
         fp = model(ids, use_cache=False).logits
     assert max(h["k"]["quantized"] for h in cache.held_positions()) == 256
-    torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
+    diff = (got - want).abs()
+    assert diff.max() < LOGIT_MAX and (diff > LOGIT_ATOL).float().mean() < FLIP_SHARE, float(diff.max())
     assert (fp - want).abs().max() > 10 * LOGIT_ATOL  # and the plan really quantizes

@@ -29,7 +29,7 @@ class QuantSpec:
     """How one unit (a layer's KV head, K or V) is quantized.
 
     - `kind`: `minmax` (asymmetric: scale + zero-point per group, KIVI) or `symmetric` (mid-rise, one scale
-      per group, every code used; the seeds' "per-channel symmetric INT").
+      per group, every code used; per-channel symmetric INT when groups run along tokens).
     - `group_size`: elements sharing one scale (and zero-point).
     - `group_along`: `tokens` — each group is G consecutive tokens of one channel (per-channel, KIVI keys);
       `channels` — G consecutive channels of one token (per-token, KIVI values); `auto` picks those two for
