@@ -9,10 +9,12 @@ one-pass fake-quant evaluation, and switches the model to them for the duration 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -55,8 +57,23 @@ def forward_attention_mask(args: tuple, kwargs: dict):
     return mask if isinstance(mask, torch.Tensor) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_flash_dispatch_mismatch() -> bool:
+    """Whether torch's CPU kernels run below the CPU's vector width (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU).
+    Then torch's fused bf16/fp16 CPU attention packs for AVX-512 and refuses ("pack_vnni2 is only supported when
+    avx512 is supported"); its math kernel is the one that runs."""
+    try:
+        wide = bool(torch.cpu._is_avx512_supported())
+    except AttributeError:
+        return False
+    return wide and not torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
 def plain_attention(module, query, key, value, attention_mask, **kwargs):
     """The reference attention rateq wraps: transformers' SDPA path (handles GQA, masks, sliding windows)."""
+    if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and _cpu_flash_dispatch_mismatch():
+        with sdpa_kernel([SDPBackend.MATH]):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
