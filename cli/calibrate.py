@@ -28,47 +28,27 @@ def curves_path(profile: Path) -> Path:
 
 
 def _parse_bits(text: str) -> tuple[int, ...]:
+    from rateq.calibrate import check_bits
     from rateq.errors import RateQError
-    from rateq.quant.spec import FULL_PRECISION_BITS
 
     try:
-        widths = tuple(int(b) for b in text.split(",") if b.strip())
+        widths = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
         raise RateQError(f"--bits wants comma-separated integers such as 1,2,3,4,5,6,8; got {text!r}") from None
     if not widths:
         raise RateQError("--bits is empty; give code bit widths such as 1,2,3,4,5,6,8")
-    bad = [b for b in widths if not (1 <= b <= 8 or b == FULL_PRECISION_BITS)]
-    if bad:
-        raise RateQError(f"--bits: code bit widths must be 1..8 (or {FULL_PRECISION_BITS} for fp16), got {bad}")
-    if list(widths) != sorted(set(widths)):
-        raise RateQError(f"--bits must be increasing and distinct, got {text!r}; e.g. 1,2,3,4,5,6,8")
-    return widths
+    try:
+        return check_bits(widths)
+    except RateQError as exc:
+        raise RateQError(f"--bits {text}: {exc}") from None
 
 
 def check_quantizers_fit(specs, config, policy, model: str) -> None:
-    """Refuse quantizers that can never run on this model (from its config, before any weight loads): channel
-    groups that do not divide its head_dim, Hadamard rotations of a head_dim that is not a power of two, key
-    groups along tokens that do not fill the key block, and a set that cannot hold its keys or its values."""
-    from rateq.errors import RateQError
+    """Refuse quantizers that can never run on this model, from its config, before any weight loads."""
+    from rateq.calibrate import check_quantizers
     from rateq.models import head_dim_of
-    from rateq.quant.spec import holds_role
 
-    hd = head_dim_of(config)
-    for q in specs:
-        if q.rotation != "none" and hd & (hd - 1):
-            raise RateQError(f"quantizer {q.id} rotates each head with a Hadamard transform, which needs a "
-                             f"power-of-two head_dim; {model} has head_dim {hd}: use a quantizer without rotation")
-        if not any(holds_role(q, role, hd) for role in ("k", "v")):
-            raise RateQError(f"quantizer {q.id} can hold neither keys nor values of {model}: its groups of "
-                             f"{q.group_size} channels do not divide head_dim {hd}; use a group size that divides {hd}")
-        if q.axis_for("k") == "tokens" and policy.block % q.group_size:
-            raise RateQError(f"--block {policy.block} is not a multiple of quantizer {q.id}'s group of "
-                             f"{q.group_size} tokens; use a multiple of it, or leave --block out")
-    for role, name in (("k", "keys"), ("v", "values")):
-        if not any(holds_role(q, role, hd) for q in specs):
-            raise RateQError(f"no quantizer of {', '.join(q.id for q in specs)} can hold the {name} of {model} "
-                             f"(head_dim {hd}; channel groups must divide it, and values need groups along "
-                             "channels); add one that can")
+    check_quantizers(specs, policy, head_dim_of(config), model=model)
 
 
 @app.command("calibrate")

@@ -225,7 +225,7 @@ def test_bad_quantizer_ids(run_cli, work, ids, phrase):
 
 def test_bad_policy_options_in_calibrate(run_cli, work):
     refused(run_cli("calibrate", "--budget", "4", "--quantizers", "minmax-g64-fp16", "--block", "32"),
-            match="--block 32 is not a multiple", folders=[work])
+            match="key block 32 is not a multiple", folders=[work])
     refused(run_cli("calibrate", "--budget", "4", "--sinks", "-1"), match="--sinks must be at least 0", folders=[work])
 
 

@@ -38,7 +38,8 @@ from ..text import BUNDLED_TEXT, DATASET_ALIASES, load_text, token_windows, toke
 from .capture import Calibrator
 from .metrics import METRICS
 
-__all__ = ["DEFAULT_BITS", "DEFAULT_METRIC", "DEFAULT_QUANTIZERS", "METRICS", "calibrate", "calibrate_metrics", "calibration_ids"]
+__all__ = ["DEFAULT_BITS", "DEFAULT_METRIC", "DEFAULT_QUANTIZERS", "METRICS", "calibrate", "calibrate_metrics", "calibration_ids",
+           "check_bits", "check_quantizers"]
 
 log = logging.getLogger("rateq.calibrate")
 
@@ -152,7 +153,8 @@ def _frozen(model):
             p.requires_grad_(r)
 
 
-def _check_bits(bits) -> tuple[int, ...]:
+def check_bits(bits) -> tuple[int, ...]:
+    """Candidate code widths as a tuple, or a RateQError saying why they cannot be calibrated."""
     bits = tuple(int(b) for b in bits)
     if not bits:
         raise RateQError("give at least one bit width to calibrate")
@@ -164,18 +166,29 @@ def _check_bits(bits) -> tuple[int, ...]:
     return bits
 
 
-def _check_quantizers(quantizers, policy: CachePolicy, head_dim: int) -> list[QuantSpec]:
+def check_quantizers(quantizers, policy: CachePolicy, head_dim: int, *, model: str | None = None) -> list[QuantSpec]:
+    """The candidate specs, or a RateQError for one that can never run on a model of this head_dim under this
+    policy: a Hadamard rotation of a head_dim that is not a power of two, channel groups that do not divide it,
+    key groups that do not fit the key block; and some candidate must hold keys, and some values."""
     specs = [parse_spec(q) if isinstance(q, str) else q for q in quantizers]
     if not specs or not all(isinstance(q, QuantSpec) for q in specs):
         raise RateQError("quantizers must be QuantSpec objects or spec ids such as 'minmax-g32-fp16'")
+    of = f"{model} (head_dim {head_dim})" if model else f"head_dim {head_dim}"
     for q in specs:
+        if q.rotation != "none" and head_dim & (head_dim - 1):
+            raise RateQError(f"quantizer {q.id} rotates each head with a Hadamard transform, which needs a "
+                             f"power-of-two head_dim, not {of}: use a quantizer without rotation")
+        if not any(holds_role(q, role, head_dim) for role in ("k", "v")):
+            raise RateQError(f"quantizer {q.id} can hold neither keys nor values of {model or 'this model'}: its "
+                             f"groups of {q.group_size} channels do not divide head_dim {head_dim}; use a group size "
+                             f"that divides {head_dim}")
         if q.axis_for("k") == "tokens" and policy.block % q.group_size:
-            raise RateQError(f"key block {policy.block} is not a multiple of quantizer {q.id}'s group "
-                             f"{q.group_size}; use CachePolicy(block=…) a multiple of it")
+            raise RateQError(f"key block {policy.block} is not a multiple of quantizer {q.id}'s group of "
+                             f"{q.group_size} tokens; use a block that is a multiple of it, or the default")
     for role, name in (("k", "keys"), ("v", "values")):
         if not any(holds_role(q, role, head_dim) for q in specs):
-            raise RateQError(f"no quantizer of {', '.join(q.id for q in specs)} can hold the {name} of head_dim "
-                             f"{head_dim} (channel groups must divide it; values need groups along channels)")
+            raise RateQError(f"no quantizer of {', '.join(q.id for q in specs)} can hold the {name} of {of} "
+                             "(channel groups must divide head_dim; values need groups along channels); add one that can")
     return specs
 
 
@@ -201,12 +214,12 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
         from ..text import DEFAULT_CALIBRATION_TEXT
 
         texts = DEFAULT_CALIBRATION_TEXT
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     if quantizers is None:
         quantizers = DEFAULT_QUANTIZERS
     if policy is None:
         policy = CachePolicy.for_quantizers([parse_spec(q) if isinstance(q, str) else q for q in quantizers])
-    specs = _check_quantizers(quantizers, policy, head_dim_of(model.config))
+    specs = check_quantizers(quantizers, policy, head_dim_of(model.config))
     if batch_size < 1:
         raise RateQError("batch_size must be at least 1")
     fp = fingerprint(model)
