@@ -28,7 +28,7 @@ import torch
 from ..errors import RateQError
 from ..quant.affine import from_groups, quantize_groups, storage_dtype, to_groups
 from ..quant.codec import codec_for
-from ..quant.pack import pack, packed_nbytes
+from ..quant.pack import pack
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
 from .codes import RowPackedCodes, unpack_codes
 
@@ -197,21 +197,6 @@ class Bucket:
     def clear(self) -> None:
         self.codes = self.scale = self.zero = None
 
-    def expected_nbytes(self, tokens: int, batch: int) -> int:
-        """What `tokens` stored tokens of this bucket occupy, from the spec alone (for accounting checks)."""
-        h, D = len(self.head_list), self.head_dim
-        if not self.quantized:
-            return batch * h * tokens * D * 2
-        rows = tokens if self.axis == "channels" else -(-tokens // self.group)
-        per_row = D // self.group if self.axis == "channels" else D
-        sbytes = torch.empty((), dtype=storage_dtype(self.spec.scale_dtype)).element_size()
-        n = batch * h * (tokens * packed_nbytes(D, self.bits) + rows * per_row * sbytes)
-        if self.spec.kind == "minmax" and self.spec.zero == "float":
-            n += batch * h * rows * per_row * sbytes
-        elif self.spec.kind == "minmax":
-            n += batch * h * per_row * ((rows // 8) * self.bits + rows % 8)
-        return n
-
 
 class CodecBucket(Bucket):
     """A bucket whose quantizer goes beyond a plain uniform grid (Hadamard rotation, Lloyd–Max codebook with
@@ -325,16 +310,6 @@ class CodecBucket(Bucket):
     def clear(self) -> None:
         self.parts, self.rows, self.codes = {}, 0, None
 
-    def expected_nbytes(self, tokens: int, batch: int) -> int:
-        """Every part is row-aligned (head_dim and its groups are multiples of 8 bits), so the bytes are the
-        spec's effective bits exactly; keys grouped along tokens count whole blocks."""
-        h, D = len(self.head_list), self.head_dim
-        if self.axis == "tokens":
-            blocks = -(-tokens // self.group)
-            meta_bits = self.spec.metadata_bits_per_group(self.bits) * blocks * D
-            return batch * h * (tokens * packed_nbytes(D, self.bits) + meta_bits // 8)
-        return int(round(batch * h * tokens * D * self.spec.bits_per_element(self.bits) / 8))
-
 
 class RoleStore:
     """The quantized history of one role of one layer: a handful of buckets covering all KV heads.
@@ -416,9 +391,6 @@ class RoleStore:
             for kind, ts in bucket.tensors().items():
                 out[kind] += ts
         return out
-
-    def expected_nbytes(self, tokens: int, batch: int) -> int:
-        return sum(b.expected_nbytes(tokens, batch) for b in self.buckets)
 
 
 def check_plan_specs(bits: torch.Tensor, qids: torch.Tensor, quantizers: list[QuantSpec], role: str,
