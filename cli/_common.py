@@ -1,22 +1,29 @@
-"""What every command shares: the output sink (human or --json), option aliases, progress bars, the checks
-every command runs on its output paths, and the number of CPU threads."""
+"""What every command shares: the output sink (human text or --json), the option aliases, progress bars, the
+checks every command runs on its options and output paths, the parsing of list options, where files go by
+default, and the number of CPU threads. Command modules import from here (and `cli._views`), never from
+each other."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Iterator, Mapping, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-# Shared options, so that every command spells them the same way.
+
+# -- options: every command spells them the same way -----------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model alias (smollm2-135m, qwen3-8b, …), hub id or local folder.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Text: austen-emma, austen-pp, jargon, a .txt/.jsonl file, wikitext2, or hf:NAME\\[/CONFIG]:SPLIT\\[:FIELD].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
@@ -29,7 +36,123 @@ THREADS_HELP = ("CPU threads for torch (env RATEQ_THREADS; default and maximum: 
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", envvar="RATEQ_THREADS", show_envvar=False,
                                                    help=THREADS_HELP)]
 
+# The solver's options: `calibrate` solves once with them, `solve` re-solves kept curves.
+_BUDGET = ("--budget", "-b")
+BudgetOpt = Annotated[float, typer.Option(*_BUDGET, help="Effective bits per cached element (metadata included) to solve for.")]
+SolveBudgetOpt = Annotated[Optional[float], typer.Option(*_BUDGET, help="Effective bits per cached element (metadata included).")]
+EVAL_BUDGET_HELP = (
+    "Compared budget in effective bits per element, metadata included (repeatable): baselines without @BITS "
+    "are built at each, and rows at another storage are reported apart as not matched. "
+    "Default: the profiles' budgets.")
+EvalBudgetsOpt = Annotated[Optional[list[float]], typer.Option(*_BUDGET, help=EVAL_BUDGET_HELP)]
+MethodOpt = Annotated[str, typer.Option("--method", help="exact (optimal), greedy (convex-hull, fastest) or waterfill (RateQuant's fitted-curve allocation).")]
+SolveMethodOpt = Annotated[Optional[str], typer.Option("--method", help="exact (optimal; the default for --budget), greedy (convex hull, fastest; the default for --sweep) or waterfill (RateQuant's fitted-curve allocation).")]
+MinBitsOpt = Annotated[Optional[int], typer.Option("--min-bits", help="No unit below this many code bits.")]
+MaxBitsOpt = Annotated[Optional[int], typer.Option("--max-bits", help="No unit above this many code bits.")]
+KeysOpt = Annotated[bool, typer.Option("--keys-at-least-values", help="Every KV head's keys get at least its values' bits.")]
+_QUANTIZERS = ("--quantizers", "-q")
+CandidatesOpt = Annotated[str, typer.Option(*_QUANTIZERS, help="Candidate quantizer ids, comma-separated (e.g. minmax-g32-fp16,lloydmax-g64-rhadamard-fp16); 'default' is rateq's measured set (see README).")]
+QuantizersOpt = Annotated[Optional[str], typer.Option(*_QUANTIZERS, help="Comma-separated quantizer ids to choose from (default: all in the curves).")]
 
+# The runtime policy: `calibrate` sets a new one; `apply` overrides a profile's, `eval` every row's.
+_RESIDUAL, _BLOCK, _SINKS = ("--residual", "-r"), ("--block",), ("--sinks",)
+ResidualOpt = Annotated[int, typer.Option(*_RESIDUAL, help="Full-precision residual window of the runtime policy.")]
+BlockOpt = Annotated[Optional[int], typer.Option(*_BLOCK, help="Key block size of the runtime policy (default: the least multiple of 32 holding whole key groups of every quantizer).")]
+SinksOpt = Annotated[int, typer.Option(*_SINKS, help="Leading tokens kept in full precision.")]
+ProfileResidualOpt = Annotated[Optional[int], typer.Option(*_RESIDUAL, help="Full-precision residual window (default: the profile's policy).")]
+ProfileBlockOpt = Annotated[Optional[int], typer.Option(*_BLOCK, help="Key block size (default: the profile's policy).")]
+ProfileSinksOpt = Annotated[Optional[int], typer.Option(*_SINKS, help="Leading tokens kept in full precision (default: the profile's policy).")]
+RowsResidualOpt = Annotated[Optional[int], typer.Option(*_RESIDUAL, help=(
+    "Full-precision residual window R, for every row (default: each profile's own policy; baselines 0, the "
+    "papers' protocol)."))]
+RowsBlockOpt = Annotated[Optional[int], typer.Option(*_BLOCK, help=(
+    "Key block (tokens whose keys are quantized together), for every row (default: each profile's own policy; "
+    "baselines 32, raised to a multiple of their key groups)."))]
+RowsSinksOpt = Annotated[Optional[int], typer.Option(*_SINKS, help=(
+    "Leading tokens kept in full precision, for every row (default: each profile's own policy; baselines 0)."))]
+
+
+# -- the output sink -------------------------------------------------------------------------------------------
+def emit_json(obj: Any) -> None:
+    """Machine output: one JSON document on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}", markup=False),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled, transient=False,
+    )
+
+
+class Output:
+    """Where one command's results go, made from its --json flag.
+
+    Human mode: `line` prints plain text on stdout (never parsed as markup, soft-wrapped), `table` renders a
+    rich renderable. JSON mode: those print nothing, and `add` collects the document that is written as one
+    JSON object on stdout when the command ends without an error (`with Output(json_out) as sink: …`).
+    Progress (`bar`, `spinner`, `calibration`) goes to stderr in human mode only; `warning` goes to stderr in
+    both modes."""
+
+    def __init__(self, json_mode: bool = False):
+        self.json = json_mode
+        self.doc: dict = {}
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self.json:
+            emit_json(self.doc)
+
+    def add(self, *parts: Mapping[str, Any], **fields: Any) -> None:
+        """Put entries into the JSON document, in order (a later entry replaces an earlier one of that key)."""
+        for part in (*parts, fields):
+            self.doc.update(part)
+
+    def line(self, text: str = "") -> None:
+        if not self.json:
+            console.print(Text(text), soft_wrap=True)
+
+    def table(self, renderable) -> None:
+        if not self.json:
+            console.print(renderable)
+
+    def warning(self, message: str) -> None:
+        err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), soft_wrap=True)
+
+    def bar(self, description: str) -> Progress:
+        """A progress bar on stderr (stdout stays clean for --json), shown in human mode only; use as a context
+        manager, with one task per step."""
+        bar = _bar(not self.json)
+        bar.add_task(description, total=None, rate="")
+        return bar
+
+    def spinner(self, text: str):
+        """A spinner on stderr while something without steps runs (human mode only)."""
+        return contextlib.nullcontext() if self.json else err_console.status(Text(text), spinner="dots")
+
+    @contextlib.contextmanager
+    def calibration(self) -> Iterator[Callable[[dict], None]]:
+        """Yields the callback `rateq.calibrate(progress=…)` reports to: a bar of tokens with tokens/s, and its
+        warnings, each shown once (above the bar)."""
+        with _bar(not self.json) as bar:
+            task = bar.add_task("calibrating tokens", total=None, rate="")
+
+            def report(event: dict) -> None:
+                kind = event.get("event")
+                if kind in ("start", "batch"):
+                    seconds = event.get("seconds") or 0.0
+                    rate = f"{event['tokens'] / seconds:,.0f} tok/s" if seconds > 0 and event["tokens"] else "… tok/s"
+                    bar.update(task, completed=event["tokens"], total=event["total"], rate=rate)
+                elif kind == "warning":
+                    self.warning(event["message"])
+
+            yield report
+
+
+# -- checks of options and output paths ------------------------------------------------------------------------
 def allowed_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, which taskset and cgroups narrow)."""
     try:
@@ -65,6 +188,20 @@ def check_policy_options(residual: Optional[int], block: Optional[int], sinks: O
             raise RateQError(f"{name} must be at least {least}, got {v}")
 
 
+def check_out(out: Optional[Path], what: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be written (see `rateq.io.check_writable`)."""
+    from rateq.io import check_writable
+
+    if out is not None:
+        check_writable(out, what)
+
+
+# -- parsing list options --------------------------------------------------------------------------------------
+def parse_list(text: Optional[str]) -> Optional[list[str]]:
+    """`a,b, c` → `["a", "b", "c"]` (empty items dropped); None stays None."""
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
 def parse_specs(ids) -> list:
     """Quantizer ids → QuantSpecs, each error naming the id it is about."""
     from rateq.errors import RateQError
@@ -81,22 +218,30 @@ def parse_specs(ids) -> list:
     return specs
 
 
-def check_out(out: Optional[Path], what: str = "--out") -> None:
-    """Refuse, before any work, an output path that cannot be written (see `rateq.io.check_writable`)."""
-    from rateq.io import check_writable
+def parse_sweep(text: str) -> list[float]:
+    """`a:b:step` → budgets a, a+step, …, up to b inclusive."""
+    from rateq.errors import RateQError
 
-    if out is not None:
-        check_writable(out, what)
+    try:
+        a, b, step = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise RateQError(f"--sweep wants START:STOP:STEP in effective bits, e.g. 1.5:8:0.25; got {text!r}") from None
+    if not all(math.isfinite(x) for x in (a, b, step)) or step <= 0 or b < a:
+        raise RateQError(f"--sweep {text}: need START ≤ STOP and STEP > 0")
+    n = int(math.floor((b - a) / step + 1e-9)) + 1
+    if n > 10_000:
+        raise RateQError(f"--sweep {text} asks for {n} budgets; use a larger step (at most 10000 budgets)")
+    return [round(a + i * step, 12) for i in range(n)]
 
 
-def emit_json(obj: Any) -> None:
-    """Machine output: one JSON document on stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+# -- where files go --------------------------------------------------------------------------------------------
+def default_out(model: str, budget: float) -> Path:
+    """`./<model>-b<budget>.safetensors`: the model's alias (or last path part of a hub id / folder)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-") or "model"
+    return Path(f"{slug}-b{budget:g}.safetensors")
 
 
-def progress(enabled: bool = True) -> Progress:
-    """A rich progress bar on stderr (so --json stdout stays clean); disabled when not wanted."""
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled, transient=False,
-    )
+def curves_path(profile: Path) -> Path:
+    """Where the curves behind a profile are kept: `P.safetensors` → `P.curves.safetensors`."""
+    name = profile.name[: -len(".safetensors")] if profile.name.endswith(".safetensors") else profile.name
+    return profile.with_name(f"{name}.curves.safetensors")

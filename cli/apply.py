@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (DeviceOpt, DtypeOpt, JsonOpt, ThreadsOpt, check_policy_options, console, emit_json, progress,
-                      use_threads)
+from ._common import (DeviceOpt, DtypeOpt, JsonOpt, Output, ProfileBlockOpt, ProfileResidualOpt, ProfileSinksOpt,
+                      ThreadsOpt, check_policy_options, use_threads)
 from .main import app
 
 
@@ -68,9 +68,9 @@ def apply_command(
     n_windows: Annotated[int, typer.Option("--n-windows", "-n", help="Sequences with --data (decoded as one batch).")] = 1,
     prefill: Annotated[Optional[int], typer.Option("--prefill", help="With --data: tokens written in one forward before decoding the rest one by one (default: half).")] = None,
     char_start: Annotated[int, typer.Option("--char-start", help="With --data: skip this many characters first.")] = 100_000,
-    residual: Annotated[Optional[int], typer.Option("--residual", "-r", help="Full-precision residual window (default: the profile's policy).")] = None,
-    block: Annotated[Optional[int], typer.Option("--block", help="Key block size (default: the profile's policy).")] = None,
-    sinks: Annotated[Optional[int], typer.Option("--sinks", help="Leading tokens kept in full precision (default: the profile's policy).")] = None,
+    residual: ProfileResidualOpt = None,
+    block: ProfileBlockOpt = None,
+    sinks: ProfileSinksOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -121,46 +121,44 @@ def apply_command(
     if data is not None:
         ids = rateq.text_windows(tok, data, n_windows, seq_len, seed=None, char_start=char_start)
 
-    with progress(not json_out) as bar:
-        bar.add_task(f"loading {name}", total=None, rate="")
-        lm, tok = rateq.load_model(name, dtype=dtype, device=device, tokenizer=tok)
-    plan = load_profile(profile, model=lm)  # refuses a model of another shape, naming each difference
-    head = {"profile": str(profile), "model": name, "effective_bits": plan.effective_bits,
-            "nominal_bits": plan.nominal_bits}
+    with Output(json_out) as sink:
+        with sink.bar(f"loading {name}"):
+            lm, tok = rateq.load_model(name, dtype=dtype, device=device, tokenizer=tok)
+        plan = load_profile(profile, model=lm)  # refuses a model of another shape, naming each difference
+        head = {"profile": str(profile), "model": name, "effective_bits": plan.effective_bits,
+                "nominal_bits": plan.nominal_bits}
 
-    if prompt is not None:
-        with progress(not json_out) as bar:
-            bar.add_task("generating", total=None, rate="")
-            result = generate(lm, tok, plan, prompt, max_new_tokens=max_new_tokens, policy=policy)
-    else:
-        with progress(not json_out) as bar:
-            task = bar.add_task("decoding", total=None, rate="")
+        if prompt is not None:
+            with sink.bar("generating"):
+                result = generate(lm, tok, plan, prompt, max_new_tokens=max_new_tokens, policy=policy)
+        else:
+            with sink.bar("decoding") as bar:
+                task = bar.task_ids[0]
 
-            def step(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total, rate="")
+                def step(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
 
-            result = cache_perplexity(lm, ids, plan, policy=policy, prefill=prefill, progress=step)
-        result["data"] = data
-    result = {**head, **result}
-    note = unquantized_note(result)
-    if json_out:
-        emit_json({**result, "note": note} if note else result)
-        return
-    console.print(f"{name}: {plan.effective_bits:.3f} effective bits ({plan.nominal_bits:.3f} nominal), "
-                  f"policy {policy.to_dict()}", markup=False)
-    if prompt is not None:
-        console.print(f"{prompt}{result['text']}", markup=False, soft_wrap=True)
-        console.print(f"{result['new_tokens']} new tokens in {result['seconds']:.1f} s", markup=False)
-    else:
-        console.print(f"perplexity through RateQCache: {result['ppl']:.3f} on {result['predictions']} predictions "
+                result = cache_perplexity(lm, ids, plan, policy=policy, prefill=prefill, progress=step)
+            result["data"] = data
+        result = {**head, **result}
+        note = unquantized_note(result)
+        sink.add(result)
+        if note:
+            sink.add(note=note)
+        sink.line(f"{name}: {plan.effective_bits:.3f} effective bits ({plan.nominal_bits:.3f} nominal), "
+                  f"policy {policy.to_dict()}")
+        if prompt is not None:
+            sink.line(f"{prompt}{result['text']}")
+            sink.line(f"{result['new_tokens']} new tokens in {result['seconds']:.1f} s")
+        else:
+            sink.line(f"perplexity through RateQCache: {result['ppl']:.3f} on {result['predictions']} predictions "
                       f"({result['sequences']} × {result['seq_len']} tokens of {data}, prefill {result['prefill']}, "
-                      f"{result['seconds']:.1f} s)", markup=False)
-    dense = (f"a {result['dtype']} DynamicCache (the model's dtype) would hold {_mib(result['dynamic_nbytes'])}: "
-             f"{result['ratio_to_dynamic']:.3f}×; " if result["dtype"] != "float16" else "")
-    console.print(
-        f"cache holds {_mib(result['nbytes'])} for {result['tokens']} tokens "
-        f"(codes {_mib(result['nbytes_codes'])}, metadata {_mib(result['nbytes_metadata'])}, "
-        f"full precision {_mib(result['nbytes_full_precision'])}); {dense}an fp16 DynamicCache would hold "
-        f"{_mib(result['fp16_dynamic_nbytes'])}: {result['ratio_to_fp16']:.3f}×", markup=False, soft_wrap=True)
-    if note:
-        console.print(f"note: {note}", markup=False, soft_wrap=True)
+                      f"{result['seconds']:.1f} s)")
+        dense = (f"a {result['dtype']} DynamicCache (the model's dtype) would hold {_mib(result['dynamic_nbytes'])}: "
+                 f"{result['ratio_to_dynamic']:.3f}×; " if result["dtype"] != "float16" else "")
+        sink.line(f"cache holds {_mib(result['nbytes'])} for {result['tokens']} tokens "
+                  f"(codes {_mib(result['nbytes_codes'])}, metadata {_mib(result['nbytes_metadata'])}, "
+                  f"full precision {_mib(result['nbytes_full_precision'])}); {dense}an fp16 DynamicCache would hold "
+                  f"{_mib(result['fp16_dynamic_nbytes'])}: {result['ratio_to_fp16']:.3f}×")
+        if note:
+            sink.line(f"note: {note}")

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ._common import (DataOpt, DeviceOpt, DtypeOpt, JsonOpt, OutOpt, ThreadsOpt, check_out, check_policy_options,
-                      console, emit_json, parse_specs, progress, use_threads)
+from ._common import (BlockOpt, BudgetOpt, CandidatesOpt, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, KeysOpt,
+                      MaxBitsOpt, MethodOpt, MinBitsOpt, ModelOpt, OutOpt, Output, ResidualOpt, SinksOpt, ThreadsOpt,
+                      check_out, check_policy_options, curves_path, default_out, parse_list, parse_specs, use_threads)
+from ._views import print_summary
 from .main import app
-from .solve import KeysOpt, MaxBitsOpt, MethodOpt, MinBitsOpt, parse_list
-
-
-def default_out(model: str, budget: float) -> Path:
-    """`./<model>-b<budget>.safetensors`: the model's alias (or last path part of a hub id / folder)."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-") or "model"
-    return Path(f"{slug}-b{budget:g}.safetensors")
-
-
-def curves_path(profile: Path) -> Path:
-    """Where the curves behind a profile are kept: `P.safetensors` → `P.curves.safetensors`."""
-    name = profile.name[: -len(".safetensors")] if profile.name.endswith(".safetensors") else profile.name
-    return profile.with_name(f"{name}.curves.safetensors")
 
 
 def _parse_bits(text: str) -> tuple[int, ...]:
@@ -53,8 +40,8 @@ def check_quantizers_fit(specs, config, policy, model: str) -> None:
 
 @app.command("calibrate")
 def calibrate_command(
-    budget: Annotated[float, typer.Option("--budget", "-b", help="Effective bits per cached element (metadata included) to solve for.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model alias (smollm2-135m, qwen3-8b, …), hub id or local folder.")] = "smollm2-135m",
+    budget: BudgetOpt,
+    model: ModelOpt = "smollm2-135m",
     data: DataOpt = "austen-emma",
     out: OutOpt = None,
     method: MethodOpt = "exact",
@@ -62,15 +49,15 @@ def calibrate_command(
     n_samples: Annotated[Optional[int], typer.Option("--n-samples", "-n", help="Calibration sequences (default 2).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence (default 1024).")] = None,
     bits: Annotated[str, typer.Option("--bits", help="Candidate code bit widths, comma-separated.")] = "1,2,3,4,5,6,8",
-    quantizers: Annotated[str, typer.Option("--quantizers", "-q", help="Candidate quantizer ids, comma-separated (e.g. minmax-g32-fp16,lloydmax-g64-rhadamard-fp16); 'default' is rateq's measured set (see README).")] = "default",
+    quantizers: CandidatesOpt = "default",
     min_bits: MinBitsOpt = None,
     max_bits: MaxBitsOpt = None,
     keys_at_least_values: KeysOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows.")] = 0,
-    residual: Annotated[int, typer.Option("--residual", "-r", help="Full-precision residual window of the runtime policy.")] = 0,
-    block: Annotated[Optional[int], typer.Option("--block", help="Key block size of the runtime policy (default: the least multiple of 32 holding whole key groups of every quantizer).")] = None,
-    sinks: Annotated[int, typer.Option("--sinks", help="Leading tokens kept in full precision.")] = 0,
+    residual: ResidualOpt = 0,
+    block: BlockOpt = None,
+    sinks: SinksOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -80,14 +67,12 @@ def calibrate_command(
     (P.curves.safetensors), solve at --budget, write the profile (default ./<model>-b<budget>.safetensors) and
     print its summary. Re-solve the kept curves at other budgets with `rateq solve`."""
     import rateq
-    from rateq.calibrate import METRICS, calibration_ids
+    from rateq.calibrate import DEFAULT_QUANTIZERS, METRICS, calibration_ids
     from rateq.errors import RateQError
     from rateq.models import check_device, load_config, load_tokenizer, resolve_dtype
     from rateq.policy import CachePolicy
     from rateq.profile import plan_summary, save_profile
     from rateq.solve import METHODS
-
-    from .profile_cmds import print_summary
 
     # Everything that can be checked from the arguments, the files and the model's config is checked before
     # the weights load: first what needs no model at all.
@@ -99,8 +84,6 @@ def calibrate_command(
         if v is not None and v < 1:
             raise RateQError(f"{name} must be at least 1, got {v}")
     widths = _parse_bits(bits)
-    from rateq.calibrate import DEFAULT_QUANTIZERS
-
     names = parse_list(quantizers) or []
     specs = parse_specs(DEFAULT_QUANTIZERS if names == ["default"] else names)
     if not specs:
@@ -127,22 +110,21 @@ def calibrate_command(
     tok = load_tokenizer(model)
     ids, data_name = calibration_ids(tok, data, n_samples, seq_len, seed)  # the windows calibration would cut
 
-    with progress(not json_out) as bar:
-        bar.add_task(f"loading {model}", total=None, rate="")
-        lm, tok = rateq.load_model(model, dtype=dtype, device=device, tokenizer=tok)
-    kw = {} if metric is None else {"metric": metric}
-    curves = rateq.calibrate(lm, tok, ids, bits=widths, quantizers=specs, batch_size=batch_size, seed=seed,
-                             policy=policy, progress=True, **kw)
-    curves.calibration["data"] = data_name
-    curves.save(cpath)  # first: the expensive part is kept even if solving is interrupted
-    plan = rateq.solve(curves, budget, method=method, min_bits=min_bits, max_bits=max_bits,
-                       keys_at_least_values=keys_at_least_values, policy=policy)
-    save_profile(plan, out)
+    with Output(json_out) as sink:
+        with sink.bar(f"loading {model}"):
+            lm, tok = rateq.load_model(model, dtype=dtype, device=device, tokenizer=tok)
+        kw = {} if metric is None else {"metric": metric}
+        with sink.calibration() as report:
+            curves = rateq.calibrate(lm, tok, ids, bits=widths, quantizers=specs, batch_size=batch_size, seed=seed,
+                                     policy=policy, progress=report, **kw)
+        curves.calibration["data"] = data_name
+        curves.save(cpath)  # first: the expensive part is kept even if solving is interrupted
+        plan = rateq.solve(curves, budget, method=method, min_bits=min_bits, max_bits=max_bits,
+                           keys_at_least_values=keys_at_least_values, policy=policy)
+        save_profile(plan, out)
 
-    if json_out:
-        emit_json({"profile": str(out), "curves": str(cpath), **plan_summary(plan)})
-        return
-    cal = curves.calibration
-    console.print(f"calibrated {cal.get('tokens')} tokens of {cal.get('data')} ({curves.metric}) in "
-                  f"{cal.get('seconds', float('nan')):.1f} s; curves kept in {cpath}", markup=False)
-    print_summary(plan, title=f"profile written to {out}")
+        sink.add({"profile": str(out), "curves": str(cpath)}, plan_summary(plan))
+        cal = curves.calibration
+        sink.line(f"calibrated {cal.get('tokens')} tokens of {cal.get('data')} ({curves.metric}) in "
+                  f"{cal.get('seconds', float('nan')):.1f} s; curves kept in {cpath}")
+        print_summary(sink, plan, title=f"profile written to {out}")

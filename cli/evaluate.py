@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ._common import DataOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, err_console, progress
+from ._common import (DataOpt, DeviceOpt, DtypeOpt, EvalBudgetsOpt, JsonOpt, ModelOpt, Output, RowsBlockOpt,
+                      RowsResidualOpt, RowsSinksOpt, curves_path)
 from .main import app
 
 BASELINE_HELP = (
@@ -18,10 +18,6 @@ BASELINE_HELP = (
     "BITS. Fixed storage: KxVy[:SPEC] (e.g. K3V2, K3V2:minmax-g64-fp16), rankR, reference, a profile path; "
     "those not at a compared budget are listed apart as not matched. Default: kivi, splits, wnorm, rank, "
     "hybrid. The full-precision row (fp) is always evaluated, first.")
-BUDGET_HELP = (
-    "Compared budget in effective bits per element, metadata included (repeatable): baselines without @BITS "
-    "are built at each, and rows at another storage are reported apart as not matched. "
-    "Default: the profiles' budgets.")
 
 
 def _check_report_dir(report: Path) -> None:
@@ -43,8 +39,6 @@ def _kept_curves(paths: list[Path]):
     import rateq
     from rateq.profile import load_profile_curves
 
-    from .calibrate import curves_path
-
     for path in paths:
         inside = load_profile_curves(path)
         if inside is not None:
@@ -62,16 +56,10 @@ def eval_command(
     profile: Annotated[Optional[list[Path]], typer.Option(
         "--profile", "-p", help="A profile to evaluate, under its own cache policy (repeatable).")] = None,
     baseline: Annotated[Optional[list[str]], typer.Option("--baseline", help=BASELINE_HELP)] = None,
-    budget: Annotated[Optional[list[float]], typer.Option("--budget", "-b", help=BUDGET_HELP)] = None,
-    residual: Annotated[Optional[int], typer.Option(
-        "--residual", "-r", help="Full-precision residual window R, for every row (default: each profile's own "
-                                 "policy; baselines 0, the papers' protocol).")] = None,
-    block: Annotated[Optional[int], typer.Option(
-        "--block", help="Key block (tokens whose keys are quantized together), for every row (default: each "
-                        "profile's own policy; baselines 32, raised to a multiple of their key groups).")] = None,
-    sinks: Annotated[Optional[int], typer.Option(
-        "--sinks", help="Leading tokens kept in full precision, for every row (default: each profile's own "
-                        "policy; baselines 0).")] = None,
+    budget: EvalBudgetsOpt = None,
+    residual: RowsResidualOpt = None,
+    block: RowsBlockOpt = None,
+    sinks: RowsSinksOpt = None,
     n_windows: Annotated[int, typer.Option("--n-windows", "-n", help="Evaluation windows.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 1024,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Draw windows at random with this seed (default: consecutive).")] = None,
@@ -150,35 +138,34 @@ def eval_command(
     rateq.text_windows(load_tokenizer(model), data, n_windows, seq_len, seed=seed, char_start=char_start)
 
     # -- the model, then a last check of everything against it --------------------------------------------
-    with err_console.status(f"loading {model}", spinner="dots") if not json_out else contextlib.nullcontext():
-        lm, tok = rateq.load_model(model, dtype=dtype, device=device)
-    methods: list = [bl.profile(str(path), lm, overrides=overrides) for path in profiles]
-    if cv is not None and cv.model.mismatches(rateq.fingerprint(lm)):
-        raise RateQError(f"curves {cv_source} are for {cv.model.name} and do not fit {model}: "
-                         f"{'; '.join(cv.model.mismatches(rateq.fingerprint(lm)))} (curves vs model)")
-    methods += names
-    if tok is None:
-        raise RateQError(f"model {model} has no tokenizer; evaluating text needs one")
-    ids = rateq.text_windows(tok, data, n_windows, seq_len, seed=seed, char_start=char_start)  # enough text?
+    with Output(json_out) as sink:
+        with sink.spinner(f"loading {model}"):
+            lm, tok = rateq.load_model(model, dtype=dtype, device=device)
+        methods: list = [bl.profile(str(path), lm, overrides=overrides) for path in profiles]
+        if cv is not None and cv.model.mismatches(rateq.fingerprint(lm)):
+            raise RateQError(f"curves {cv_source} are for {cv.model.name} and do not fit {model}: "
+                             f"{'; '.join(cv.model.mismatches(rateq.fingerprint(lm)))} (curves vs model)")
+        methods += names
+        if tok is None:
+            raise RateQError(f"model {model} has no tokenizer; evaluating text needs one")
+        ids = rateq.text_windows(tok, data, n_windows, seq_len, seed=seed, char_start=char_start)  # enough text?
 
-    with progress(not json_out) as bar:
-        task = bar.add_task("evaluating", total=None, rate="")
+        with sink.bar("evaluating") as bar:
+            task = bar.task_ids[0]
 
-        def step(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, rate=what)
+            def step(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, rate=what)
 
-        result = rateq.evaluate(lm, ids, methods, tokenizer=tok, policy=base_policy, budgets=budgets or None,
-                                seed=seed, char_start=char_start, batch_size=batch_size, flips=not no_flips,
-                                calibration=calib, curves=cv, progress=step)
-    result.settings["data"] = data
-    if cv_source is not None:
-        result.settings["curves"] = cv_source
-    paths = write_report(result, report, curves=cv, title=f"rateq eval: {model} on {data}") if report else {}
-    if json_out:
-        emit_json({**result.to_dict(), "report": {k: str(v) for k, v in paths.items()}})
-        return
-    console.print(describe_settings(result.settings, result.rows), markup=False, soft_wrap=True)
-    console.print("")
-    console.print(to_markdown(result), markup=False, soft_wrap=True)
-    if paths:
-        console.print(f"report written to {report}/ ({', '.join(p.name for p in paths.values())})", markup=False)
+            result = rateq.evaluate(lm, ids, methods, tokenizer=tok, policy=base_policy, budgets=budgets or None,
+                                    seed=seed, char_start=char_start, batch_size=batch_size, flips=not no_flips,
+                                    calibration=calib, curves=cv, progress=step)
+        result.settings["data"] = data
+        if cv_source is not None:
+            result.settings["curves"] = cv_source
+        paths = write_report(result, report, curves=cv, title=f"rateq eval: {model} on {data}") if report else {}
+        sink.add(result.to_dict(), report={k: str(v) for k, v in paths.items()})
+        sink.line(describe_settings(result.settings, result.rows))
+        sink.line("")
+        sink.line(to_markdown(result))
+        if paths:
+            sink.line(f"report written to {report}/ ({', '.join(p.name for p in paths.values())})")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
 
 import typer
 from rich.text import Text
@@ -19,7 +18,7 @@ from typer._click import exceptions as click_exceptions
 import rateq
 from rateq.errors import RateQError
 
-from ._common import THREADS_HELP, err_console, use_threads
+from ._common import ThreadsOpt, err_console, use_threads
 
 app = typer.Typer(
     name="rateq",
@@ -36,10 +35,7 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(
-    threads: Optional[int] = typer.Option(None, "--threads", envvar="RATEQ_THREADS", show_envvar=False,
-                                          help=THREADS_HELP),
-) -> None:
+def _root(threads: ThreadsOpt = None) -> None:
     """rateq: per-head K/V bit plans for the KV cache."""
     use_threads(threads)
 
@@ -86,8 +82,8 @@ def _usage_message(exc: click_exceptions.ClickException) -> str:
 def main() -> None:
     """Run the app; usage errors and RateQErrors become one line on stderr and exit code 2 (RATEQ_DEBUG=1 keeps
     the traceback of a RateQError)."""
-    # Commands show rateq's warnings on their own console (calibration's under its progress bar); without a
-    # handler Python's last-resort one would print each of them a second time.
+    # Commands show the warnings rateq reports to their progress callbacks themselves (calibration's above its
+    # bar); without a handler Python's last-resort one would print a logged one a second time.
     log = logging.getLogger("rateq")
     if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
         log.addHandler(logging.NullHandler())

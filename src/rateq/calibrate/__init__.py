@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -107,36 +108,21 @@ def calibration_ids(tokenizer, texts, n_samples: int | None = None, seq_len: int
 
 
 # -- progress ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _progress_sink(progress, total_tokens: int):
-    """Yields `report(event: dict)`. True: a rich bar on stderr with tokens/s; a callable gets the events."""
+def _print_progress(event: dict) -> None:
+    """`progress=True`: one plain line per batch on stderr, with tokens per second."""
+    if event.get("event") == "batch":
+        seconds = event["seconds"]
+        rate = f"{event['tokens'] / seconds:,.0f} tok/s" if seconds > 0 else "… tok/s"
+        print(f"calibrating: {event['tokens']}/{event['total']} tokens, {rate}, {seconds:.1f} s",
+              file=sys.stderr, flush=True)
+
+
+def _progress_sink(progress: bool | ProgressFn) -> tuple[ProgressFn, bool]:
+    """`(report, to_callback)`: where progress events go, and whether warnings go there too (a callable the
+    caller passed) or to the `rateq.calibrate` log (True: printed lines; False: nothing)."""
     if callable(progress):
-        yield progress
-        return
-    if not progress:
-        yield lambda event: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class _Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:,.0f} tok/s" if task.speed else "… tok/s", style="cyan")
-
-    console = Console(stderr=True)
-    bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), _Rate(),
-                   TimeRemainingColumn(), console=console, transient=False)
-    task = bar.add_task("calibrate", total=total_tokens)
-
-    def report(event: dict):
-        if event.get("event") == "batch":
-            bar.update(task, completed=event["tokens"])
-        elif event.get("event") == "warning":
-            console.print(f"[yellow]warning:[/] {event['message']}")
-
-    with bar:
-        yield report
+        return progress, True
+    return (_print_progress if progress else (lambda event: None)), False
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -245,8 +231,8 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
     # Pre-RoPE key quantizers (candidates or the reference plan's) need each forward's rotary tables.
     prerope = any(q.prerope for q in specs) or (reference is not None and any(q.prerope for q in reference.quantizers))
     rope_ctx = capture_rope(model) if prerope else contextlib.nullcontext()
-    with _progress_sink(progress, n * T) as report, attention_hook(model, cal.attention), _frozen(model), \
-            rope_ctx as rope:
+    report, warnings_to_callback = _progress_sink(progress)
+    with attention_hook(model, cal.attention), _frozen(model), rope_ctx as rope:
         cal.set_rope(rope)
         report({"event": "start", "tokens": 0, "total": n * T, "seconds": 0.0})
         for i in range(0, n, batch_size):
@@ -308,8 +294,10 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
                 msg = (f"{m}: {len(bad)} of {d.numel()} points rise with more bits "
                        f"(e.g. layer {bad[0][0]} head {bad[0][1]} {'KV'[bad[0][2]]} at {bits[bad[0][4]]} bits); "
                        f"Curves.monotone() takes the running minimum for the solver")
-                log.warning(msg)
-                report({"event": "warning", "message": msg})
+                if warnings_to_callback:
+                    report({"event": "warning", "message": msg})
+                else:
+                    log.warning(msg)
             out[m] = curves
     return out
 
@@ -331,8 +319,9 @@ def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=Non
     - `policy`: which positions the runtime stores quantized (sinks, residual window, key blocks); default: no
       residual window, key blocks that hold whole key groups of every quantizer (`CachePolicy.for_quantizers`).
     - `reference`: measure every unit with the rest of the model running under this plan.
-    - `progress`: True for a rich bar on stderr, or a callable receiving event dicts (`event` = `start`,
-      `batch`, `warning`; `tokens`, `total`, `seconds`, `message`).
+    - `progress`: a callable receiving event dicts (`event` = `start`, `batch`, `warning`; `tokens`, `total`,
+      `seconds`, `message`), or True for one plain line per batch on stderr. Each warning is reported once:
+      to the callable when there is one, else to the `rateq.calibrate` logger.
 
     Statistics accumulate in float64 whatever the model dtype; the same seed gives the same curves.
     """
