@@ -1,7 +1,9 @@
-"""Baselines: matched effective bits, the weight-norm allocator, PCA rank reduction, rotations, names."""
+"""Baselines: the package by job, matched effective bits, the weight-norm allocator, PCA rank reduction,
+rotations, names."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -49,31 +51,102 @@ def test_splits_hit_budget_exactly(model, budget):
         assert k != v and abs(int(k) - int(v)) <= 2
 
 
-def test_greedy_allocate_is_optimal_on_small_problems():
-    spec = QuantSpec(group_size=64)
-    sens = torch.tensor([5.0, 1.0, 0.2, 3.0])
-    widths = [1, 2, 3, 4]
-    for budget in (1.5, 2.0, 2.75, 3.5):
-        got = bl.greedy_allocate(sens, spec, budget, bits=widths)
+# -- the package ----------------------------------------------------------------------------------------------
+PUBLIC = ("GROUP_SIZES", "ROTATIONS", "REFERENCE_SPLITS", "REFERENCE_SPEC", "DEFAULT_BASELINES", "BaselineContext",
+          "matched_uniform", "matched_splits", "full_precision", "fixed_split", "kivi", "splits", "projection_norms",
+          "weight_norm", "waterfill", "rateq_plan", "profile", "rank", "hybrid", "rotated", "reference",
+          "reference_rank", "check_budget", "BaselineName", "is_profile_name", "parse_name", "check_name", "build")
+JOBS = {"context": ("BaselineContext",), "matched": ("matched_uniform", "matched_splits", "check_budget"),
+        "families": ("full_precision", "fixed_split", "kivi", "splits", "waterfill", "rateq_plan", "profile", "rank",
+                     "hybrid", "rotated", "reference"),
+        "weight_norm": ("projection_norms", "weight_norm", "weight_norm_curves"),
+        "names": ("BaselineName", "parse_name", "check_name", "build", "DEFAULT_BASELINES")}
+
+
+def test_package_split_by_job_reexports_every_name():
+    for job, names in JOBS.items():
+        module = importlib.import_module(f"rateq.evaluate.baselines.{job}")
+        for name in names:
+            assert getattr(bl, name) is getattr(module, name), (job, name)
+    for name in PUBLIC + tuple(bl.__all__):
+        assert hasattr(bl, name), name
+    assert set(PUBLIC) <= set(bl.__all__)
+
+
+# -- the weight-norm allocator ---------------------------------------------------------------------------------
+def _layer_pairs(plan):
+    return [(int(k), int(v)) for k, v in zip(plan.k_bits[:, 0], plan.v_bits[:, 0])]
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 3.5])
+def test_weight_norm_is_per_layer_key_favoured_and_spends_the_budget(model, budget):
+    m = bl.weight_norm(model, budget)
+    plan, L = m.plan, rateq.fingerprint(model).num_layers
+    for bits, quantizer in ((plan.k_bits, plan.k_quantizer), (plan.v_bits, plan.v_quantizer)):
+        assert (bits == bits[:, :1]).all() and (quantizer == quantizer[:, :1]).all()  # one width per layer
+    assert (plan.k_bits >= plan.v_bits).all()
+    assert int(torch.cat([plan.k_bits, plan.v_bits]).min()) >= 2
+    assert m.effective_bits <= budget + 1e-9
+    assert m.effective_bits >= budget - 1.0 / L  # within a layer's step of the budget
+    assert m.budget == budget and m.family == "wnorm" and m.name == f"wnorm@{budget:g}"
+    # KIVI's min-max grid over groups of 64 (fp16 scales, integer zero-points): the widest that fits 64-dim heads.
+    assert {(q.kind, q.group_size, q.scale_dtype, q.zero) for q in plan.quantizers} == {("minmax", 64, "fp16", "code")}
+
+
+def test_weight_norm_is_the_solvers_greedy_on_its_curves(model):
+    fp = rateq.fingerprint(model)
+    curves = bl.weight_norm_curves(fp, bl.projection_norms(model))
+    assert curves.shape[:3] == (fp.num_layers, 1, 2) and min(curves.bits) == 2
+    for budget in (2.5, 3.0):
+        want = rateq.solve(curves, budget, method="greedy", keys_at_least_values=True)
+        got = bl.weight_norm(model, budget).plan
+        assert _layer_pairs(got) == [(int(k), int(v)) for k, v in zip(want.k_bits[:, 0], want.v_bits[:, 0])]
+        assert [got.quantizers[int(q)] for q in got.k_quantizer[:, 0]] == \
+            [want.quantizers[int(q)] for q in want.k_quantizer[:, 0]]
+        assert [got.quantizers[int(q)] for q in got.v_quantizer[:, 0]] == \
+            [want.quantizers[int(q)] for q in want.v_quantizer[:, 0]]
+        assert got.solver["method"] == "greedy"
+
+
+def test_weight_norm_is_near_optimal_for_its_distortion_model(model):
+    """Against every per-layer (K ≥ V) choice under D = ‖W‖²·2^(−2b): the greedy is within its reported bound."""
+    fp = rateq.fingerprint(model)
+    norms = bl.projection_norms(model).sum(1)  # (L, 2)
+    key_spec = value_spec = bl.WNORM_QUANTIZERS[0]  # groups of 64 hold both roles of 64-dim heads
+    pairs = [(k, v) for k in bl.WNORM_BITS for v in bl.WNORM_BITS if k >= v]
+    for budget in (2.5, 3.0):
+        m = bl.weight_norm(model, budget)
         best = None
-        for combo in itertools.product(widths, repeat=4):
-            if sum(spec.bits_per_element(b) for b in combo) / 4 > budget + 1e-9:
+        for combo in itertools.product(pairs, repeat=fp.num_layers):
+            cost = sum(key_spec.bits_per_element(k) + value_spec.bits_per_element(v) for k, v in combo)
+            if cost / (2 * fp.num_layers) > budget + 1e-9:
                 continue
-            d = sum(float(s) * 2.0 ** (-2 * b) for s, b in zip(sens, combo))
+            d = sum(float(n[0]) * 4.0 ** -k + float(n[1]) * 4.0 ** -v for n, (k, v) in zip(norms, combo))
             best = d if best is None or d < best else best
-        d_got = sum(float(s) * 2.0 ** (-2 * int(b)) for s, b in zip(sens, got))
-        assert d_got == pytest.approx(best)
-        assert float(sum(spec.bits_per_element(int(b)) for b in got)) / 4 <= budget + 1e-9
+        got = sum(float(n[0]) * 4.0 ** -k + float(n[1]) * 4.0 ** -v for n, (k, v) in zip(norms, _layer_pairs(m.plan)))
+        assert got == pytest.approx(m.plan.solver["predicted_distortion"])
+        assert best * (1 - 1e-9) <= got <= best + m.plan.solver["bound"] * (1 + 1e-9)
 
 
 def test_weight_norm_gives_keys_more_bits_when_their_norms_are_larger(model):
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.k_proj.weight.mul_(8.0)
-    m = bl.weight_norm(model, 2.5)
-    assert m.effective_bits <= 2.5 + 1e-9
-    assert m.effective_bits >= 2.5 - 1.0 / m.plan.k_bits.numel()  # the greedy spends the budget
+    m = bl.weight_norm(model, 3.0)
     assert m.plan.mean_bits("k") > m.plan.mean_bits("v")
+
+
+def test_weight_norm_budget_outside_its_range(model):
+    with pytest.raises(rateq.RateQError, match="feasible range"):
+        bl.weight_norm(model, 2.25)  # K2V2 already costs 2 + 18/64 = 2.28
+    with pytest.raises(rateq.RateQError, match="wnorm@2.25.*feasible range"):
+        bl.check_name("wnorm@2.25", config=model.config)
+    with pytest.raises(rateq.RateQError, match="outside the range"):
+        bl.check_name("wnorm@2")  # no config: below what any head size allows
+    odd = type(model.config)(**{**model.config.to_dict(), "head_dim": 48})
+    bl.check_name("wnorm@3", config=odd)  # values in groups of 16 channels: K2V2 costs 2.70
+    with pytest.raises(rateq.RateQError, match="feasible range"):
+        bl.check_name("wnorm@2.5", config=odd)
 
 
 def test_projection_norms_match_weights(model):
@@ -202,7 +275,7 @@ def test_names_check_against_a_config_without_weights(model):
     bl.check_name("rotations@3", config=config)
     for name, budgets, match in [("kivi", [0.5], "no uniform quantizer fits"),
                                  ("splits", [2.7], "no fixed K/V split"), ("rank", [0.1], "outside"),
-                                 (f"rank{HD + 1}", [], "outside"), ("wnorm", [1.2], "already costs")]:
+                                 (f"rank{HD + 1}", [], "outside"), ("wnorm", [1.2], "feasible range")]:
         with pytest.raises(rateq.RateQError, match=match):
             bl.check_name(name, budgets, config=config)
     odd = type(config)(**{**config.to_dict(), "head_dim": 48})
