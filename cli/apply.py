@@ -17,24 +17,12 @@ def _mib(n: int) -> str:
 
 
 def _check_fits_runtime(plan, config, policy) -> None:
-    """What RateQCache refuses, checked from the config before the weights load."""
-    from rateq.errors import RateQError
+    """What RateQCache refuses (quantizers it cannot hold, a key block that does not fit a key quantizer's
+    group: `CachePolicy.check_key_group`), checked from the config before the weights load."""
     from rateq.models import head_dim_of
-    from rateq.quant.spec import FULL_PRECISION_BITS
-    from rateq.runtime.store import check_plan_specs
+    from rateq.runtime.store import check_plan
 
-    used = set(zip(plan.k_bits.flatten().tolist(), plan.k_quantizer.flatten().tolist()))
-    for b, q in sorted(used):
-        spec = plan.quantizers[q]
-        if b < FULL_PRECISION_BITS and spec.axis_for("k") == "tokens" and policy.block % spec.group_size:
-            raise RateQError(f"key block {policy.block} is not a multiple of quantizer {spec.id}'s key groups of "
-                             f"{spec.group_size} tokens; give --block a multiple of {spec.group_size}, or leave it "
-                             f"out (the profile's is {plan.policy.block})")
-    head_dim = head_dim_of(config)
-    for layer in range(plan.num_layers):
-        for role in ("k", "v"):
-            check_plan_specs(plan.bits(role)[layer], plan.quantizer_ids(role)[layer], plan.quantizers, role,
-                             head_dim, layer, policy.block)
+    check_plan(plan, head_dim_of(config), policy)
 
 
 def unquantized_note(result: dict) -> str | None:

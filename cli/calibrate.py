@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Optional
 
 import typer
@@ -73,6 +72,7 @@ def calibrate_command(
     from rateq.policy import CachePolicy
     from rateq.profile import plan_summary, save_profile
     from rateq.solve import METHODS
+    from rateq.solve.problem import check_feasible_budget
 
     # Everything that can be checked from the arguments, the files and the model's config is checked before
     # the weights load: first what needs no model at all.
@@ -90,13 +90,7 @@ def calibrate_command(
         raise RateQError("--quantizers is empty; give at least one id such as minmax-g32-fp16")
     check_policy_options(residual, block, sinks)
     policy = CachePolicy.for_quantizers(specs, residual=residual, block=block, sinks=sinks)
-    if not (math.isfinite(budget) and budget > 0):
-        raise RateQError(f"--budget must be a positive number of effective bits per element, got {budget:g}")
-    lo, hi = rateq.budget_range(specs, widths, min_bits=min_bits, max_bits=max_bits)
-    if not lo * (1 - 1e-12) <= budget <= hi * (1 + 1e-12):
-        raise RateQError(f"budget {budget:g} effective bits per element is outside the feasible range "
-                         f"[{lo:.4f}, {hi:.4f}] of quantizers {', '.join(q.id for q in specs)} at bits {list(widths)}; "
-                         "pick a budget inside it")
+    check_feasible_budget(budget, specs, widths, min_bits=min_bits, max_bits=max_bits, what="--budget")
     out = out if out is not None else default_out(model, budget)
     cpath = curves_path(out)
     check_out(out)

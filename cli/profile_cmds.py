@@ -20,7 +20,8 @@ def show_command(
 ) -> None:
     """Summary of a profile (budget, effective and nominal bits, K vs V mean bits, per-layer means) and its
     layer × head bit map."""
-    from rateq.profile import load_profile, plan_summary, plot_plan
+    from rateq.plots import plot_plan
+    from rateq.profile import load_profile, plan_summary
 
     check_out(png, "--png")
     with Output(json_out) as sink:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,9 +30,10 @@ def solve_command(
     Without a model: re-solving takes milliseconds to a second."""
     import rateq
     from rateq.errors import RateQError
-    from rateq.plan import policy_from_dict
+    from rateq.plan import check_budget
     from rateq.profile import plan_summary, save_profile
     from rateq.solve import METHODS, frontier
+    from rateq.solve.problem import calibration_policy
 
     # Everything that can be checked without the curves is checked first.
     if budget is None and sweep is None:
@@ -42,8 +42,8 @@ def solve_command(
         raise RateQError("--budget needs --out: where to write the profile (e.g. --out plan.safetensors)")
     if method is not None and method not in METHODS:
         raise RateQError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
-    if budget is not None and not (math.isfinite(budget) and budget > 0):
-        raise RateQError(f"--budget must be a positive number of effective bits per element, got {budget:g}")
+    if budget is not None:
+        check_budget(budget, "--budget")
     for name, v in (("--min-bits", min_bits), ("--max-bits", max_bits)):
         if v is not None and not 1 <= v <= 16:
             raise RateQError(f"{name} must be a code bit width between 1 and 16, got {v}")
@@ -54,7 +54,7 @@ def solve_command(
 
     with Output(json_out) as sink:
         cv = rateq.Curves.load(curves)
-        policy = policy_from_dict(cv.calibration.get("policy", {}), f"{curves}'s calibration policy")
+        policy = calibration_policy(cv)
         constraints = dict(min_bits=min_bits, max_bits=max_bits, keys_at_least_values=keys_at_least_values,
                            quantizers=parse_list(quantizers))
         sink.add(curves=str(curves))

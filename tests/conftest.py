@@ -64,3 +64,29 @@ def reference_windows(smol):
     import rateq
 
     return rateq.text_windows(smol[1], "austen-pp", 4, 1024, seed=None, char_start=100_000)
+
+
+def read_png(path) -> tuple[int, int]:
+    """`(width, height)` of the PNG at `path`, after checking that it is one: the PNG signature, the IHDR chunk
+    first, a last IEND chunk, and pixels that decode (Pillow) to a drawing of more than a few colours."""
+    import struct
+
+    from PIL import Image
+
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    length, kind, width, height = struct.unpack(">I4sII", data[8:24])
+    assert (length, kind) == (13, b"IHDR"), f"{path}: no IHDR chunk first"
+    assert data[-8:-4] == b"IEND", f"{path}: truncated (no IEND chunk last)"
+    with Image.open(path) as image:
+        image.load()
+        assert image.size == (width, height)
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 16, f"{path} is nearly blank ({len(colours)} colours)"
+    return width, height
+
+
+@pytest.fixture(scope="session")
+def png_size():
+    """`png_size(path) -> (width, height)` of a valid, non-blank PNG (see `read_png`)."""
+    return read_png

@@ -44,3 +44,29 @@ def test_policy_for_quantizers_fits_every_key_group():
     assert CachePolicy.for_quantizers(specs, block=256, sinks=4) == CachePolicy(block=256, sinks=4)
     p = CachePolicy(residual=64, block=128, sinks=2)
     assert CachePolicy.from_dict(p.to_dict()) == p
+
+
+def test_the_key_block_rule():
+    from rateq import RateQError, parse_spec
+
+    g64 = parse_spec("minmax-g64-fp16")
+    for block in (64, 128, 192):
+        CachePolicy(block=block).check_key_group(g64)  # whole groups in every block
+    with pytest.raises(RateQError) as exc:
+        CachePolicy(block=96).check_key_group(g64)
+    assert str(exc.value) == (
+        "key block 96 is not a multiple of quantizer minmax-g64-fp16's group of 64 tokens (keys are quantized a "
+        "whole block at a time); use a block that is a multiple of 64: CachePolicy(block=128) in Python, "
+        "--block 128 on the command line")
+    # Keys grouped along channels (Lloyd-Max, or group_along='channels') have no token groups to fit.
+    CachePolicy(block=32).check_key_group(parse_spec("lloydmax-g64-rhadamard-fp16"))
+    CachePolicy(block=32).check_key_group(parse_spec("minmax-g128-channels-fp16"))
+    # The rule is the same wherever a policy meets a key quantizer: the one-pass evaluation says it too.
+    from rateq import ModelFingerprint, Plan, plan_transform
+
+    plan = Plan.uniform(ModelFingerprint("m", "llama", 1, 1, 16), 3, spec=g64)
+    with pytest.raises(RateQError, match="^key block 96 is not a multiple of quantizer minmax-g64-fp16's group"):
+        plan_transform(plan, CachePolicy(block=96))(0, "k", torch.zeros(1, 1, 192, 16))
+    fp16 = Plan.uniform(ModelFingerprint("m", "llama", 1, 1, 16), 16, spec=g64)  # 16-bit units store no groups
+    x = torch.randn(1, 1, 192, 16)
+    assert torch.equal(plan_transform(fp16, CachePolicy(block=96))(0, "k", x), x.half().float())  # fp16, whole

@@ -11,7 +11,8 @@ import rateq
 from rateq.curves import Curves
 from rateq.io import read_safetensors, write_safetensors
 from rateq.models import ModelFingerprint, fingerprint
-from rateq.profile import load_profile_curves, plan_to_json, plot_plan, write_plan_json
+from rateq.plots import plot_plan
+from rateq.profile import load_profile_curves, plan_to_json, write_plan_json
 from rateq.quant.spec import KIVI, QuantSpec
 
 
@@ -197,7 +198,7 @@ def test_plan_json_schema_and_round_trip(tmp_path, plan_and_curves):
         rateq.plan_from_json({**doc, "version": "0"})
 
 
-def test_summary_and_heatmap(tmp_path, plan_and_curves):
+def test_summary_and_heatmap(tmp_path, plan_and_curves, png_size):
     plan, _ = plan_and_curves
     s = rateq.plan_summary(plan)
     assert s["k_bits"] == pytest.approx(float(plan.k_bits.double().mean()))
@@ -205,4 +206,4 @@ def test_summary_and_heatmap(tmp_path, plan_and_curves):
     assert s["layers"][1]["v_bits"] == pytest.approx(float(plan.v_bits[1].double().mean()))
     assert sum(n["k"] for n in s["quantizers"].values()) == 3 * 2
     png = plot_plan(plan, tmp_path / "map.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_size(png) == (840, 360)  # 3 layers × 2 heads: the bit map's least size, 7 × 3 inches at 120 dpi

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Integral
 
 import torch
 
@@ -37,7 +37,7 @@ class Plan:
         self.quantizers = list(self.quantizers)
         if not self.quantizers or not all(isinstance(q, QuantSpec) for q in self.quantizers):
             raise RateQError("a plan needs at least one quantizer, each a QuantSpec")
-        self.budget_bits = check_budget_bits(self.budget_bits)
+        self.budget_bits = check_budget(self.budget_bits, "a plan's budget", optional=True)
         if not isinstance(self.policy, CachePolicy):
             raise RateQError(f"a plan's policy is a CachePolicy, got {type(self.policy).__name__}")
         for name in ("calibration", "solver"):
@@ -134,13 +134,25 @@ class Plan:
                 f"K {self.mean_bits('k'):.2f} / V {self.mean_bits('v'):.2f} mean code bits")
 
 
-def check_budget_bits(value) -> float | None:
-    """A plan's budget: None (hand-made) or a finite positive number of effective bits per element."""
-    if value is None:
+def check_budget(value, what: str = "budget", *, optional: bool = False) -> float | None:
+    """The budget rule, for every budget rateq takes (solver, evaluation, plans, command line): a positive,
+    finite number of effective bits per element, metadata included. Returns it as a float; None passes only
+    when `optional` (a hand-made plan has no budget). `what` names the argument or option in the message
+    (`budget`, `--budget`, …). Text is not a number here: parse it first."""
+    if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise RateQError(f"a plan's budget is a positive number of effective bits per element (or none), got {value!r}")
-    return value
+    budget = None
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            budget = float(value)
+        except (TypeError, ValueError, OverflowError, RuntimeError):  # not a number, or not one number
+            pass
+    if budget is None or not math.isfinite(budget) or budget <= 0:
+        shown = repr(value) if budget is None else f"{budget:g}"
+        none = " (or None)" if optional else ""
+        raise RateQError(f"{what} must be a positive, finite number of effective bits per element{none}, e.g. 2.5; "
+                         f"got {shown}")
+    return budget
 
 
 def policy_from_dict(data, where: str = "policy") -> CachePolicy:

@@ -44,6 +44,19 @@ class CachePolicy:
                     block = block * q.group_size // math.gcd(block, q.group_size)
         return cls(residual=residual, block=block, sinks=sinks)
 
+    def check_key_group(self, spec) -> None:
+        """The key-block rule: keys are quantized a whole block at a time, so a quantizer grouping keys along
+        tokens (`spec.axis_for("k") == "tokens"`) needs a key block that is a multiple of its group. Raises a
+        RateQError naming the block, the quantizer, its group and the fix; does nothing for a spec that groups
+        keys along channels. Callers check the specs of quantized units only (16-bit units store no groups)."""
+        group = spec.group_size
+        if spec.axis_for("k") != "tokens" or self.block % group == 0:
+            return
+        fit = -(-self.block // group) * group  # the least multiple of the group at or above the block
+        raise RateQError(f"key block {self.block} is not a multiple of quantizer {spec.id}'s group of {group} "
+                         f"tokens (keys are quantized a whole block at a time); use a block that is a multiple of "
+                         f"{group}: CachePolicy(block={fit}) in Python, --block {fit} on the command line")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -271,38 +271,3 @@ def plan_summary(plan: Plan) -> dict:
         "solver": plan.solver,
         "calibration": plan.calibration,
     }
-
-
-def plot_plan(plan: Plan, path: str | os.PathLike) -> Path:
-    """Save a layer × head heatmap of K and V code bits (PNG, or any format matplotlib infers from the suffix)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    L, H = plan.num_layers, plan.num_kv_heads
-    fig = Figure(figsize=(max(7.0, 2.0 + 0.9 * H), max(3.0, 1.4 + 0.22 * L)), layout="constrained")
-    FigureCanvasAgg(fig)  # no pyplot and no global backend switch: safe inside any application
-    axes = fig.subplots(1, 2, sharey=True)
-    vmax = max(8, int(max(plan.k_bits.max(), plan.v_bits.max())))
-    for ax, role, title in zip(axes, ("k", "v"), ("K", "V")):
-        bits = plan.bits(role).numpy()
-        im = ax.imshow(bits, cmap="viridis", vmin=1, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_title(f"{title}: mean {plan.mean_bits(role):.2f} bits", fontsize=10)
-        ax.set_xlabel("KV head")
-        ax.set_xticks(np.arange(H))
-        if L <= 64 and H <= 32:
-            for (l, h), b in np.ndenumerate(bits):
-                ax.text(h, l, str(b), ha="center", va="center", fontsize=7, color="white" if b < vmax / 2 else "black")
-    axes[0].set_ylabel("layer")
-    budget = "" if plan.budget_bits is None else f"budget {plan.budget_bits:g}, "
-    fig.suptitle(f"{plan.model.name}: {budget}{plan.effective_bits:.3f} effective bits "
-                 f"({plan.nominal_bits:.3f} nominal)", fontsize=11)
-    fig.colorbar(im, ax=axes, label="code bits", shrink=0.8)
-    fmt = (path.suffix[1:] or "png").lower()
-    formats = fig.canvas.get_supported_filetypes()
-    if fmt not in formats:
-        raise RateQError(f"cannot write a {path.suffix} image; use one of {', '.join('.' + k for k in sorted(formats))}")
-    with atomic_write(path, "image") as tmp:
-        fig.savefig(tmp, dpi=120, format=fmt)
-    return path

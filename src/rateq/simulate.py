@@ -31,8 +31,9 @@ from .errors import RateQError
 from .hooks import attention_hook, forward_attention_mask, plain_attention, repeat_kv
 from .plan import Plan
 from .policy import CachePolicy, left_padding
-from .quant.affine import fake_quantize
+from .quant.codec import fake_quantize
 from .quant.rope import RopeTables, capture_rope, row_view, slice_rope
+from .quant.spec import FULL_PRECISION_BITS
 
 KVTransform = Callable[[int, str, torch.Tensor], torch.Tensor]
 
@@ -57,8 +58,8 @@ def plan_transform(plan: Plan, policy: CachePolicy, rope: RopeTables | None = No
         for b, qi in torch.unique(torch.stack([bits, qids], 1), dim=0).tolist():
             heads = ((bits == b) & (qids == qi)).nonzero().flatten()
             spec = plan.quantizers[qi]
-            if role == "k" and spec.axis_for("k") == "tokens" and policy.block % spec.group_size:
-                raise RateQError(f"key block {policy.block} is not a multiple of quantizer group {spec.group_size}")
+            if role == "k" and b < FULL_PRECISION_BITS:
+                policy.check_key_group(spec)
             seg = x[:, heads, start:end]  # (B, h, T', D)
             tables = None
             if spec.prerope and role == "k":

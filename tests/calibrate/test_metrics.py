@@ -5,7 +5,7 @@ import torch
 
 import rateq
 from rateq.calibrate import calibrate_metrics
-from rateq.quant.affine import fake_quantize
+from rateq.quant import fake_quantize
 from rateq.quant.spec import QuantSpec
 
 SPEC16 = QuantSpec(group_size=16)

@@ -51,4 +51,16 @@ def test_default_quantizers_on_the_default_model(smol):
     cache = rateq.RateQCache(plan, model)
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
-    assert cache.get_seq_length() == 160 and cache.nbytes() > 0
+    assert cache.get_seq_length() == 160
+    # The bytes held are the plan's accounting exactly: each quantized token of a unit at its effective bits
+    # per element (`QuantSpec.bits_per_element`: codes + metadata), every other token in the model's dtype.
+    n, shape, policy = 160, rateq.fingerprint(model), plan.policy
+    quantized = {"k": policy.quantized_keys(n) - policy.sinks, "v": policy.quantized_values(n) - policy.sinks}
+    assert quantized == {"k": 128, "v": 160}  # one whole 128-token key block; no residual window
+    per_element = plan.unit_bits_per_element()  # (L, H, 2)
+    fp_bytes = next(model.parameters()).element_size()
+    coded_bits = sum(quantized[role] * shape.head_dim * float(per_element[..., r].sum()) for r, role in enumerate("kv"))
+    plain = sum(n - quantized[role] for role in "kv") * shape.num_layers * shape.num_kv_heads * shape.head_dim
+    assert coded_bits % 8 == 0
+    assert cache.nbytes_by_kind()["full_precision"] == plain * fp_bytes
+    assert cache.nbytes() == coded_bits // 8 + plain * fp_bytes

@@ -161,8 +161,8 @@ def test_a_profile_where_curves_belong_and_back(run_cli, work, inputs, tmp_path)
 
 # -- budgets, sweeps, methods, bit lists, quantizer ids ----------------------------------------------------
 
-BUDGETS = [("nan", "positive number"), ("-1", "positive number"), ("0", "positive number"),
-           ("inf", "positive number"), ("100", "outside the feasible range"), ("1.0", "outside the feasible range"),
+BUDGETS = [("nan", "--budget must be a positive, finite number"), ("-1", "--budget must be a positive, finite number"),
+           ("0", "--budget must be a positive, finite number"), ("inf", "--budget must be a positive, finite number"), ("100", "outside the feasible range"), ("1.0", "outside the feasible range"),
            ("abc", "Invalid value for '--budget'")]
 
 
@@ -225,7 +225,7 @@ def test_bad_quantizer_ids(run_cli, work, ids, phrase):
 
 def test_bad_policy_options_in_calibrate(run_cli, work):
     refused(run_cli("calibrate", "--budget", "4", "--quantizers", "minmax-g64-fp16", "--block", "32"),
-            match="key block 32 is not a multiple", folders=[work])
+            match="key block 32 is not a multiple of quantizer minmax-g64-fp16's group of 64 tokens", folders=[work])
     refused(run_cli("calibrate", "--budget", "4", "--sinks", "-1"), match="--sinks must be at least 0", folders=[work])
 
 
@@ -356,7 +356,7 @@ def test_bad_dtype(run_cli, work, inputs):
     (["--data", "austen-pp", "--char-start", "-1"], "--char-start must be at least 0"),
     (["--prompt", "Hi", "--block", "0"], "--block must be at least 1"),
     (["--prompt", "Hi", "--residual", "-1"], "--residual must be at least 0"),
-    (["--prompt", "Hi", "--block", "48"], "give --block a multiple of 32"),
+    (["--prompt", "Hi", "--block", "48"], "a multiple of 32: CachePolicy(block=64) in Python, --block 64 on the command line"),
 ])
 def test_bad_apply_arguments(run_cli, work, inputs, args, phrase):
     refused(run_cli("apply", inputs.smol, *args), match=phrase, folders=[work])
@@ -385,10 +385,21 @@ def test_bad_threads_from_the_environment(run_cli, work, monkeypatch):
 
 
 def test_help_still_works(run_cli, work):
+    # Through the console entry point (not typer's test runner): exit code 0, nothing on stderr, every command
+    # listed, and every option of a command in its help.
+    import typer
+
+    from cli.main import app
+
+    group = typer.main.get_command(app)
     code, out, err = run_cli("--help")
-    assert code == 0 and "calibrate" in out and not err.strip()
-    code, out, _ = run_cli("solve", "--help")
-    assert code == 0 and "--budget" in out
+    assert code == 0 and not err.strip()
+    assert all(f" {name} " in out for name in group.commands), out
+    code, out, err = run_cli("solve", "--help")
+    assert code == 0 and not err.strip()
+    options = [o for p in group.commands["solve"].params for o in p.opts if o.startswith("--")]
+    assert "--budget" in options and "--sweep" in options
+    assert all(o in out for o in options), [o for o in options if o not in out]
 
 
 # -- what a good run prints ------------------------------------------------------------------------------------

@@ -56,6 +56,30 @@ def test_solve_writes_a_profile(tmp_path, curves_file):
     assert "effective" in res.stdout and "K " in res.stdout
 
 
+@pytest.mark.parametrize("recorded", [{"residual": 16, "block": 128, "sinks": 2}, None],
+                         ids=["recorded", "not-recorded"])
+def test_the_command_and_the_library_give_a_plan_the_same_policy(tmp_path, recorded):
+    """Both rebuild the policy from the curves in one way (`rateq.solve.problem.calibration_policy`): the one
+    they were measured under, or, for curves that record none, a key block holding every key group (64 here)."""
+    from rateq.solve.problem import calibration_policy
+
+    rng = np.random.default_rng(1)
+    L, H, bits, qs = 2, 2, (1, 2, 4), [KIVI, QuantSpec(group_size=64)]
+    d = np.sort(rng.lognormal(0, 1, (L, H, 2, len(qs), len(bits))), -1)[..., ::-1].copy()
+    calibration = {"data": "synthetic"} if recorded is None else {"data": "synthetic", "policy": recorded}
+    Curves(torch.tensor(d), bits, qs, torch.full((L, H, 2), 512.0), "output",
+           ModelFingerprint("tiny-llama", "llama", L, H, 64), calibration).save(tmp_path / "c.curves.safetensors")
+    res = runner.invoke(app, ["solve", str(tmp_path / "c.curves.safetensors"), "--budget", "3", "--out",
+                              str(tmp_path / "p.safetensors")])
+    assert res.exit_code == 0, res.output
+    from_cli = rateq.load_profile(tmp_path / "p.safetensors")
+    curves = rateq.Curves.load(tmp_path / "c.curves.safetensors")
+    from_library = rateq.solve(curves, 3)
+    expected = rateq.CachePolicy(**recorded) if recorded else rateq.CachePolicy(block=64)
+    assert from_cli.policy == from_library.policy == calibration_policy(curves) == expected
+    assert torch.equal(from_cli.k_bits, from_library.k_bits) and torch.equal(from_cli.v_bits, from_library.v_bits)
+
+
 def test_solve_sweep(curves_file):
     res = runner.invoke(app, ["solve", str(curves_file), "--sweep", "1.5:9.5:0.5", "--json"])
     assert res.exit_code == 0, res.output

@@ -86,3 +86,17 @@ def test_commands_print_only_through_the_sink(name):
                 f"cli/{name}.py:{node.lineno} prints directly"
         if isinstance(node, ast.Name):
             assert node.id not in ("console", "err_console"), f"cli/{name}.py:{node.lineno} uses {node.id}"
+
+
+@pytest.mark.parametrize("path", sorted([*SRC.rglob("*.py"), *CLI.glob("*.py")]), ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_imports_pyplot_or_switches_matplotlibs_backend(path):
+    # Plots are drawn by rateq.plots on a figure's own canvas: pyplot's global figures and backend stay untouched.
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and node.module
+                 else [])
+        assert not any(n == "matplotlib.pyplot" or n.startswith("matplotlib.pyplot.") or n == "pylab" for n in names), \
+            f"{path.relative_to(ROOT)}:{node.lineno} imports pyplot"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "use":
+            assert getattr(node.func.value, "id", "") != "matplotlib", \
+                f"{path.relative_to(ROOT)}:{node.lineno} switches matplotlib's backend"

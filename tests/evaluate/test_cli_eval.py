@@ -319,7 +319,7 @@ def test_readme_table_from_one_command(runner, tiny_model, tmp_path):
 
 # -- the bundled model (slow) ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_eval_json_and_report(runner, tmp_path, smol):
+def test_eval_json_and_report(runner, tmp_path, smol, png_size):
     out = tmp_path / "report"
     res = runner.invoke(app, ["eval", "--data", "austen-pp", "--baseline", "fp", "--baseline", "kivi",
                               "--baseline", "k4v2", "--budget", "2.5", "--json", "--report", str(out), *SHORT])
@@ -331,9 +331,16 @@ def test_eval_json_and_report(runner, tmp_path, smol):
     assert rows["kivi@2.5"]["nominal_bits"] == pytest.approx(2.0)
     assert rows["k4v2"]["effective_bits"] == pytest.approx(4.0) and rows["k4v2"]["compared_at"] is None
     assert rows["fp"]["kl"] == 0.0 and rows["kivi@2.5"]["kl"] > 0
-    for name in ("report.md", "results.json", "ppl_vs_bits.png"):
-        assert (out / name).stat().st_size > 0
-    assert "| kivi@2.5 |" in (out / "report.md").read_text()
+    # Baselines only (no plan, no curves): the table, the JSON and the PPL plot.
+    assert sorted(p.name for p in out.iterdir()) == ["ppl_vs_bits.png", "report.md", "results.json"]
+    assert png_size(out / "ppl_vs_bits.png") == (840, 540)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == doc["rows"] and saved["settings"] == doc["settings"]
+    lines = {line.split("|")[1].strip(): line for line in (out / "report.md").read_text().splitlines()
+             if line.startswith("| ")}
+    for r in doc["rows"]:  # each row's figures in the report are the JSON's
+        cells = [c.strip() for c in lines[r["name"]].strip("|").split("|")]
+        assert f"{r['effective_bits']:.3f}" in cells and f"{r['ppl']:.2f}" in cells, (r["name"], cells)
 
 
 @pytest.mark.slow

@@ -26,7 +26,18 @@ def test_kivi_excess_removed():
     assert "K4V4" not in removed  # no KIVI row at 5 bits to compare with
 
 
-def test_write_report(tiny, tmp_path):
+def _table_rows(md: str) -> list[dict[str, str]]:
+    """The first markdown table of `md` as one dict per row, keyed by the header's cells."""
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    head, body = cells[0], cells[2:]
+    assert all(len(row) == len(head) for row in body)
+    return [dict(zip(head, row)) for row in body]
+
+
+def test_write_report(tiny, tmp_path, png_size):
+    from rateq.plots import DPI
+
     model = tiny("llama")
     fp = rateq.fingerprint(model)
     spec = QuantSpec(group_size=8)
@@ -39,16 +50,34 @@ def test_write_report(tiny, tmp_path):
     curves = Curves(torch.rand(3, 2, 2, 1, 3, dtype=torch.float64) * torch.tensor([1.0, 0.3, 0.05]), bits, [spec],
                     torch.ones(3, 2, 2), "mse", fp)
     paths = write_report(res, tmp_path, curves=curves, title="tiny")
-    for key in ("markdown", "json", "ppl_vs_bits", "curves", "bits_mine"):
-        assert paths[key].is_file() and paths[key].stat().st_size > 0, key
-    assert paths["ppl_vs_bits"].read_bytes()[:4] == b"\x89PNG"
+    # One bit map per solved or hand-made plan (not for the uniform baseline), and nothing else written.
+    assert set(paths) == {"markdown", "json", "ppl_vs_bits", "curves", "bits_mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values()) == [
+        "bits_mine.png", "curves.png", "ppl_vs_bits.png", "report.md", "results.json"]
+    assert png_size(paths["ppl_vs_bits"]) == (7 * DPI, int(4.5 * DPI))
+    assert png_size(paths["curves"]) == (6 * DPI, 4 * DPI)
+    assert png_size(paths["bits_mine"]) == (7 * DPI, 3 * DPI)  # 3 layers × 2 heads: the bit map's least size
+
+    # The JSON holds the evaluation's rows and settings as they are; no KIVI row, so nothing to remove.
     doc = json.loads(paths["json"].read_text())
+    assert doc["rows"] == json.loads(json.dumps(res.rows, default=str))
+    assert doc["settings"] == json.loads(json.dumps(res.settings, default=str))
+    assert doc["kivi_excess_removed"] == {}
     assert [r["name"] for r in doc["rows"]] == ["fp", "mine", "u2"]
+    # The report's table shows each JSON row's figures, in the same order.
     md = paths["markdown"].read_text()
-    assert "| mine |" in md and "effective bits" in md and "bits_mine.png" in md
-    table = to_markdown(res)
-    assert table.count("\n") == 2 + 3  # header, rule, three rows
-    assert f"{mixed.effective_bits:.3f}" in table
+    assert md.startswith("# tiny\n")
+    table = _table_rows(md)
+    assert [t["method"] for t in table] == ["fp", "mine", "u2"]
+    for t, r in zip(table, doc["rows"]):
+        assert t["effective bits"] == f"{r['effective_bits']:.3f}" and t["nominal bits"] == f"{r['nominal_bits']:.3f}"
+        assert t["PPL"] == f"{r['ppl']:.2f}" and t["KL (nats)"] == f"{r['kl']:.4f}"
+    assert table[1]["effective bits"] == f"{mixed.effective_bits:.3f}"
+    assert table[0]["ΔPPL"] == "+0.00" and table[2]["ΔPPL"] == f"{doc['rows'][2]['delta_ppl']:+.2f}"
+    # Every plot written is shown in the report, each once.
+    for p in ("ppl_vs_bits.png", "bits_mine.png", "curves.png"):
+        assert md.count(f"]({p})") == 1, p
+    assert to_markdown(res).count("\n") == 2 + 3  # header, rule, three rows
 
 
 def _row(name, family, eff, ppl, *, at, budget=None, policy=None):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from rateq.quant import pack, packed_nbytes, unpack
+from rateq.quant.pack import unpack_reference
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -33,3 +34,16 @@ def test_bit_layout_is_little_endian():
 def test_bad_bits():
     with pytest.raises(ValueError):
         pack(torch.zeros(8, dtype=torch.uint8), 9)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [3, 8, 13, 16, 64, 128])
+def test_fast_unpack_reads_the_reference_format(bits, n):
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    codes = torch.randint(0, 1 << bits, (2, 3, 5, n), generator=g, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert torch.equal(unpack_reference(packed, bits, n), codes)
+    assert torch.equal(unpack(packed, bits, n), codes)
+    # a non-contiguous slice (as a bucket's heads or a growing buffer's rows are) reads the same
+    assert torch.equal(unpack(packed[:, 1:], bits, n), codes[:, 1:])
+    assert torch.equal(unpack(packed[:, :, 1:4], bits, n), codes[:, :, 1:4])

@@ -15,7 +15,8 @@ CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 
 def analytic_nbytes(plan: Plan, policy: CachePolicy, n: int, B: int, D: int, fp_itemsize: int) -> int:
     """Bytes a cache of `n` tokens must hold, from the specs: packed codes at `bits` bits, scales and float
-    zero-points in their dtype, integer zero-points packed at `bits` bits (fewer than 8 rows unpacked)."""
+    zero-points in their dtype, integer zero-points packed at `bits` bits — along the row when a row holds whole
+    8-code groups, else as one stream per head (its last 8-code group padded)."""
     total = 0
     for role in ("k", "v"):
         q = (policy.quantized_keys(n) if role == "k" else policy.quantized_values(n)) - policy.sinks
@@ -35,8 +36,10 @@ def analytic_nbytes(plan: Plan, policy: CachePolicy, n: int, B: int, D: int, fp_
                 total += B * rows * per_row * sbytes
                 if spec.kind == "minmax" and spec.zero == "float":
                     total += B * rows * per_row * sbytes
+                elif spec.kind == "minmax" and (per_row % 8 == 0 or bits == 8):
+                    total += B * rows * per_row * bits // 8
                 elif spec.kind == "minmax":
-                    total += B * per_row * ((rows // 8) * bits + rows % 8)
+                    total += B * -(-rows * per_row // 8) * bits
     return total
 
 

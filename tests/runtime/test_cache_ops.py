@@ -33,7 +33,7 @@ def same_state(a: RateQCache, b: RateQCache) -> None:
     assert a.get_seq_length() == b.get_seq_length()
     assert a.held_positions() == b.held_positions()
     assert a.nbytes_by_kind() == b.nbytes_by_kind()
-    B = a.layers[0]._k.tail.shape[0]
+    B = a.layers[0].batch_size
     k1, v1 = kv(B=B, T=1, seed=99)
     for layer in range(len(a.layers)):
         ka, va = a.update(k1, v1, layer)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rateq import CachePolicy, Plan, QuantSpec, RateQCache, RateQError, fingerprint, simulate_plan
+from rateq.quant import codec_for
 from rateq.runtime import rotary_of
 
 # head_dim 16 in the tiny models: channel groups divide 16, key groups along tokens divide the block.
@@ -19,6 +20,7 @@ FAMILY_SPECS = [
     QuantSpec(group_size=16, rotation="hadamard", zero="code"),
     QuantSpec(group_size=16, prerope=True),                                       # KVQuant's pre-RoPE keys
     QuantSpec(group_size=16, rotation="rhadamard", prerope=True, scale_dtype="bf16"),
+    QuantSpec(group_size=16, outlier_frac=0.1),                                   # KVQuant's dense-and-sparse
 ]
 POLICY = CachePolicy(residual=8, block=16, sinks=2)
 LOGIT_ATOL = 2e-3  # as in test_cache_model.py: a one-token and a whole-sequence forward differ by ~1e-7
@@ -33,10 +35,12 @@ def test_family_plans_decode_as_the_one_pass_evaluation(arch, kv_heads, policy, 
     with pytest.raises(RateQError, match="rotary"):
         RateQCache(plan, model.config, policy=policy)
     cache = RateQCache(plan, model.config, policy=policy, rotary=rotary_of(model))
-    assert {type(b).__name__ for layer in cache.layers for r in (layer._k, layer._v) for b in r.store.buckets} == \
-        {"Bucket", "CodecBucket"}
     ids = torch.randint(0, 256, (2, 56), generator=torch.Generator().manual_seed(1))
     got = decode(model, ids, cache, 19)
+    for layer in range(len(cache.layers)):  # every bucket holds its codec's parts
+        for role in "kv":
+            for held in cache.stored(layer, role):
+                assert set(held.parts) == {p.name for p in codec_for(held.spec).layout(held.bits, role, 16)}
     with torch.no_grad(), simulate_plan(model, plan, policy, prefill=19):
         want = model(ids, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=LOGIT_ATOL, rtol=0)
@@ -58,21 +62,17 @@ def test_family_bytes_are_the_specs_effective_bits(spec, bits, tiny):
         cache.update(torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g), layer)
     kinds = cache.nbytes_by_kind()
     held = kinds["codes"] + kinds["metadata"]
-    zero_rows = 0
-    if spec.kind == "minmax" and spec.zero == "code":
-        # integer zero-points of keys (one row per 16-token block) are packed 8 rows at a time; 3 rows stay bytes
-        rows = n // 16
-        zero_rows = fp.num_layers * B * H * D * (rows % 8) * (1 - bits / 8)
-    want = fp.num_layers * B * H * n * D * 2 * plan.effective_bits / 8 + zero_rows
+    # keys' integer zero-points (16 per block row) fill whole bytes; values' (one per token) form one stream per
+    # head: 48 codes, whole 8-code groups too
+    want = fp.num_layers * B * H * n * D * 2 * plan.effective_bits / 8
     assert held == pytest.approx(want, abs=1e-6)
     assert kinds["full_precision"] == 0
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(group_size=16, outlier_frac=0.1)], ids=lambda s: s.id)
-def test_families_the_cache_cannot_hold_are_refused(spec, tiny):
+def test_a_quantizer_that_cannot_hold_values_is_refused_before_anything_runs(tiny):
     model = tiny("llama", kv_heads=2)
-    plan = Plan.uniform(fingerprint(model), 2, spec=spec)
-    with pytest.raises(RateQError, match="not in RateQCache"):
+    plan = Plan.uniform(fingerprint(model), 2, spec=QuantSpec(group_size=16, group_along="tokens"))
+    with pytest.raises(RateQError, match="groups must run along channels"):
         RateQCache(plan, model.config, policy=CachePolicy(block=32))
 
 

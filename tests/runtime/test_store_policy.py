@@ -40,13 +40,13 @@ def test_update_returns_the_simulated_view_exactly(policy, prefill, mixed_plan):
             k, v = cache.update(K[:, :, a:b], V[:, :, a:b], layer)
             assert torch.equal(k, expected_view(k_hat, K, b, policy.quantized_keys(b), policy.sinks)), (layer, b)
             assert torch.equal(v, expected_view(v_hat, V, b, policy.quantized_values(b), policy.sinks)), (layer, b)
-            # Stored history is never re-quantized: every bucket's earlier codes are unchanged, only appended to.
-            now = [bk.codes.clone() if bk.codes is not None else None
-                   for role in (cache.layers[layer]._k, cache.layers[layer]._v) for bk in role.store.buckets]
+            # Stored history is never re-quantized: every bucket's earlier parts are unchanged, only appended to.
+            now = [{name: t.clone() for name, t in held.values().items()}
+                   for role in "kv" for held in cache.stored(layer, role)]
             if history is not None:
                 for old, new in zip(history, now):
-                    if old is not None:
-                        assert torch.equal(new[:, :, :old.shape[2]], old)
+                    for name, t in old.items():
+                        assert torch.equal(new[name][:, :, :t.shape[2]], t), name
             history = now
         assert cache.get_seq_length(layer) == T
 
@@ -56,13 +56,14 @@ def test_buckets_group_heads_by_bits_and_quantizer(mixed_plan):
     plan = mixed_plan(config, seed=3)
     cache = RateQCache(plan, config)
     for layer in range(2):
-        for role, store in (("k", cache.layers[layer]._k.store), ("v", cache.layers[layer]._v.store)):
+        for role in "kv":
+            buckets = cache.stored(layer, role)
             pairs = list(zip(plan.bits(role)[layer].tolist(), plan.quantizer_ids(role)[layer].tolist()))
-            assert len(store.buckets) == len(set(pairs))
-            heads = sorted(h for b in store.buckets for h in b.head_list)
+            assert len(buckets) == len(set(pairs))
+            heads = sorted(h for b in buckets for h in b.heads)
             assert heads == list(range(4))
-            for b in store.buckets:
-                assert all(pairs[h] == (b.bits, plan.quantizers.index(b.spec)) for h in b.head_list)
+            for b in buckets:
+                assert all(pairs[h] == (b.bits, plan.quantizers.index(b.spec)) for h in b.heads)
 
 
 @pytest.mark.parametrize("policy", [CachePolicy(residual=4, block=16), CachePolicy(residual=0, block=16, sinks=2)],

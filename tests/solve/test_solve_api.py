@@ -49,8 +49,10 @@ def test_quantizer_restriction_and_fp16(curves_factory):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(budget=1.0), r"outside the feasible range \[1\.5000, 4\.0000\]"),
     (dict(budget=4.5), r"outside the feasible range"),
-    (dict(budget=float("nan")), "positive number"),
-    (dict(budget=-2), "positive number"),
+    (dict(budget=float("nan")), "budget must be a positive, finite number of effective bits per element"),
+    (dict(budget=-2), "budget must be a positive, finite number"),
+    (dict(budget="3"), r"budget must be a positive, finite number .*got '3'"),
+    (dict(budget=True), "budget must be a positive, finite number"),
     (dict(budget=3.0, method="simplex"), "unknown solver method"),
     (dict(budget=3.0, min_bits=3, max_bits=2), "min_bits 3 is above max_bits 2"),
     (dict(budget=3.0, fixed={(5, 0, "k"): 2}), "outside layers"),
@@ -59,6 +61,7 @@ def test_quantizer_restriction_and_fp16(curves_factory):
     (dict(budget=3.0, quantizers=["symmetric-g32-fp16"]), "not in the curves"),
     (dict(budget=3.0, per_layer_budget=[3.0, 3.0, 3.0]), "one per layer"),
     (dict(budget=3.0, per_layer_budget=1.0), "per-layer budget 1 for layer 0"),
+    (dict(budget=3.0, per_layer_budget=[3.0, float("inf")]), r"per_layer_budget\[1\] must be a positive, finite"),
     (dict(budget=3.0, min_bits=4), "no candidate left"),
 ])
 def test_bad_inputs_raise_one_clear_error(curves_factory, kwargs, match):
@@ -96,3 +99,40 @@ def test_the_plan_keeps_the_policy_the_curves_were_measured_under():
     plan = solve(curves, 2.5)
     assert plan.policy == policy
     assert set(plan.v_quantizer.flatten().tolist()) == {plan.quantizers.index(specs[1])}
+
+
+def test_one_budget_rule_for_every_budget():
+    from rateq.evaluate import baselines
+    from rateq.plan import check_budget
+
+    assert baselines.check_budget is check_budget  # the evaluation's budgets follow the same rule
+    for bad in (float("nan"), float("inf"), 0, -1.5, "3", True, None, [3.0]):
+        with pytest.raises(rateq.RateQError,
+                           match="^budget must be a positive, finite number of effective bits per element"):
+            check_budget(bad)
+    with pytest.raises(rateq.RateQError, match="^--budget must be a positive, finite number"):
+        check_budget(0, "--budget")
+    assert check_budget(3) == 3.0 and type(check_budget(np.float32(2.5))) is float
+    assert check_budget(None, optional=True) is None
+    with pytest.raises(rateq.RateQError, match=r"^a plan's budget must be a positive, finite number .*\(or None\)"):
+        rateq.Plan.uniform(rateq.ModelFingerprint("m", "llama", 1, 1, 64), 2, budget_bits=float("nan"))
+
+
+def test_the_early_feasibility_check_is_the_solvers(curves_factory):
+    from rateq.solve.problem import build_problem, check_feasible_budget
+
+    curves = curves_factory(2, 2, bits=(1, 2, 3), seed=0)
+    lo, hi = build_problem(curves, 1.0, check_budget=False).cost_range()
+    for budget in (lo, (lo + hi) / 2, hi):
+        assert check_feasible_budget(budget, curves.quantizers, curves.bits) == budget
+        assert rateq.solve(curves, budget).effective_bits <= budget * (1 + 1e-12)
+    for budget in (lo * 0.99, hi * 1.01):
+        with pytest.raises(rateq.RateQError) as early:
+            check_feasible_budget(budget, curves.quantizers, curves.bits, what="--budget")
+        with pytest.raises(rateq.RateQError) as late:
+            rateq.solve(curves, budget)
+        shown = f"{budget:g} effective bits per element is outside the feasible range [{lo:.4f}, {hi:.4f}]"
+        assert str(early.value).startswith(f"--budget {shown} of quantizers ")
+        assert str(late.value).startswith(f"budget {shown} for these curves")
+    with pytest.raises(rateq.RateQError, match="^budget must be a positive, finite number"):
+        check_feasible_budget(float("nan"), curves.quantizers, curves.bits)

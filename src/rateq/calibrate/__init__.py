@@ -35,7 +35,7 @@ from ..models import fingerprint, head_dim_of, text_config
 from ..plan import Plan
 from ..policy import CachePolicy
 from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, holds_role, parse_spec
-from ..text import BUNDLED_TEXT, DATASET_ALIASES, load_text, token_windows, tokenize
+from ..text import BUNDLED_TEXT, DATASET_ALIASES, DEFAULT_CALIBRATION_TEXT, load_text, token_windows, tokenize
 from .capture import Calibrator
 from .metrics import METRICS
 
@@ -168,9 +168,7 @@ def check_quantizers(quantizers, policy: CachePolicy, head_dim: int, *, model: s
             raise RateQError(f"quantizer {q.id} can hold neither keys nor values of {model or 'this model'}: its "
                              f"groups of {q.group_size} channels do not divide head_dim {head_dim}; use a group size "
                              f"that divides {head_dim}")
-        if q.axis_for("k") == "tokens" and policy.block % q.group_size:
-            raise RateQError(f"key block {policy.block} is not a multiple of quantizer {q.id}'s group of "
-                             f"{q.group_size} tokens; use a block that is a multiple of it, or the default")
+        policy.check_key_group(q)
     for role, name in (("k", "keys"), ("v", "values")):
         if not any(holds_role(q, role, head_dim) for q in specs):
             raise RateQError(f"no quantizer of {', '.join(q.id for q in specs)} can hold the {name} of {of} "
@@ -197,8 +195,6 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
     if unknown or not metrics:
         raise RateQError(f"unknown metric {unknown or metrics}; use one of {', '.join(METRICS)}")
     if texts is None:
-        from ..text import DEFAULT_CALIBRATION_TEXT
-
         texts = DEFAULT_CALIBRATION_TEXT
     bits = check_bits(bits)
     if quantizers is None:

@@ -14,7 +14,7 @@ from ..hooks import plain_attention
 from ..plan import Plan
 from ..policy import CachePolicy
 from ..errors import RateQError
-from ..quant.affine import fake_quantize_multi
+from ..quant.codec import fake_quantize_multi
 from ..quant.rope import slice_rope
 from ..quant.spec import QuantSpec, holds_role
 from ..simulate import plan_transform

@@ -26,7 +26,8 @@ from ..quant.rope import capture_rope
 from ..policy import CachePolicy
 from ..simulate import simulate
 from ..text import text_windows
-from .baselines import check_budget
+from . import baselines
+from .baselines import BaselineContext, check_budget
 from .method import Method
 from .metrics import RoutingProbe, TokenStats
 
@@ -105,8 +106,6 @@ def _windows(data, tokenizer, n_windows, seq_len, seed, char_start) -> torch.Ten
 def _resolve(model, items, *, budgets, context, own_policy: bool) -> list[Method]:
     """Methods for `items`, full precision first (added when not asked for). With `own_policy`, plans and
     profiles run under their own cache policy."""
-    from . import baselines
-
     out: list[Method] = []
     for item in items:
         if isinstance(item, Method):
@@ -176,8 +175,6 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
     Returns an `Evaluation` whose rows hold name, family, nominal and effective bits, compared_at, policy,
     ppl, nll, kl, flip_rate, key_flip_rate, delta_ppl and seconds.
     """
-    from .baselines import BaselineContext
-
     if isinstance(methods, (str, Plan, Method, Path)):
         methods = [methods]
     ids = _windows(data, tokenizer, n_windows, seq_len, seed, char_start)

@@ -1,4 +1,4 @@
-"""Uniform group quantization: pure functions, no state.
+"""Uniform group quantization: pure functions, no state (the codec, `rateq.quant.codec`, builds on them).
 
 Tensors here are K or V of one layer laid out `(B, H, T, D)` (batch, KV heads, tokens, head_dim).
 `to_groups` views them as `(..., n_groups, G)` with the group as the last dim, whichever direction the
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import FULL_PRECISION_BITS, QuantSpec
+from .spec import QuantSpec
 
 _STORE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
@@ -73,16 +73,18 @@ def quantize_groups(x: torch.Tensor, bits: int, spec: QuantSpec) -> QuantizedGro
     return QuantizedGroups(codes.to(torch.uint8), scale, zero)
 
 
-def dequantize_groups(q: QuantizedGroups, bits: int, spec: QuantSpec, dtype=torch.float32) -> torch.Tensor:
-    codes = q.codes.to(torch.float32)
+def dequantize_groups(q: QuantizedGroups, bits: int, spec: QuantSpec, dtype=torch.float32, *,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes and metadata → values, in fp32 (then `dtype`). Elementwise, so metadata may be any view that
+    broadcasts over the codes' groups; with `out` (fp32, the codes' shape) the values are written there, in place."""
+    x = q.codes.to(torch.float32, copy=True) if out is None else out.copy_(q.codes)
     if spec.kind == "symmetric":
-        levels = (1 << bits) - 1
-        out = (codes - levels / 2.0) * q.scale
+        x.sub_(((1 << bits) - 1) / 2.0).mul_(q.scale)
     elif spec.zero == "code":
-        out = (codes - q.zero) * q.scale
+        x.sub_(q.zero).mul_(q.scale)
     else:
-        out = codes * q.scale + q.zero
-    return out.to(dtype)
+        x.mul_(q.scale).add_(q.zero)
+    return x if out is not None else x.to(dtype)
 
 
 def to_groups(x: torch.Tensor, axis: str, group_size: int) -> torch.Tensor:
@@ -104,46 +106,6 @@ def from_groups(g: torch.Tensor, axis: str, group_size: int, shape: torch.Size) 
     if axis == "tokens":
         return g.reshape(B, H, T // group_size, D, group_size).transpose(-1, -2).reshape(B, H, T, D)
     return g.reshape(B, H, T, D)
-
-
-def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope=None) -> torch.Tensor:
-    """Quantize and dequantize `(B, H, T, D)` K or V (role 'k'/'v') at one bit width; same dtype out.
-
-    Along tokens, T must be a multiple of the group size (callers quantize only complete key blocks).
-    Every family goes through here: specs beyond a plain uniform grid (rotation, Lloyd–Max, QJL, outliers,
-    pre-RoPE keys, which need `rope=(cos, sin)` of the positions) are handed to their `rateq.quant.codec`.
-    """
-    if not spec.is_uniform_plain:
-        from .codec import codec_for  # codec builds on this module
-
-        return codec_for(spec).fake_quantize(x, bits, role, rope=rope)
-    if bits >= FULL_PRECISION_BITS:
-        return x.to(torch.float16).to(x.dtype)
-    axis = spec.axis_for(role)
-    groups = to_groups(x, axis, spec.group_size)
-    q = quantize_groups(groups, bits, spec)
-    return from_groups(dequantize_groups(q, bits, spec), axis, spec.group_size, x.shape).to(x.dtype)
-
-
-def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
-                        rope=None) -> torch.Tensor:
-    """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)`.
-
-    The grouped layout is built once and every candidate is returned in one tensor, so calibration scores all
-    bit widths of a unit in one pass.
-    """
-    if not spec.is_uniform_plain:
-        return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])
-    axis = spec.axis_for(role)
-    groups = to_groups(x, axis, spec.group_size).to(torch.float32)
-    outs = []
-    for b in bits:
-        if b >= FULL_PRECISION_BITS:
-            outs.append(x.to(torch.float16).to(torch.float32))
-            continue
-        q = quantize_groups(groups, b, spec)
-        outs.append(from_groups(dequantize_groups(q, b, spec), axis, spec.group_size, x.shape))
-    return torch.stack(outs).to(x.dtype)
 
 
 def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:

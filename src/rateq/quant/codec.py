@@ -1,12 +1,11 @@
-"""One interface for every quantizer family: `codec_for(spec).encode / decode / fake_quantize / nbytes`.
+"""The stored form of every quantizer family, in one place: `encode`, `decode`, `nbytes`, `fake_quantize`.
 
-`encode(x (B, h, T, D), bits, role)` returns what a cache stores — packed codes and metadata in its storage
-dtype, a `dict[str, Tensor]` — and `decode(enc, bits, role, shape, dtype)` the dense tensor the attention
-uses. `fake_quantize` is `decode ∘ encode` without the packing (bit for bit the same result, faster), and for
-the plain uniform specs it is exactly `rateq.quant.affine.fake_quantize`. `nbytes(enc)` is what the encoding
-occupies; it equals `spec.bits_per_element(bits) × B·h·T·D / 8` whenever the packed rows hold whole 8-code
-groups (head_dim a multiple of 8, and the code-width metadata of each head — integer zero-points, outlier
-positions — a multiple of 8 codes; otherwise one row's tail is padded).
+`codec_for(spec)` gives a unit's codec. `quantize(x (B, h, T, D), bits, role)` turns K or V into named *parts*
+(integer codes, metadata already rounded to its storage format) and `dequantize(parts)` turns them back into
+the dense tensor attention uses; `layout(bits, role, D)` says how each part is stored (`Part`), `encode` /
+`decode` pack and unpack them, `nbytes` counts what an encoding occupies, and `fake_quantize` is
+`decode ∘ encode` without the packing (bit for bit the same result). Calibration, the one-pass evaluation and
+`RateQCache` all go through these; the cache holds the parts of `encode`, grown along tokens.
 
 The pipeline, each stage optional (spec fields):
 
@@ -14,16 +13,23 @@ The pipeline, each stage optional (spec fields):
       ─► dense quantizer (uniform grid | norm + Lloyd–Max codebook [+ QJL sketch of the residual])
       ─► … decode in reverse: dequantize ─► unrotate ─► put outliers back ─► re-apply RoPE
 
-Layout of an encoding, every tensor with leading `(B, h)` (a runtime bucket holds one per chunk of tokens):
-- `codes` uint8 `(B, h, T, D·b/8)`: the dense codes of each token's row (rotated coordinates when rotated),
-  packed along the head dim. Lloyd–Max with QJL stores `b − 1`-bit codes here and the signs in `qjl`.
-- uniform grids: `scale` `(B, h, rows, X)` in `scale_dtype` — per token (`rows = T`, `X = D/G`) when groups run
-  along channels, per channel of each block of G tokens (`rows = T/G`, `X = D`) when along tokens; `zero` the
-  same for float zero-points, or packed at the code width per head `(B, h, ·)` for integer ones.
-- Lloyd–Max: `norm` `(B, h, T, D/G)`; with QJL `qjl` uint8 `(B, h, T, D/8)` (one sign per channel) and `rnorm`
-  `(B, h, T, D/G)`.
-- outliers: `out_val` fp16 `(B, h, n_groups, k)`, `out_idx` packed positions per head `(B, h, ·)`.
-- 16 bits: `fp16` `(B, h, T, D)` (pre-RoPE keys for a `prerope` spec).
+Parts, each with leading `(B, h)` and one row per token (or per block of G tokens for metadata of groups
+along tokens):
+- `codes` `(rows, D)` at the dense quantizer's code bits (rotated coordinates when rotated). Lloyd–Max with QJL
+  stores `b − 1`-bit codes here and the signs in `qjl` `(rows, D)` at 1 bit.
+- uniform grids: `scale` `(rows, X)` in `scale_dtype` — per token (`X = D/G`) when groups run along channels,
+  per channel of each block of G tokens (`X = D`, one row per block) along tokens; `zero` the same, as floats
+  in `scale_dtype` or integer zero-points at the code width.
+- Lloyd–Max: `norm` `(rows, D/G)`; with QJL `rnorm` `(rows, D/G)`, the residual's norm.
+- outliers: `out_val` fp16 `(rows, X·k)` and their positions in the group, `out_idx` (low 8 bits) and, for
+  groups longer than 256, `out_hi` (the rest).
+- 16 bits: `fp16` `(rows, D)` (pre-RoPE keys for a `prerope` spec).
+
+How a part is stored (`Part`): floats in their dtype `(B, h, rows, cols)`; integer codes packed along the row
+`(B, h, rows, cols·w/8)` when a row fills whole 8-code groups (`rateq.quant.pack`), else — a value's two integer
+zero-points per token, say — as one stream per head, row after row, `(B, h, ⌈rows·cols/8⌉·w)`. So
+`nbytes = spec.bits_per_element(bits) × B·h·T·D / 8` exactly, up to one partly filled 8-code group per
+head in a stream.
 
 What attention sees. `decode` returns a reconstruction. For QJL that is `k̂ = k̂_mse + r̂` with
 `r̂ = ‖r‖·sqrt(π/2)/m·Sᵀ sign(S r)`, whose inner product with any query is exactly TurboQuant-prod's unbiased
@@ -41,27 +47,56 @@ import torch
 from ..errors import RateQError
 from . import hadamard, lloydmax, outliers, qjl
 from .affine import QuantizedGroups, dequantize_groups, from_groups, quantize_groups, storage_dtype, to_groups
-from .pack import pack, unpack
+from .pack import pack, packed_nbytes, unpack
 from .rope import Rope, apply_rope, invert_rope
-from .spec import FULL_PRECISION_BITS, QuantSpec
+from .spec import FULL_PRECISION_BITS, QuantSpec, check_bits
 
 Encoding = dict[str, torch.Tensor]
+Parts = dict[str, torch.Tensor]
 
 
-def _pack_wide(values: torch.Tensor, nbits: int) -> torch.Tensor:
-    """Pack integers of `nbits` ≤ 16 along the last dim: up to 8 bits as one plane, else a raw low byte
-    followed by the packed high bits (positions in groups longer than 256)."""
-    if nbits <= 8:
-        return pack(values, nbits)
-    v = values.to(torch.int64)
-    return torch.cat([(v & 0xFF).to(torch.uint8), pack(v >> 8, nbits - 8)], -1)
+@dataclass(frozen=True)
+class Part:
+    """How one named tensor of an encoding is stored: `cols` values per row, one row per `tokens` tokens; integer
+    codes packed at `width` bits (1..8), or floats kept in `dtype` (`width` 0)."""
 
+    name: str
+    cols: int
+    width: int = 0
+    dtype: torch.dtype = torch.uint8
+    tokens: int = 1
 
-def _unpack_wide(packed: torch.Tensor, nbits: int, n: int) -> torch.Tensor:
-    if nbits <= 8:
-        return unpack(packed, nbits, n).to(torch.int64)
-    low = packed[..., :n].to(torch.int64)
-    return low | (unpack(packed[..., n:], nbits - 8, n).to(torch.int64) << 8)
+    @property
+    def stream(self) -> bool:
+        """Packed as one stream per head across rows: a row's codes do not fill whole 8-code groups."""
+        return 0 < self.width < 8 and self.cols % 8 != 0
+
+    def rows(self, tokens: int) -> int:
+        return tokens // self.tokens
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """Values `(B, h, rows, cols)` (integers for codes, fp32 for floats) → stored form."""
+        if not self.width:
+            return values.to(self.dtype)
+        if self.stream:
+            return pack(values.reshape(*values.shape[:2], -1), self.width)
+        return pack(values, self.width)
+
+    def unpack(self, stored: torch.Tensor, rows: int) -> torch.Tensor:
+        """Stored form → values `(B, h, rows, cols)`: uint8 codes, or floats in fp32."""
+        if not self.width:
+            return stored.to(torch.float32)
+        if self.stream:
+            return unpack(stored, self.width, rows * self.cols).reshape(*stored.shape[:2], rows, self.cols)
+        return unpack(stored, self.width, self.cols)
+
+    def nbytes(self, rows: int) -> int:
+        """Bytes of `rows` rows of one (batch row, head)."""
+        if not self.width:
+            return rows * self.cols * torch.empty((), dtype=self.dtype).element_size()
+        if self.stream:
+            return packed_nbytes(rows * self.cols, self.width)
+        return rows * packed_nbytes(self.cols, self.width)
 
 
 @dataclass(frozen=True)
@@ -70,30 +105,50 @@ class Codec:
 
     spec: QuantSpec
 
-    # -- public interface ------------------------------------------------------------------------------
+    # -- the stored form -------------------------------------------------------------------------------
+    def layout(self, bits: int, role: str, head_dim: int) -> tuple[Part, ...]:
+        """The parts an encoding of `role` at `bits` holds, and how each is stored (see module doc)."""
+        s, D = self.spec, head_dim
+        if bits >= FULL_PRECISION_BITS:
+            return (Part("fp16", D, dtype=torch.float16),)
+        G = s.group_size
+        X, per = (D // G, 1) if s.axis_for(role) == "channels" else (D, G)
+        sdt = storage_dtype(s.scale_dtype)
+        parts: list[Part] = []
+        base = s.base_bits(bits)
+        if s.kind == "lloydmax":
+            if base >= 1:
+                parts += [Part("codes", D, base), Part("norm", D // G, dtype=sdt)]
+            if s.qjl:
+                parts += [Part("qjl", D, 1), Part("rnorm", D // G, dtype=sdt)]
+        else:
+            parts += [Part("codes", D, bits), Part("scale", X, dtype=sdt, tokens=per)]
+            if s.kind == "minmax":
+                parts.append(Part("zero", X, bits, tokens=per) if s.zero == "code" else
+                             Part("zero", X, dtype=sdt, tokens=per))
+        k = s.outliers_per_group()
+        if k:
+            ib = s.outlier_index_bits()
+            parts += [Part("out_val", X * k, dtype=torch.float16, tokens=per), Part("out_idx", X * k, min(ib, 8), tokens=per)]
+            if ib > 8:
+                parts.append(Part("out_hi", X * k, ib - 8, tokens=per))
+        return tuple(parts)
+
     def encode(self, x: torch.Tensor, bits: int, role: str, *, rope: Rope | None = None) -> Encoding:
-        """`x (B, h, T, D)` → the stored form (packed codes + metadata in storage dtypes)."""
-        return self._pack(self._quantize(x, bits, role, rope), bits, x.shape)
+        """`x (B, h, T, D)` → the stored form: every part of `layout` packed in its storage format."""
+        parts = self.quantize(x, bits, role, rope=rope)
+        return {p.name: p.pack(parts[p.name]) for p in self.layout(bits, role, x.shape[-1])}
 
     def decode(self, enc: Encoding, bits: int, role: str, shape, dtype=torch.float32, *,
                rope: Rope | None = None) -> torch.Tensor:
         """The stored form → dense `(B, h, T, D)` in `dtype`. `shape` is the encoded tensor's shape."""
         shape = torch.Size(shape)
-        return self._dequantize(self._unpack(enc, bits, shape), bits, role, shape, rope).to(dtype)
+        parts = {p.name: p.unpack(enc[p.name], p.rows(shape[2])) for p in self.layout(bits, role, shape[-1])}
+        return self.dequantize(parts, bits, role, shape, rope=rope).to(dtype)
 
     def fake_quantize(self, x: torch.Tensor, bits: int, role: str, *, rope: Rope | None = None) -> torch.Tensor:
         """`decode(encode(x))` in `x.dtype`, without packing."""
-        return self._dequantize(self._quantize(x, bits, role, rope), bits, role, x.shape, rope).to(x.dtype)
-
-    def quantize_parts(self, x: torch.Tensor, bits: int, role: str, *, rope: Rope | None = None) -> dict:
-        """`x (B, h, T, D)` → unpacked parts (integer `codes` in their row layout; `scale`, `zero`, `norm`,
-        `rnorm` in fp32 already rounded to their storage format; `qjl` signs; sparse outliers). Storing them in
-        their formats is lossless, so a store that packs them decodes to exactly `fake_quantize(x)`."""
-        return self._quantize(x, bits, role, rope)
-
-    def dequantize_parts(self, parts: dict, bits: int, role: str, shape, *, rope: Rope | None = None) -> torch.Tensor:
-        """Parts (as `quantize_parts` gives them, metadata in fp32) → dense fp32 `(B, h, T, D)`."""
-        return self._dequantize(parts, bits, role, torch.Size(shape), rope)
+        return self.dequantize(self.quantize(x, bits, role, rope=rope), bits, role, x.shape, rope=rope).to(x.dtype)
 
     @staticmethod
     def nbytes(enc: Encoding) -> int:
@@ -104,8 +159,7 @@ class Codec:
         return self.spec.prerope and role == "k"
 
     def _check(self, bits: int, role: str, rope, shape) -> None:
-        if not (1 <= bits <= 8 or bits == FULL_PRECISION_BITS):
-            raise RateQError(f"bits must be in 1..8 (or {FULL_PRECISION_BITS} for unquantized), got {bits}")
+        check_bits(bits)
         if self._uses_rope(role) and rope is None:
             raise RateQError(f"{self.spec.id} quantizes keys before RoPE and needs the rotary tables of their positions: "
                              "pass rope=(cos, sin) (rateq.simulate_plan and the runtime do this)")
@@ -121,44 +175,54 @@ class Codec:
         f = hadamard.unrotate if inverse else hadamard.rotate
         return f(y, random_signs=s.rotation == "rhadamard", seed=s.seed)
 
-    def _quantize(self, x: torch.Tensor, bits: int, role: str, rope) -> dict:
-        """`x (B, h, T, D)` → unpacked parts: integer codes in their row layout, metadata in fp32 already rounded
-        to its storage format (so storing it is lossless)."""
+    def _rows(self, axis: str, shape) -> tuple[int, int]:
+        B, h, T, D = shape
+        G = self.spec.group_size
+        return (T, D // G) if axis == "channels" else (T // G, D)
+
+    def quantize(self, x: torch.Tensor, bits: int, role: str, *, rope: Rope | None = None) -> Parts:
+        """`x (B, h, T, D)` → unpacked parts `(B, h, rows, cols)`: integer codes, metadata in fp32 already rounded
+        to its storage format (so storing it is lossless and a store that packs the parts decodes to exactly
+        `fake_quantize(x)`)."""
         s = self.spec
         self._check(bits, role, rope, x.shape)
         y = x.to(torch.float32)
         if self._uses_rope(role):
             y = invert_rope(y, rope)
         if bits >= FULL_PRECISION_BITS:
-            return {"fp16": y.to(torch.float16)}
+            return {"fp16": y.to(torch.float16).to(torch.float32)}
         B, h, T, D = x.shape
         G = s.group_size
         axis = s.axis_for(role)
-        parts: dict = {}
+        rows, X = self._rows(axis, x.shape)
+        parts: Parts = {}
         k = s.outliers_per_group()
         if k:
             dense, vals, idx = outliers.split(to_groups(y, axis, G), k, "zero" if s.rotation != "none" else "range")
-            parts["out_val"], parts["out_idx"] = vals, idx  # (B, h, n, k)
+            parts["out_val"] = vals.reshape(B, h, rows, X * k)
+            idx = idx.reshape(B, h, rows, X * k)
+            parts["out_idx"] = idx & 0xFF
+            if s.outlier_index_bits() > 8:
+                parts["out_hi"] = idx >> 8
             y = from_groups(dense, axis, G, x.shape)
         y = self._rotate(y)  # (B, h, T, D)
         if s.kind == "lloydmax":
             parts.update(self._quantize_lloydmax(y, bits))
             return parts
         q = quantize_groups(to_groups(y, axis, G), bits, s)  # codes (B, h, n, G), scale (B, h, n, 1)
-        rows, X = (T, D // G) if axis == "channels" else (T // G, D)
         parts["codes"] = from_groups(q.codes, axis, G, x.shape)  # (B, h, T, D)
         parts["scale"] = q.scale.reshape(B, h, rows, X)
         if q.zero is not None:
             parts["zero"] = q.zero.reshape(B, h, rows, X)
         return parts
 
-    def _quantize_lloydmax(self, y: torch.Tensor, bits: int) -> dict:
+    def _quantize_lloydmax(self, y: torch.Tensor, bits: int) -> Parts:
         s = self.spec
         B, h, T, D = y.shape
         G = s.group_size
         g = y.reshape(B, h, T, D // G, G)
         sdt = storage_dtype(s.scale_dtype)
-        parts: dict = {}
+        parts: Parts = {}
         base = s.base_bits(bits)
         if base >= 1:
             norm = g.norm(dim=-1, keepdim=True).to(sdt).to(torch.float32)  # (B, h, T, D/G, 1)
@@ -173,97 +237,68 @@ class Codec:
             parts["rnorm"] = r.norm(dim=-1).to(sdt).to(torch.float32)  # (B, h, T, D/G)
         return parts
 
-    def _dequantize(self, parts: dict, bits: int, role: str, shape: torch.Size, rope) -> torch.Tensor:
+    def dequantize(self, parts: Parts, bits: int, role: str, shape, *, rope: Rope | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Parts (as `quantize` gives them, or unpacked from storage) → dense fp32 `(B, h, T, D)`; written into
+        `out` (fp32, that shape, any strides) when given — in place, with no temporary, for plain grids."""
         s = self.spec
+        shape = torch.Size(shape)
         self._check(bits, role, rope, shape)
         if bits >= FULL_PRECISION_BITS:
             y = parts["fp16"].to(torch.float32)
-            return apply_rope(y, rope) if self._uses_rope(role) else y
+            y = apply_rope(y, rope) if self._uses_rope(role) else y
+            return y if out is None else out.copy_(y)
+        if s.is_uniform_plain:
+            return self._dequantize_uniform(parts, bits, role, shape, out)
         B, h, T, D = shape
         G = s.group_size
         axis = s.axis_for(role)
-        if s.kind == "lloydmax":
-            y = self._dequantize_lloydmax(parts, bits, shape)
-        else:
-            zero = parts.get("zero")
-            q = QuantizedGroups(to_groups(parts["codes"], axis, G),
-                                # stored scales below 1e-12 (fp16 underflow) were clamped to 1e-12 before use
-                                parts["scale"].reshape(B, h, -1, 1).clamp_min(1e-12),
-                                None if zero is None else zero.reshape(B, h, -1, 1))
-            y = from_groups(dequantize_groups(q, bits, s), axis, G, shape)
+        y = self._dequantize_lloydmax(parts, bits, shape) if s.kind == "lloydmax" else \
+            self._dequantize_uniform(parts, bits, role, shape, None)
         y = self._rotate(y, inverse=True)
         if "out_val" in parts:
-            y = from_groups(outliers.merge(to_groups(y, axis, G), parts["out_val"], parts["out_idx"]), axis, G, shape)
+            idx = parts["out_idx"].to(torch.int64)
+            if "out_hi" in parts:
+                idx = idx | (parts["out_hi"].to(torch.int64) << 8)
+            n = to_groups(y, axis, G).shape[2]
+            y = from_groups(outliers.merge(to_groups(y, axis, G), parts["out_val"].reshape(B, h, n, -1),
+                                           idx.reshape(B, h, n, -1)), axis, G, shape)
         if self._uses_rope(role):
             y = apply_rope(y, rope)
-        return y
+        return y if out is None else out.copy_(y)
 
-    def _dequantize_lloydmax(self, parts: dict, bits: int, shape: torch.Size) -> torch.Tensor:
+    def _dequantize_uniform(self, parts: Parts, bits: int, role: str, shape: torch.Size,
+                            out: torch.Tensor | None) -> torch.Tensor:
+        """`dequantize_groups` on broadcast views of the row layout (no regrouping copy): each group's
+        metadata broadcasts over its G entries, along channels or along tokens."""
+        s = self.spec
+        B, h, T, D = shape
+        G = s.group_size
+        if s.axis_for(role) == "channels":
+            view, meta = (B, h, T, D // G, G), (B, h, T, D // G, 1)
+        else:
+            view, meta = (B, h, T // G, G, D), (B, h, T // G, 1, D)
+        zero = parts.get("zero")
+        # stored scales below 1e-12 (fp16 underflow) were clamped to 1e-12 before use
+        q = QuantizedGroups(parts["codes"].reshape(view), parts["scale"].to(torch.float32).reshape(meta).clamp_min(1e-12),
+                            None if zero is None else zero.to(torch.float32).reshape(meta))
+        y = dequantize_groups(q, bits, s, out=None if out is None else out.view(view))
+        return y.view(shape) if out is None else out
+
+    def _dequantize_lloydmax(self, parts: Parts, bits: int, shape: torch.Size) -> torch.Tensor:
         s = self.spec
         B, h, T, D = shape
         G = s.group_size
         base = s.base_bits(bits)
         if base >= 1:
             codes = parts["codes"].reshape(B, h, T, D // G, G)
-            g = parts["norm"].unsqueeze(-1) * lloydmax.decode_unit(codes, base, G)
+            g = parts["norm"].to(torch.float32).unsqueeze(-1) * lloydmax.decode_unit(codes, base, G)
         else:
             g = torch.zeros(B, h, T, D // G, G, device=parts["qjl"].device)
         if s.qjl:
             signs = parts["qjl"].reshape(B, h, T, D // G, G)
-            g = g + qjl.decode(signs, parts["rnorm"].unsqueeze(-1), G, s.seed)
+            g = g + qjl.decode(signs, parts["rnorm"].to(torch.float32).unsqueeze(-1), G, s.seed)
         return g.reshape(B, h, T, D)
-
-    # -- packing ---------------------------------------------------------------------------------------
-    def _pack(self, parts: dict, bits: int, shape) -> Encoding:
-        s = self.spec
-        if bits >= FULL_PRECISION_BITS:
-            return {"fp16": parts["fp16"]}
-        B, h = shape[:2]
-        sdt = storage_dtype(s.scale_dtype)
-        enc: Encoding = {}
-        base = s.base_bits(bits)
-        if "codes" in parts:
-            enc["codes"] = pack(parts["codes"], base)  # (B, h, T, D·b/8)
-        for name in ("scale", "norm", "rnorm"):
-            if name in parts:
-                enc[name] = parts[name].to(sdt)
-        if "zero" in parts:
-            if s.zero == "code":
-                enc["zero"] = pack(parts["zero"].reshape(B, h, -1), bits)  # integer zero-points at the code width
-            else:
-                enc["zero"] = parts["zero"].to(sdt)
-        if "qjl" in parts:
-            enc["qjl"] = pack(parts["qjl"], 1)  # (B, h, T, D/8)
-        if "out_val" in parts:
-            enc["out_val"] = parts["out_val"].to(torch.float16)  # (B, h, n, k)
-            enc["out_idx"] = _pack_wide(parts["out_idx"].reshape(B, h, -1), s.outlier_index_bits())
-        return enc
-
-    def _unpack(self, enc: Encoding, bits: int, shape: torch.Size) -> dict:
-        s = self.spec
-        if bits >= FULL_PRECISION_BITS:
-            return {"fp16": enc["fp16"]}
-        B, h, T, D = shape
-        parts: dict = {}
-        if "codes" in enc:
-            parts["codes"] = unpack(enc["codes"], s.base_bits(bits), D)
-        for name in ("scale", "norm", "rnorm"):
-            if name in enc:
-                parts[name] = enc[name].to(torch.float32)
-        if "zero" in enc:
-            if s.zero == "code":
-                scale = parts["scale"]
-                parts["zero"] = unpack(enc["zero"], bits, scale[0, 0].numel()).reshape(scale.shape).to(torch.float32)
-            else:
-                parts["zero"] = enc["zero"].to(torch.float32)
-        if "qjl" in enc:
-            parts["qjl"] = unpack(enc["qjl"], 1, D)
-        if "out_val" in enc:
-            vals = enc["out_val"].to(torch.float32)  # (B, h, n, k)
-            n_idx = vals[0, 0].numel()
-            parts["out_val"] = vals
-            parts["out_idx"] = _unpack_wide(enc["out_idx"], s.outlier_index_bits(), n_idx).reshape(vals.shape)
-        return parts
 
 
 @lru_cache(maxsize=None)
@@ -279,3 +314,18 @@ def encode(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope: Rope
 def decode(enc: Encoding, bits: int, spec: QuantSpec, role: str, shape, dtype=torch.float32, *,
            rope: Rope | None = None) -> torch.Tensor:
     return codec_for(spec).decode(enc, bits, role, shape, dtype, rope=rope)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope: Rope | None = None) -> torch.Tensor:
+    """Quantize and dequantize `(B, H, T, D)` K or V (role 'k'/'v') at one bit width; same dtype out.
+
+    Along tokens, T must be a multiple of the group size (callers quantize only complete key blocks). Specs that
+    store keys before RoPE need `rope=(cos, sin)` of the positions."""
+    return codec_for(spec).fake_quantize(x, bits, role, rope=rope)
+
+
+def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
+                        rope: Rope | None = None) -> torch.Tensor:
+    """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)` in `x.dtype`, so
+    calibration scores all bit widths of a unit in one call."""
+    return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])

@@ -24,6 +24,18 @@ GROUP_ALONG = ("auto", "tokens", "channels")
 FULL_PRECISION_BITS = 16  # a unit planned at 16 bits is stored unquantized in fp16
 
 
+def is_bits(bits: int) -> bool:
+    """Whether `bits` is a width a unit can be stored at: 1..8 code bits, or 16 (unquantized fp16)."""
+    return 1 <= bits <= 8 or bits == FULL_PRECISION_BITS
+
+
+def check_bits(bits: int) -> int:
+    """`bits` itself, or a RateQError naming the widths a unit can be stored at."""
+    if not is_bits(bits):
+        raise RateQError(f"bits must be in 1..8 (or {FULL_PRECISION_BITS} for unquantized), got {bits}")
+    return bits
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one unit (a layer's KV head, K or V) is quantized.
@@ -189,10 +201,8 @@ class QuantSpec:
 
     def bits_per_element(self, bits: int) -> float:
         """Effective stored bits per element at `bits` code bits: code bits + metadata bits / group size."""
-        if bits >= FULL_PRECISION_BITS:
+        if check_bits(bits) == FULL_PRECISION_BITS:
             return float(FULL_PRECISION_BITS)
-        if not 1 <= bits <= 8:
-            raise RateQError(f"bits must be in 1..8 (or {FULL_PRECISION_BITS} for unquantized), got {bits}")
         return bits + self.metadata_bits_per_group(bits) / self.group_size
 
 
@@ -241,11 +251,20 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def holds_role(spec: QuantSpec, role: str, head_dim: int) -> bool:
-    """Whether `spec` can store `role` ('k'/'v') of heads of `head_dim`: channel groups must divide the head dim,
-    and values (quantized per token as they leave the residual window) need their groups along channels. A
-    quantizer may serve one role only — keys per channel over 128 tokens, say, with 64-dim heads."""
+def role_problem(spec: QuantSpec, role: str, head_dim: int) -> str | None:
+    """Why `spec` cannot store `role` ('k'/'v') of heads of `head_dim` (None: it can). Channel groups must divide
+    the head dim, and values (quantized per token as they leave the residual window) need their groups along
+    channels. A quantizer may serve one role only — keys per channel over 128 tokens, say, with 64-dim heads."""
     axis = spec.axis_for(role)
-    if axis == "channels":
-        return head_dim % spec.group_size == 0
-    return role == "k"
+    if axis == "channels" and head_dim % spec.group_size:
+        return (f"quantizer {spec.id} groups {spec.group_size} channels but head_dim {head_dim} is not a multiple of "
+                f"it; use a group size that divides {head_dim}")
+    if role == "v" and axis == "tokens":
+        return (f"values are quantized per token as they leave the residual window, so their groups must run along "
+                f"channels; quantizer {spec.id} groups them along tokens (use group_along='auto' or 'channels')")
+    return None
+
+
+def holds_role(spec: QuantSpec, role: str, head_dim: int) -> bool:
+    """Whether `spec` can store `role` of heads of `head_dim` (`role_problem` says why not)."""
+    return role_problem(spec, role, head_dim) is None

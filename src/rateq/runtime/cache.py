@@ -25,7 +25,7 @@ from ..policy import CachePolicy, left_padding
 from ..quant.rope import model_rotary
 from ..quant.spec import FULL_PRECISION_BITS
 from .layer import CROP_HINT, RateQLayer, RateQSlidingLayer
-from .store import check_plan_specs
+from .store import Stored, check_plan
 
 _SLIDING = ("sliding_attention", "chunked_attention")
 
@@ -83,11 +83,9 @@ class RateQCache(Cache):
         head_dim = head_dim_of(tc)
         decoder = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder)
+        check_plan(plan, head_dim, policy)
         layers = []
         for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
-            for role in ("k", "v"):
-                check_plan_specs(plan.bits(role)[i], plan.quantizer_ids(role)[i], plan.quantizers, role, head_dim,
-                                 i, policy.block)
             args = dict(layer_idx=i, k_bits=plan.k_bits[i], k_quantizer=plan.k_quantizer[i], v_bits=plan.v_bits[i],
                         v_quantizer=plan.v_quantizer[i], quantizers=plan.quantizers, policy=policy, head_dim=head_dim,
                         rotary=rotary)
@@ -142,24 +140,43 @@ class RateQCache(Cache):
 
     # -- accounting -----------------------------------------------------------------------------------------
     def nbytes_by_kind(self) -> dict[str, int]:
-        """Bytes held by kind: `codes` (packed codes; fp16 tokens of 16-bit heads), `metadata` (scales and
-        zero-points), `full_precision` (sinks and residual tails, in the model's dtype)."""
+        """Bytes held by kind: `codes` (packed codes; fp16 tokens of 16-bit heads), `metadata` (scales,
+        zero-points, norms, outliers), `full_precision` (sinks and residual tails, in the model's dtype). The
+        quantized kinds are exactly the bytes of the codec's encoding of the stored tokens; capacity reserved
+        beyond them for in-place growth is `slack_nbytes()`."""
         out = {"codes": 0, "metadata": 0, "full_precision": 0}
-        seen: set[int] = set()
         for layer in self.layers:
-            for kind, ts in layer.tensors().items():
-                for t in ts:
-                    storage = t.untyped_storage()
-                    if storage.data_ptr() in seen or storage.nbytes() == 0:
-                        continue
-                    seen.add(storage.data_ptr())
-                    # The whole storage: a view that kept a larger buffer alive would show here, not hide.
-                    out[kind] += storage.nbytes()
+            for kind, n in layer.nbytes_by_kind().items():
+                out[kind] += n
         return out
 
     def nbytes(self) -> int:
-        """Bytes the cache's tensors hold right now: packed codes + metadata + residual tails + sinks."""
+        """Bytes the cache holds right now: packed codes + metadata + residual tails + sinks (slack excluded)."""
         return sum(self.nbytes_by_kind().values())
+
+    def slack_nbytes(self) -> int:
+        """Bytes allocated beyond what is held: the quantized stores' spare capacity (below an eighth of their
+        bytes plus one growth step per tensor), so that appending a token costs O(1) amortized."""
+        return self.allocated_nbytes() - self.nbytes()
+
+    def allocated_nbytes(self) -> int:
+        """Bytes of every distinct storage the cache's tensors keep alive: `nbytes() + slack_nbytes()`."""
+        seen: set[int] = set()
+        total = 0
+        for layer in self.layers:
+            for t in layer.buffers():
+                storage = t.untyped_storage()
+                if storage.data_ptr() in seen or storage.nbytes() == 0:
+                    continue
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    def stored(self, layer: int, role: str) -> list[Stored]:
+        """The quantized history of `role` ('k'/'v') of `layer`, one `Stored` per bucket of heads sharing (bits,
+        quantizer): its parts laid out as `rateq.quant.codec_for(spec).encode` gives them for the stored tokens
+        (views of the cache's buffers, not copies)."""
+        return self.layers[layer].store(role).stored()
 
     def dense_nbytes(self, dtype: torch.dtype = torch.float16) -> int:
         """Bytes a `DynamicCache` would hold for the same tokens with K/V in `dtype` (fp16 by default): every
@@ -169,7 +186,7 @@ class RateQCache(Cache):
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            B = layer._k.tail.shape[0]
+            B = layer.batch_size
             n = layer.get_seq_length()
             if layer.is_sliding:
                 n = min(n, layer.sliding_window - 1)

@@ -317,14 +317,27 @@ class RateQLayer(DynamicLayer):
         self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     # -- accounting ---------------------------------------------------------------------------------------
-    def tensors(self) -> dict[str, list[torch.Tensor]]:
-        """Everything held, by kind: `codes`, `metadata`, `full_precision` (sinks and residual tails)."""
-        out = {"codes": [], "metadata": [], "full_precision": []}
+    def store(self, role: str) -> RoleStore:
+        """The quantized history of `role` ('k' or 'v')."""
+        return {"k": self._k, "v": self._v}[role].store
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self._k.tail is None else self._k.tail.shape[0]
+
+    def nbytes_by_kind(self) -> dict[str, int]:
+        """Bytes held, by kind: `codes`, `metadata` (the stores' encodings), `full_precision` (sinks and residual
+        tails: their whole storage, so a view that kept a larger buffer alive would show here, not hide)."""
+        out = {"codes": 0, "metadata": 0, "full_precision": 0}
         for role in (self._k, self._v):
-            for kind, ts in role.store.tensors().items():
-                out[kind] += ts
-            out["full_precision"] += role.tensors()
+            for kind, n in role.store.nbytes_by_kind().items():
+                out[kind] += n
+            out["full_precision"] += sum(t.untyped_storage().nbytes() for t in role.tensors())
         return out
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor held (stores' buffers with their capacity, sinks, tails)."""
+        return [t for role in (self._k, self._v) for t in role.store.buffers() + role.tensors()]
 
     def held_positions(self) -> dict[str, dict[str, int]]:
         """Token counts per role: sinks, quantized, full-precision tail (for accounting checks)."""

@@ -25,7 +25,7 @@ from ..plan import Plan
 from ..policy import CachePolicy
 from .exact import solve_exact
 from .greedy import build_hulls, decode, fill, layer_weights, solve_greedy
-from .problem import BUDGET_RTOL, Problem, budget_range, build_problem
+from .problem import Problem, budget_range, build_problem, in_budget_range
 from .waterfill import fit_exponential, solve_waterfill
 
 METHODS = ("exact", "greedy", "waterfill")
@@ -108,7 +108,7 @@ def frontier(curves: Curves, budgets, *, method: str = "greedy", time_limit: flo
     hulls = build_hulls(problem) if method == "greedy" else None
     rows, best = [], None
     for b in budgets:
-        if not lo * (1 - BUDGET_RTOL) <= b <= hi * (1 + BUDGET_RTOL):
+        if not in_budget_range(b, lo, hi):
             rows.append({"budget": b, "feasible": False, "range": [lo, hi]})
             continue
         problem.budget = b

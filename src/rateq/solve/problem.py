@@ -19,7 +19,8 @@ import torch
 
 from ..curves import Curves
 from ..errors import RateQError
-from ..plan import Plan
+from ..plan import Plan, policy_from_dict
+from ..plan import check_budget as check_budget_value  # build_problem's `check_budget` flag shadows the name
 from ..policy import CachePolicy
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
 
@@ -115,13 +116,10 @@ class Problem:
                     l, h = divmod(g, self.num_kv_heads)
                     raise RateQError(f"layer {l} head {h}: no allowed key width is ≥ an allowed value width; "
                                      "widen --min-bits/--max-bits or drop keys_at_least_values")
-        lo, hi = self.cost_range()
-        if budget and not (lo * (1 - BUDGET_RTOL) <= self.budget <= hi * (1 + BUDGET_RTOL)):
-            raise RateQError(
-                f"budget {self.budget:g} effective bits per element is outside the feasible range "
-                f"[{lo:.4f}, {hi:.4f}] for these curves and constraints "
-                f"(quantizers {', '.join(q.id for q in self.curves.quantizers)}; bits {list(self.curves.bits)}); "
-                "pick a budget inside it")
+        if budget:
+            check_budget_range(self.budget, *self.cost_range(),
+                               f"for these curves and constraints (quantizers "
+                               f"{', '.join(q.id for q in self.curves.quantizers)}; bits {list(self.curves.bits)})")
         if self.layer_budget is not None:
             ulo, _ = self._unit_cost_range()
             w = self.weight.reshape(self.num_layers, -1)
@@ -207,6 +205,31 @@ def budget_range(quantizers: list[QuantSpec], bits, *, min_bits: int | None = No
     return min(costs), max(costs)
 
 
+def in_budget_range(budget: float, lo: float, hi: float) -> bool:
+    """Whether `budget` lies in the feasible range `[lo, hi]`, with the solvers' slack (`BUDGET_RTOL`)."""
+    return lo * (1 - BUDGET_RTOL) <= budget <= hi * (1 + BUDGET_RTOL)
+
+
+def check_budget_range(budget: float, lo: float, hi: float, of: str, *, what: str = "budget") -> None:
+    """A RateQError naming the feasible range `[lo, hi]` (of `of`: which candidates it is the range of) when
+    `budget` lies outside it. `what` names the argument or option (`budget`, `--budget`)."""
+    if not in_budget_range(budget, lo, hi):
+        raise RateQError(f"{what} {budget:g} effective bits per element is outside the feasible range "
+                         f"[{lo:.4f}, {hi:.4f}] {of}; pick a budget inside it")
+
+
+def check_feasible_budget(budget, quantizers: list[QuantSpec], bits, *, min_bits: int | None = None,
+                          max_bits: int | None = None, allow_fp16: bool = False, what: str = "budget") -> float:
+    """`budget` checked as the solver will check it, before any curve exists (so before a model loads): the
+    budget rule (`rateq.plan.check_budget`), then the feasible range of these candidates (`budget_range`).
+    Returns the budget as a float. `what` names the argument or option in the messages."""
+    budget = check_budget_value(budget, what)
+    check_budget_range(budget, *budget_range(quantizers, bits, min_bits=min_bits, max_bits=max_bits,
+                                             allow_fp16=allow_fp16),
+                       f"of quantizers {', '.join(q.id for q in quantizers)} at bits {list(bits)}", what=what)
+    return budget
+
+
 def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None, max_bits: int | None = None,
                   keys_at_least_values: bool = False, fixed: dict | None = None, per_layer_budget=None,
                   quantizers=None, allow_fp16: bool = False, policy: CachePolicy | None = None,
@@ -214,12 +237,7 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
     """Flatten curves and constraints into a `Problem`, validating every input and the budget's feasibility."""
     if not isinstance(curves, Curves):
         raise RateQError(f"solve needs a rateq.Curves, got {type(curves).__name__}")
-    try:
-        budget = float(budget)
-    except (TypeError, ValueError):
-        raise RateQError(f"budget must be a number of effective bits per element, got {budget!r}") from None
-    if not np.isfinite(budget) or budget <= 0:
-        raise RateQError(f"budget must be a positive number of effective bits per element, got {budget}")
+    budget = check_budget_value(budget, "budget")
     if min_bits is not None and max_bits is not None and min_bits > max_bits:
         raise RateQError(f"min_bits {min_bits} is above max_bits {max_bits}")
 
@@ -289,21 +307,28 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
 
     layer_budget = None
     if per_layer_budget is not None:
-        lb = np.atleast_1d(np.asarray(per_layer_budget, dtype=np.float64))
-        if lb.size == 1:
-            lb = np.full(L, float(lb[0]))
-        if lb.shape != (L,) or not np.isfinite(lb).all() or (lb <= 0).any():
-            raise RateQError(f"per_layer_budget must be one positive number or {L} of them (one per layer)")
-        layer_budget = lb
+        values = per_layer_budget
+        if isinstance(values, (np.ndarray, torch.Tensor)):
+            values = values.tolist()
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        if len(values) not in (1, L):
+            raise RateQError(f"per_layer_budget must be one budget or {L} of them (one per layer), got {len(values)}")
+        lb = [check_budget_value(v, "per_layer_budget" if len(values) == 1 else f"per_layer_budget[{l}]")
+              for l, v in enumerate(values)]
+        layer_budget = np.array(lb * L if len(lb) == 1 else lb, dtype=np.float64)
 
     problem = Problem(curves=curves, weight=weight, slot_q=slot_q, slot_bits=slot_bits, slot_cost=slot_cost,
                       dist=dist, valid=valid, budget=budget, layer_budget=layer_budget,
-                      keys_at_least_values=bool(keys_at_least_values), policy=policy or _calibration_policy(curves))
+                      keys_at_least_values=bool(keys_at_least_values), policy=policy or calibration_policy(curves))
     problem.check_feasible(budget=check_budget)
     return problem
 
 
-def _calibration_policy(curves: Curves) -> CachePolicy:
-    """The policy the curves were measured under (their quantizers' key groups fit its block)."""
+def calibration_policy(curves: Curves) -> CachePolicy:
+    """The runtime policy of plans solved from `curves`: the one they were measured under (their calibration
+    facts' `policy`), or, for curves that do not record one, the default policy for their quantizers (a key
+    block holding whole key groups of each). `rateq.solve` and `rateq solve` both take it from here."""
     d = curves.calibration.get("policy")
-    return CachePolicy.from_dict(d) if isinstance(d, dict) else CachePolicy.for_quantizers(curves.quantizers)
+    if d is None:
+        return CachePolicy.for_quantizers(curves.quantizers)
+    return policy_from_dict(d, "the curves' calibration policy")

@@ -7,9 +7,8 @@ most below B that its family allows.
 
 from __future__ import annotations
 
-import math
-
 from ...errors import RateQError
+from ...plan import check_budget  # noqa: F401 — the budget rule, re-exported for the baselines' callers
 from ...quant.spec import QuantSpec
 
 GROUP_SIZES = (16, 32, 64, 128)  # group sizes the matched-bits searches may use (all divide a 128-token block)
@@ -19,17 +18,6 @@ TOL = 1e-9  # two budgets closer than this are the same budget
 def fmt_bits(x: float) -> str:
     """A budget as it appears in a row name: `2.5`, `3` (as in `kivi@3`)."""
     return f"{x:g}"
-
-
-def check_budget(value, what: str = "budget") -> float:
-    """`value` as a positive, finite number of effective bits per element, or a RateQError naming `what`."""
-    try:
-        budget = float(value)
-    except (TypeError, ValueError):
-        raise RateQError(f"{what} must be a number of effective bits per element, e.g. 2.5; got {value!r}") from None
-    if not math.isfinite(budget) or budget <= 0:
-        raise RateQError(f"{what} must be a positive, finite number of effective bits per element, got {value}")
-    return budget
 
 
 def usable_groups(groups, head_dim: int | None) -> list[int]:

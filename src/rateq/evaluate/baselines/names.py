@@ -94,7 +94,11 @@ def parse_name(name: str, budgets=()) -> BaselineName:
     base, at, bits = text.partition("@")
     key = base.lower()
     if at:
-        given = (check_budget(bits, f"the budget in baseline {text!r} (NAME@BITS)"),)
+        try:
+            number = float(bits)
+        except ValueError:
+            number = bits  # refused by the budget rule, which names it
+        given = (check_budget(number, f"the budget in baseline {text!r} (NAME@BITS)"),)
     else:
         given = tuple(check_budget(b, "--budget") for b in budgets)
 
