@@ -14,7 +14,7 @@ import torch
 from .errors import RateQError
 from .models import ModelFingerprint
 from .policy import CachePolicy
-from .quant.spec import KIVI, QuantSpec
+from .quant.spec import KIVI, QuantSpec, is_bits
 
 
 @dataclass
@@ -53,9 +53,9 @@ class Plan:
                 raise RateQError(f"plan {name} has shape {tuple(t.shape)}, expected ({L}, {H}) for {self.model.name}")
             setattr(self, name, t)
         for bits in (self.k_bits, self.v_bits):
-            bad = ~(((bits >= 1) & (bits <= 8)) | (bits == 16))
-            if bad.any():
-                raise RateQError(f"plan bits must be 1..8 or 16, found {sorted(set(bits[bad].tolist()))}")
+            bad = sorted(b for b in set(bits.flatten().tolist()) if not is_bits(b))
+            if bad:
+                raise RateQError(f"plan bits must be 1..8 or 16, found {bad}")
         nq = len(self.quantizers)
         for q in (self.k_quantizer, self.v_quantizer):
             if q.numel() and (q.min() < 0 or q.max() >= nq):

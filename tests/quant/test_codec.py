@@ -105,10 +105,11 @@ def test_dtype_is_kept(dtype):
 
 def test_multi_matches_single_for_every_family():
     x = kv(2, (1, 2, 256, 64))
-    for spec in SPECS[5:]:
-        multi = fake_quantize_multi(x, [1, 3, 16], spec, "k")
-        for i, b in enumerate([1, 3, 16]):
-            assert torch.equal(multi[i], fake_quantize(x, b, spec, "k"))
+    for spec in SPECS:
+        for role in "kv":
+            multi = fake_quantize_multi(x, [1, 3, 8, 16], spec, role)
+            for i, b in enumerate([1, 3, 8, 16]):
+                assert torch.equal(multi[i], fake_quantize(x, b, spec, role)), (spec.id, role, b)
 
 
 def test_pre_rope_codec_stores_pre_rope_keys():

@@ -34,7 +34,7 @@ from ..quant.rope import capture_rope
 from ..models import fingerprint, head_dim_of, text_config
 from ..plan import Plan
 from ..policy import CachePolicy
-from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, holds_role, parse_spec
+from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, holds_role, is_bits, parse_spec
 from ..text import BUNDLED_TEXT, DATASET_ALIASES, DEFAULT_CALIBRATION_TEXT, load_text, token_windows, tokenize
 from .capture import Calibrator
 from .metrics import METRICS
@@ -144,7 +144,7 @@ def check_bits(bits) -> tuple[int, ...]:
     bits = tuple(int(b) for b in bits)
     if not bits:
         raise RateQError("give at least one bit width to calibrate")
-    bad = [b for b in bits if not (1 <= b <= 8 or b == FULL_PRECISION_BITS)]
+    bad = [b for b in bits if not is_bits(b)]
     if bad:
         raise RateQError(f"bit widths must be 1..8 (or {FULL_PRECISION_BITS} for fp16), got {bad}")
     if list(bits) != sorted(set(bits)):

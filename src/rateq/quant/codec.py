@@ -327,5 +327,16 @@ def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rop
 def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
                         rope: Rope | None = None) -> torch.Tensor:
     """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)` in `x.dtype`, so
-    calibration scores all bit widths of a unit in one call."""
-    return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])
+    calibration scores all bit widths of a unit in one call. For plain grids the groups are formed once and each
+    width is dequantized in group layout: the same values as `fake_quantize`, without a regrouping per width."""
+    if not spec.is_uniform_plain:
+        return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])
+    axis, G = spec.axis_for(role), spec.group_size
+    groups = to_groups(x, axis, G).to(torch.float32)
+    outs = []
+    for b in bits:
+        if check_bits(b) >= FULL_PRECISION_BITS:
+            outs.append(x.to(torch.float16).to(torch.float32))
+            continue
+        outs.append(from_groups(dequantize_groups(quantize_groups(groups, b, spec), b, spec), axis, G, x.shape))
+    return torch.stack(outs).to(x.dtype)
