@@ -1,12 +1,18 @@
-"""Decode step time at a long context: RateQCache vs DynamicCache vs transformers' QuantizedCache.
+"""Decode step time at long contexts: RateQCache (packed attention and the dense path) vs DynamicCache vs
+transformers' QuantizedCache (quanto, hqq).
 
-All caches start from the same prefill (one forward fills a DynamicCache; its keys and values are written into
-the others), then decode the same tokens. Caches take turns step by step, so that load from other processes
-hits them alike. QuantizedCache runs at the same nominal bits, group size and residual window as the uniform
-RateQ plan; it re-quantizes its whole history every `residual` steps, so the default `--steps` equals the
-residual window and the mean step time includes that once, as a long generation would.
+Caches: the shipped 2.5-bit profile of the default model (its mix of pre-RoPE, rotated, Lloyd–Max and plain
+buckets), a uniform KIVI plan at `--bits` with groups of `--group` (2 bits, groups of 64: 2.5 effective bits,
+the profile's), each decoding from the packed codes (`packed`) and through the dense path (`dense`: the
+dequantized history handed to the model's attention); DynamicCache; QuantizedCache at the same bits, group and
+residual window. All start from the same prefill (one forward fills a DynamicCache; its keys and values are
+written into the others), then decode the same tokens, taking turns step by step so that load from other
+processes hits them alike. QuantizedCache re-quantizes its whole history every `residual` steps, so the
+default `--steps` equals the residual window and its mean includes that once, as a long generation would.
+Each row also gives the peak bytes a decode step allocates beyond what was held before it (torch's profiler,
+CPU only), as a share of one layer's dense fp32 history.
 
-    python bench/decode_speed.py                                   # smollm2-135m, CPU, 4096 tokens, 2 bits
+    python bench/decode_speed.py                                   # smollm2-135m, CPU, 1k/4k/16k tokens
     python bench/decode_speed.py --device cuda --model qwen3-8b --random-weights
 """
 
@@ -16,12 +22,15 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, QuantizedCache
 
 import rateq
 from rateq import CachePolicy, Plan, QuantSpec, RateQCache, fingerprint
+
+PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-b2.5.safetensors"
 
 
 def parse_args():
@@ -30,10 +39,11 @@ def parse_args():
     p.add_argument("--random-weights", action="store_true", help="build the architecture with random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--contexts", default="1024,4096,16384", help="context lengths (comma list)")
+    p.add_argument("--profile", default=str(PROFILE), help="the profile measured beside the uniform plan")
     p.add_argument("--steps", type=int, default=None, help="decode steps timed (default: --residual)")
     p.add_argument("--bits", type=int, default=2, help="nominal bits of the uniform plan and of QuantizedCache")
-    p.add_argument("--group", type=int, default=32)
+    p.add_argument("--group", type=int, default=64)
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--backends", default="quanto,hqq", help="QuantizedCache backends to compare (comma list)")
     p.add_argument("--threads", type=int, default=2)
@@ -46,46 +56,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def dense_nbytes(cache: DynamicCache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+def peak_allocated(fn) -> int:
+    """Peak bytes allocated on the CPU while `fn()` runs, beyond what was held before (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
+
+
+def held_nbytes(cache) -> int | None:
+    if isinstance(cache, RateQCache):
+        return cache.nbytes()
+    if isinstance(cache, DynamicCache) and not isinstance(cache, QuantizedCache):
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return None
 
 
 @torch.no_grad()
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    steps = args.steps or args.residual
-    model, _ = rateq.load_model(args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights)
-    config, fp, dev = model.config, fingerprint(model), args.device
-    dtype = next(model.parameters()).dtype
-    g = torch.Generator().manual_seed(0)
+def measure(model, args, context: int, steps: int, plans: dict, skipped: dict) -> list[dict]:
+    config, dev = model.config, args.device
+    g = torch.Generator().manual_seed(context)
     vocab = config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, args.context + steps), generator=g).to(dev)
-
-    t0 = time.perf_counter()
+    ids = torch.randint(0, vocab, (1, context + steps), generator=g).to(dev)
     prefill = DynamicCache(config=config)
-    model(ids[:, :args.context], past_key_values=prefill, use_cache=True)
-    sync(dev)
-    prefill_s = time.perf_counter() - t0
-
-    spec = QuantSpec(group_size=args.group)
-    policy = CachePolicy(residual=args.residual, block=args.group)
-    uniform = Plan.uniform(fp, args.bits, spec=spec)
-    # A mixed plan at the same nominal bits: keys one bit above, values one below, in alternating heads, so every
-    # layer holds several buckets with interleaved heads (the general case, not just one bucket per layer).
-    L, H = fp.num_layers, fp.num_kv_heads
-    alt = (torch.arange(H)[None, :] + torch.arange(L)[:, None]) % 2
-    mixed = Plan((args.bits + alt).clamp(1, 8), (args.bits - alt).clamp(1, 8), torch.zeros(L, H, dtype=torch.long),
-                 torch.zeros(L, H, dtype=torch.long), [spec], fp)
-    makers = {
-        "DynamicCache": lambda: DynamicCache(config=config),
-        f"RateQCache K{args.bits}V{args.bits}": lambda: RateQCache(uniform, config, policy=policy),
-    }
-    if 2 <= args.bits <= 7:
-        makers[f"RateQCache mixed {args.bits + 1}/{args.bits - 1}"] = lambda: RateQCache(mixed, config, policy=policy)
-    skipped = {}
+    model(ids[:, :context], past_key_values=prefill, use_cache=True)
+    makers = {"DynamicCache": lambda: DynamicCache(config=config)}
+    for label, (plan, policy) in plans.items():
+        makers[f"RateQ {label} packed"] = lambda p=plan, pol=policy: RateQCache(p, model, policy=pol, packed=True)
+        makers[f"RateQ {label} dense"] = lambda p=plan, pol=policy: RateQCache(p, model, policy=pol)
     for backend in [b for b in args.backends.split(",") if b]:
-        name = f"QuantizedCache {backend} {args.bits}-bit"
+        name = f"QuantizedCache {backend} {args.bits}-bit g{args.group}"
         try:
             QuantizedCache(backend, config, nbits=args.bits, q_group_size=args.group, residual_length=args.residual)
         except (ImportError, ValueError) as exc:
@@ -93,7 +100,6 @@ def main() -> None:
             continue
         makers[name] = (lambda b=backend: QuantizedCache(b, config, nbits=args.bits, q_group_size=args.group,
                                                          residual_length=args.residual))
-
     caches = {}
     for name, make in makers.items():
         cache = make()
@@ -101,43 +107,68 @@ def main() -> None:
             cache.update(layer.keys, layer.values, i)
         caches[name] = cache
     del prefill
-
     times = {name: [] for name in caches}
     for step in range(steps):
-        pos = torch.tensor([[args.context + step]], device=dev)
+        pos = torch.tensor([[context + step]], device=dev)
         for name, cache in caches.items():
             sync(dev)
             t = time.perf_counter()
-            model(ids[:, args.context + step:args.context + step + 1], past_key_values=cache, position_ids=pos,
-                  use_cache=True)
+            model(ids[:, context + step:context + step + 1], past_key_values=cache, position_ids=pos, use_cache=True)
             sync(dev)
             times[name].append(time.perf_counter() - t)
-
-    base = statistics.mean(times["DynamicCache"])
+    fp = fingerprint(model)
+    layer_dense = 2 * fp.num_kv_heads * fp.head_dim * (context + steps) * 4
     rows = []
+    base = statistics.mean(times["DynamicCache"])
     for name, ts in times.items():
         cache = caches[name]
-        held = cache.nbytes() if isinstance(cache, RateQCache) else (dense_nbytes(cache) if name == "DynamicCache" else None)
-        rows.append({"cache": name, "mean_ms": 1e3 * statistics.mean(ts), "median_ms": 1e3 * statistics.median(ts),
-                     "max_ms": 1e3 * max(ts), "vs_dynamic": statistics.mean(ts) / base, "nbytes": held})
-    result = {"model": args.model, "random_weights": args.random_weights, "device": dev, "dtype": str(dtype),
-              "threads": args.threads, "context": args.context, "steps": steps, "bits": args.bits,
-              "group": args.group, "residual": args.residual, "prefill_seconds": prefill_s, "rows": rows,
-              "skipped": skipped}
+        peak = None
+        if dev == "cpu":
+            at = context + steps
+            step_ids, pos = ids[:, at - 1:at], torch.tensor([[at]], device=dev)
+            peak = peak_allocated(lambda: model(step_ids, past_key_values=cache, position_ids=pos, use_cache=True))
+        rows.append({"context": context, "cache": name, "mean_ms": 1e3 * statistics.mean(ts),
+                     "median_ms": 1e3 * statistics.median(ts), "vs_dynamic": statistics.mean(ts) / base,
+                     "nbytes": held_nbytes(cache), "step_peak_bytes": peak,
+                     "step_peak_vs_layer_history": None if peak is None else peak / layer_dense})
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    steps = args.steps or args.residual
+    model, _ = rateq.load_model(args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights)
+    fp = fingerprint(model)
+    dtype = next(model.parameters()).dtype
+    spec = QuantSpec(group_size=args.group)
+    uniform = Plan.uniform(fp, args.bits, spec=spec)
+    plans = {f"K{args.bits}V{args.bits} g{args.group}": (uniform, CachePolicy(residual=args.residual, block=args.group))}
+    if Path(args.profile).exists():
+        profile = rateq.load_profile(args.profile)
+        if not profile.model.mismatches(fp):
+            plans = {f"profile {profile.effective_bits:.2f}b": (profile, profile.policy), **plans}
+    skipped: dict = {}
+    rows = []
+    for context in [int(c) for c in args.contexts.split(",")]:
+        rows += measure(model, args, context, steps, plans, skipped)
+    result = {"model": args.model, "random_weights": args.random_weights, "device": args.device, "dtype": str(dtype),
+              "threads": args.threads, "steps": steps, "bits": args.bits, "group": args.group,
+              "residual": args.residual, "rows": rows, "skipped": skipped}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.model} ({'random' if args.random_weights else 'real'} weights, {dtype}) on {dev}, "
-          f"{args.threads} threads: decode at {args.context} tokens, {steps} steps, {args.bits} nominal bits, "
-          f"group {args.group}, residual {args.residual}")
-    print(f"{'cache':34s} {'mean ms':>9s} {'median':>9s} {'max':>9s} {'× Dynamic':>10s} {'MiB held':>9s}")
+    print(f"{args.model} ({'random' if args.random_weights else 'real'} weights, {dtype}) on {args.device}, "
+          f"{args.threads} threads: {steps} decode steps per context; uniform plans and QuantizedCache at "
+          f"{args.bits} bits, group {args.group}, residual {args.residual}")
+    print(f"{'tokens':>6s} {'cache':34s} {'mean ms':>9s} {'median':>9s} {'× Dynamic':>10s} {'MiB held':>9s} "
+          f"{'step peak':>10s}")
     for r in rows:
         held = f"{r['nbytes'] / 2**20:9.1f}" if r["nbytes"] is not None else f"{'-':>9s}"
-        print(f"{r['cache']:34s} {r['mean_ms']:9.2f} {r['median_ms']:9.2f} {r['max_ms']:9.2f} {r['vs_dynamic']:10.3f} {held}")
-    rq = [r for r in rows if r["cache"].startswith("RateQCache K")][0]
-    for r in rows:
-        if r["cache"].startswith("QuantizedCache"):
-            print(f"RateQCache K{args.bits}V{args.bits} vs {r['cache']}: {r['mean_ms'] / rq['mean_ms']:.2f}× faster")
+        peak = f"{100 * r['step_peak_vs_layer_history']:9.1f}%" if r["step_peak_bytes"] is not None else f"{'-':>10s}"
+        print(f"{r['context']:6d} {r['cache']:34s} {r['mean_ms']:9.2f} {r['median_ms']:9.2f} {r['vs_dynamic']:10.3f} "
+              f"{held} {peak}")
+    print("step peak: bytes a decode step allocates beyond what is held, as a share of one layer's fp32 K+V history")
     for name, why in skipped.items():
         print(f"{name}: not run ({why})")
 

@@ -47,7 +47,7 @@ import torch
 from ..errors import RateQError
 from . import hadamard, lloydmax, outliers, qjl
 from .affine import QuantizedGroups, dequantize_groups, from_groups, quantize_groups, storage_dtype, to_groups
-from .pack import pack, packed_nbytes, unpack
+from .pack import pack, packed_nbytes, unpack, unpack_levels
 from .rope import Rope, apply_rope, invert_rope
 from .spec import FULL_PRECISION_BITS, QuantSpec, check_bits
 
@@ -90,6 +90,22 @@ class Part:
             return unpack(stored, self.width, rows * self.cols).reshape(*stored.shape[:2], rows, self.cols)
         return unpack(stored, self.width, self.cols)
 
+    def unpack_levels(self, stored: torch.Tensor, rows: int, levels: torch.Tensor) -> torch.Tensor:
+        """Integer codes → `levels[code]` fp32 `(B, h, rows, cols)`, read from the packed bytes in one step."""
+        if self.stream:
+            codes = self.unpack(stored, rows)
+            return levels.to(torch.float32).index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
+        return unpack_levels(stored, self.width, self.cols, levels)
+
+    def slice(self, stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows `[start, stop)` of a stored part (a view). A stream is cut between bytes, so `start · cols`
+        must fall on an 8-code group (callers cut at multiples of 8 rows)."""
+        if not self.stream:
+            return stored[:, :, start:stop]
+        if (start * self.cols) % 8:
+            raise ValueError(f"a {self.name} stream cannot be cut at row {start}")
+        return stored[..., (start * self.cols // 8) * self.width:packed_nbytes(stop * self.cols, self.width)]
+
     def nbytes(self, rows: int) -> int:
         """Bytes of `rows` rows of one (batch row, head)."""
         if not self.width:
@@ -97,6 +113,34 @@ class Part:
         if self.stream:
             return packed_nbytes(rows * self.cols, self.width)
         return rows * packed_nbytes(self.cols, self.width)
+
+
+@lru_cache(maxsize=None)
+def _layout(s: QuantSpec, bits: int, role: str, D: int) -> tuple[Part, ...]:
+    if bits >= FULL_PRECISION_BITS:
+        return (Part("fp16", D, dtype=torch.float16),)
+    G = s.group_size
+    X, per = (D // G, 1) if s.axis_for(role) == "channels" else (D, G)
+    sdt = storage_dtype(s.scale_dtype)
+    parts: list[Part] = []
+    base = s.base_bits(bits)
+    if s.kind == "lloydmax":
+        if base >= 1:
+            parts += [Part("codes", D, base), Part("norm", D // G, dtype=sdt)]
+        if s.qjl:
+            parts += [Part("qjl", D, 1), Part("rnorm", D // G, dtype=sdt)]
+    else:
+        parts += [Part("codes", D, bits), Part("scale", X, dtype=sdt, tokens=per)]
+        if s.kind == "minmax":
+            parts.append(Part("zero", X, bits, tokens=per) if s.zero == "code" else
+                         Part("zero", X, dtype=sdt, tokens=per))
+    k = s.outliers_per_group()
+    if k:
+        ib = s.outlier_index_bits()
+        parts += [Part("out_val", X * k, dtype=torch.float16, tokens=per), Part("out_idx", X * k, min(ib, 8), tokens=per)]
+        if ib > 8:
+            parts.append(Part("out_hi", X * k, ib - 8, tokens=per))
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -108,31 +152,7 @@ class Codec:
     # -- the stored form -------------------------------------------------------------------------------
     def layout(self, bits: int, role: str, head_dim: int) -> tuple[Part, ...]:
         """The parts an encoding of `role` at `bits` holds, and how each is stored (see module doc)."""
-        s, D = self.spec, head_dim
-        if bits >= FULL_PRECISION_BITS:
-            return (Part("fp16", D, dtype=torch.float16),)
-        G = s.group_size
-        X, per = (D // G, 1) if s.axis_for(role) == "channels" else (D, G)
-        sdt = storage_dtype(s.scale_dtype)
-        parts: list[Part] = []
-        base = s.base_bits(bits)
-        if s.kind == "lloydmax":
-            if base >= 1:
-                parts += [Part("codes", D, base), Part("norm", D // G, dtype=sdt)]
-            if s.qjl:
-                parts += [Part("qjl", D, 1), Part("rnorm", D // G, dtype=sdt)]
-        else:
-            parts += [Part("codes", D, bits), Part("scale", X, dtype=sdt, tokens=per)]
-            if s.kind == "minmax":
-                parts.append(Part("zero", X, bits, tokens=per) if s.zero == "code" else
-                             Part("zero", X, dtype=sdt, tokens=per))
-        k = s.outliers_per_group()
-        if k:
-            ib = s.outlier_index_bits()
-            parts += [Part("out_val", X * k, dtype=torch.float16, tokens=per), Part("out_idx", X * k, min(ib, 8), tokens=per)]
-            if ib > 8:
-                parts.append(Part("out_hi", X * k, ib - 8, tokens=per))
-        return tuple(parts)
+        return _layout(self.spec, bits, role, head_dim)
 
     def encode(self, x: torch.Tensor, bits: int, role: str, *, rope: Rope | None = None) -> Encoding:
         """`x (B, h, T, D)` → the stored form: every part of `layout` packed in its storage format."""

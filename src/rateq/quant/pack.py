@@ -115,3 +115,23 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         codes = _spread(w, bits, 8)
     codes = codes.view(torch.uint8).reshape(*lead, -1)
     return codes if codes.shape[-1] == n else codes[..., :n]
+
+
+_IDENTITY: dict = {}
+
+
+def identity_levels(bits: int, device=None) -> torch.Tensor:
+    """`[0, 1, …, 2**bits − 1]` in fp32: the levels of a uniform grid's integer codes (one per (bits, device))."""
+    key = (bits, str(device))
+    if key not in _IDENTITY:
+        _IDENTITY[key] = torch.arange(1 << bits, dtype=torch.float32, device=device)
+    return _IDENTITY[key]
+
+
+def unpack_levels(packed: torch.Tensor, bits: int, n: int, levels: torch.Tensor) -> torch.Tensor:
+    """`levels[unpack(packed, bits, n)]` in fp32, `(..., n)`: codes read into the values they stand for
+    (`identity_levels` for a uniform grid's integer codes, a codebook's levels)."""
+    codes = unpack(packed, bits, n)
+    if levels is _IDENTITY.get((bits, str(levels.device))):
+        return codes.to(torch.float32)
+    return levels.to(torch.float32).index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)

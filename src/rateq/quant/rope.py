@@ -141,10 +141,32 @@ def model_rotary(model):
         raise RateQError(f"{type(model).__name__}'s rotary tables depend on a layer type its attention modules do "
                          "not name: use quantizers without 'prerope' for this model")
 
+    def compute(like: torch.Tensor, pos: torch.Tensor, layer: int) -> Rope:
+        return rot(like, pos, layer_types[layer]) if typed else rot(like, pos)
+
+    kind = str(getattr(rot, "rope_type", "default"))
+    if "dynamic" in kind or kind == "longrope":  # tables that depend on the sequence length: computed each call
+        return lambda like, position_ids, layer: compute(like, position_ids.to(like.device), layer)
+    memo: dict = {}
+
     def tables(like: torch.Tensor, position_ids: torch.Tensor, layer: int) -> Rope:
+        # Static RoPE is a function of the position alone: one table per layer type, grown as positions grow,
+        # shared by every layer and step (pre-RoPE keys re-rotate their whole history at each decode step).
         pos = position_ids.to(like.device)
-        if typed:
-            return rot(like, pos, layer_types[layer])
-        return rot(like, pos)
+        key = (layer_types[layer] if typed else None, like.dtype, str(like.device))
+        held = memo.get(key)
+        need = int(pos.max()) + 1 if pos.numel() else 0
+        if held is None or held[0].shape[0] < need:
+            n = max(need, 2 * (0 if held is None else held[0].shape[0]), 256)
+            cos, sin = compute(like, torch.arange(n, device=like.device)[None], layer)
+            held = memo[key] = (cos[0], sin[0])
+        if pos.dim() == 2 and pos.shape[0] == 1 and pos.numel():
+            a, b = int(pos[0, 0]), int(pos[0, -1])
+            if a >= 0 and b - a == pos.shape[1] - 1 and bool((pos[0, 1:] - pos[0, :-1] == 1).all()):
+                # consecutive positions: a view of the table
+                return held[0][None, a:b + 1], held[1][None, a:b + 1]
+        idx = pos.clamp_min(0)
+        shape = (*idx.shape, held[0].shape[-1])
+        return (held[0].index_select(0, idx.reshape(-1)).view(shape), held[1].index_select(0, idx.reshape(-1)).view(shape))
 
     return tables

@@ -23,7 +23,7 @@ from ..models import fingerprint, head_dim_of, text_config
 from ..plan import Plan
 from ..policy import CachePolicy, left_padding
 from ..quant.rope import model_rotary
-from ..quant.spec import FULL_PRECISION_BITS
+from . import attention
 from .layer import CROP_HINT, RateQLayer, RateQSlidingLayer
 from .store import Stored, check_plan
 
@@ -31,8 +31,7 @@ _SLIDING = ("sliding_attention", "chunked_attention")
 
 
 def _stores_prerope_keys(plan: Plan) -> bool:
-    used = set(zip(plan.k_bits.flatten().tolist(), plan.k_quantizer.flatten().tolist()))
-    return any(b < FULL_PRECISION_BITS and plan.quantizers[q].prerope for b, q in used)
+    return any(plan.quantizers[q].prerope for q in set(plan.k_quantizer.flatten().tolist()))
 
 
 def rotary_of(model):
@@ -63,15 +62,26 @@ class RateQCache(Cache):
 
     `policy` (residual window, key block, sinks) defaults to `plan.policy`. `device` is accepted for symmetry
     with other caches; tensors live where the model writes its keys and values.
+
+    `packed=True` (with the model) makes decode steps compute attention straight from the packed codes
+    (`rateq.runtime.attention`: the model's attention implementation is wrapped so that every other call runs
+    as before): a step then allocates a few percent of a layer's dense history instead of all of it, but on a
+    CPU it runs slower than the default dense path, which hands the dequantized history to the model's own
+    attention (`bench/decode_speed.py`).
     """
 
-    def __init__(self, plan: Plan, config, *, policy: CachePolicy | None = None, device=None, rotary=None):
+    def __init__(self, plan: Plan, config, *, policy: CachePolicy | None = None, device=None, rotary=None,
+                 packed: bool | None = None):
         policy = plan.policy if policy is None else policy
+        model = None
         if isinstance(config, torch.nn.Module):  # a model: its config, and its rotary tables where needed
             model, config = config, config.config
             if rotary is None and _stores_prerope_keys(plan):
                 rotary = rotary_of(model)
             _watch_padding(model)
+        if packed and model is None:
+            raise RateQError("packed=True attends from the codes through the model's attention: build the cache "
+                             "with the model, RateQCache(plan, model)")
         if rotary is None and _stores_prerope_keys(plan):
             raise RateQError("the plan quantizes keys before RoPE: the cache needs the model's rotary embedding, "
                              "RateQCache(plan, model), or RateQCache(plan, model.config, rotary=rateq.rotary_of(model))")
@@ -97,6 +107,10 @@ class RateQCache(Cache):
                 raise RateQError(f"layer {i} is a {kind!r} layer; RateQCache supports full and sliding-window "
                                  f"attention layers only")
         super().__init__(layers=layers)
+        # Decode steps attend straight from the packed store when asked and the model's attention can be routed there.
+        self.packed = bool(packed and attention.install(model))
+        for layer in layers:
+            layer.packed = self.packed
         self.plan = plan
         self.policy = policy
         self.device = None if device is None else torch.device(device)

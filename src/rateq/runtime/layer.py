@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 from ..errors import RateQError
 from ..policy import CachePolicy
 from ..quant.spec import QuantSpec
+from .attention import handles
 from .store import RoleStore
 
 
@@ -64,6 +65,9 @@ class RateQLayer(DynamicLayer):
         self._k = _Role(RoleStore("k", k_bits, k_quantizer, quantizers, head_dim, layer_idx, rotary))
         self._v = _Role(RoleStore("v", v_bits, v_quantizer, quantizers, head_dim, layer_idx))
         self._pad: torch.Tensor | None = None  # (B,) leading padding tokens per row; None: no row is padded
+        self.packed = False  # decode steps attend from the codes (`rateq.runtime.attention`): set by the cache
+        self._visible_from = 0  # first position the current step's query sees
+        self._pending_forget: int | None = None
         self._reset_positions()
 
     def __repr__(self):
@@ -118,6 +122,7 @@ class RateQLayer(DynamicLayer):
         """Store `(B, H, t, D)` new keys/values; return all held keys/values `(B, H, n, D)`, dense."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.finish_step()
         n0 = self.cumulative_length
         n = n0 + key_states.shape[-2]
         self.cumulative_length = n
@@ -125,6 +130,10 @@ class RateQLayer(DynamicLayer):
             self._write(role, x, n0, n)
         self._settle()
         first = self._first_returned(n0)
+        if self.packed and key_states.shape[-2] == 1 and self._pad is None:
+            # A decode step: attention reads the codes; what falls out of a sliding window goes after it.
+            self._visible_from, self._pending_forget = first, n
+            return handles(self, key_states)
         keys = self._dense(self._k, first, self.policy.quantized_keys)
         values = self._dense(self._v, first, self.policy.quantized_values)
         self._forget(n)  # after building the output: this call's queries may still see what goes now
@@ -181,6 +190,12 @@ class RateQLayer(DynamicLayer):
                 # A copy, so that the quantized tokens' full-precision memory is really given back.
                 role.tail = role.tail[:, :, m:].clone()
                 role.q_end = target
+
+    def finish_step(self) -> None:
+        """After a packed decode step's attention: forget what its query was the last to see."""
+        if self._pending_forget is not None:
+            n, self._pending_forget = self._pending_forget, None
+            self._forget(n)
 
     def _forget(self, n: int) -> None:
         """Drop what no later query can attend to (sliding layers only)."""
@@ -240,6 +255,7 @@ class RateQLayer(DynamicLayer):
         raise RateQError("RateQCache does not support offloading; its packed store is already small")
 
     def reset(self) -> None:
+        self._pending_forget = None
         for role in (self._k, self._v):
             role.store.clear()
             role.sink = role.tail = None
@@ -276,6 +292,7 @@ class RateQLayer(DynamicLayer):
         k = -tokens_to_remove
         if k == 0 or not self.is_initialized:
             return
+        self.finish_step()
         problem = self.crop_problem(k)
         if problem:
             raise RateQError(f"cannot crop {k} tokens: {problem}. {CROP_HINT}")
@@ -298,6 +315,7 @@ class RateQLayer(DynamicLayer):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
+        self.finish_step()
         for role in (self._k, self._v):
             role.sink, role.tail = fn(role.sink), fn(role.tail)
             role.store.map_batch(fn)

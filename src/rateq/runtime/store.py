@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RateQError
+from ..quant import attend
 from ..quant.codec import Part, codec_for
 from ..quant.pack import unpack
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec, role_problem
 
+CHUNK = 512  # tokens read at a time when attending from the codes (bounds what a decode step allocates)
 GROWTH = 8  # a full buffer grows by 1/GROWTH of its capacity,
 MIN_STEP = 64  # and by at least this many tokens' worth of rows
 CODE_PARTS = ("codes", "qjl", "fp16")  # what `tensors` counts as codes; every other part is metadata
@@ -111,6 +113,10 @@ class Rows:
 
     def values(self) -> torch.Tensor:
         return self.part.unpack(self.view(), self.rows)
+
+    def stored_of(self, start: int, stop: int) -> torch.Tensor:
+        """Rows `[start, stop)` in stored form (a view; streams cut at multiples of 8 rows)."""
+        return self.part.slice(self.view(), start, min(stop, self.rows))
 
     def keep(self, start: int, stop: int) -> None:
         """Keep rows `[start, stop)` (a copy of exactly those: the rest is given back)."""
@@ -206,6 +212,34 @@ class Bucket:
         else:
             out.index_copy_(1, self.heads(out.device), x.to(out.dtype))
 
+    def chunks(self):
+        """`(start, stop, encoding)` over the stored tokens in stored form, `CHUNK` tokens at a time (whole key
+        groups, and a multiple of 8 rows so that streams cut between bytes)."""
+        unit = 8 * self.spec.group_size
+        step = max(unit, CHUNK // unit * unit)
+        for a in range(0, self.length, step):
+            b = min(self.length, a + step)
+            yield a, b, {name: rows.stored_of(a // rows.part.tokens, -(-b // rows.part.tokens))
+                         for name, rows in self.parts.items()}
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        """`q (B, h, r, D)` fp32 (this bucket's heads) · every stored key → `(B, h, r, length)`, from the codes."""
+        B, h, r, D = q.shape
+        out = q.new_empty(B, h, r, self.length)
+        for a, b, enc in self.chunks():
+            out[..., a:b] = attend.scores(self.codec, enc, self.bits, (B, h, b - a, D), q,
+                                          rope=self._rope(q, self.pos0 + a, b - a))
+        return out
+
+    def mix(self, p: torch.Tensor) -> torch.Tensor:
+        """Weights `p (B, h, r, length)` fp32 × every stored value → `(B, h, r, D)`, from the codes."""
+        B, h, r, _ = p.shape
+        out = None
+        for a, b, enc in self.chunks():
+            o = attend.mix(self.codec, enc, self.bits, (B, h, b - a, self.head_dim), p[..., a:b])
+            out = o if out is None else out.add_(o)
+        return out
+
     def keep(self, start: int, stop: int) -> None:
         """Keep tokens `[start, stop)` (copies, so the dropped tokens' memory is freed)."""
         if self.length == 0:
@@ -299,6 +333,30 @@ class RoleStore:
         """Fill `out (B, H, length, D)` with the dequantized history."""
         for bucket in self.buckets:
             bucket.decode_into(out)
+
+    def scores(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`q (B, H, r, D)` fp32 (r query heads per KV head) · the stored keys → `(B, H, r, length)` (into `out`)."""
+        B, H, r, _ = q.shape
+        out = q.new_empty(B, H, r, self.length) if out is None else out
+        for bucket in self.buckets:
+            s = bucket.scores(bucket.select(q))
+            if bucket.head_slice is not None:
+                out[:, bucket.head_slice] = s
+            else:
+                out.index_copy_(1, bucket.heads(q.device), s)
+        return out
+
+    def mix(self, p: torch.Tensor) -> torch.Tensor:
+        """Weights `p (B, H, r, length)` fp32 × the stored values → `(B, H, r, D)`."""
+        B, H, r, _ = p.shape
+        out = p.new_empty(B, H, r, self.buckets[0].head_dim)
+        for bucket in self.buckets:
+            o = bucket.mix(bucket.select(p))
+            if bucket.head_slice is not None:
+                out[:, bucket.head_slice] = o
+            else:
+                out.index_copy_(1, bucket.heads(p.device), o)
+        return out
 
     def keep(self, start: int, stop: int) -> None:
         for bucket in self.buckets:
