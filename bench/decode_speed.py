@@ -29,6 +29,7 @@ from transformers import DynamicCache, QuantizedCache
 
 import rateq
 from rateq import CachePolicy, Plan, QuantSpec, RateQCache, fingerprint
+from rateq.runtime.run import peak_allocated
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-b2.5.safetensors"
 
@@ -54,21 +55,6 @@ def parse_args():
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def peak_allocated(fn) -> int:
-    """Peak bytes allocated on the CPU while `fn()` runs, beyond what was held before (torch's profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
 
 
 def held_nbytes(cache) -> int | None:

@@ -56,6 +56,7 @@ def apply_command(
     n_windows: Annotated[int, typer.Option("--n-windows", "-n", help="Sequences with --data (decoded as one batch).")] = 1,
     prefill: Annotated[Optional[int], typer.Option("--prefill", help="With --data: tokens written in one forward before decoding the rest one by one (default: half).")] = None,
     char_start: Annotated[int, typer.Option("--char-start", help="With --data: skip this many characters first.")] = 100_000,
+    packed: Annotated[bool, typer.Option("--packed", help="Decode steps attend straight from the packed codes instead of the dequantized history: a step allocates a few percent of a layer's history, but runs slower on CPU.")] = False,
     residual: ProfileResidualOpt = None,
     block: ProfileBlockOpt = None,
     sinks: ProfileSinksOpt = None,
@@ -118,7 +119,7 @@ def apply_command(
 
         if prompt is not None:
             with sink.bar("generating"):
-                result = generate(lm, tok, plan, prompt, max_new_tokens=max_new_tokens, policy=policy)
+                result = generate(lm, tok, plan, prompt, max_new_tokens=max_new_tokens, policy=policy, packed=packed)
         else:
             with sink.bar("decoding") as bar:
                 task = bar.task_ids[0]
@@ -126,7 +127,7 @@ def apply_command(
                 def step(done: int, total: int) -> None:
                     bar.update(task, completed=done, total=total)
 
-                result = cache_perplexity(lm, ids, plan, policy=policy, prefill=prefill, progress=step)
+                result = cache_perplexity(lm, ids, plan, policy=policy, prefill=prefill, progress=step, packed=packed)
             result["data"] = data
         result = {**head, **result}
         note = unquantized_note(result)

@@ -22,7 +22,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 _counter = itertools.count()
 
 
-def _configs(model):
+def model_configs(model) -> list:
+    """Every distinct config of `model`'s modules (a multimodal model holds several)."""
     seen = []
     for m in model.modules():
         cfg = getattr(m, "config", None)
@@ -40,7 +41,7 @@ def attention_hook(model, fn: Callable):
     # Masks built as for eager attention: always a materialised additive 4-D mask (causal, padding and sliding
     # window included), so hooks never have to rebuild one themselves.
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    configs = _configs(model)
+    configs = model_configs(model)
     saved = [c._attn_implementation for c in configs]
     try:
         for c in configs:

@@ -11,6 +11,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import rateq
 from rateq import CachePolicy, Plan, QuantSpec, RateQCache, parse_spec
+from rateq.runtime.run import peak_allocated
 
 from .conftest import TINY_SPECS
 from .test_families import FAMILY_SPECS
@@ -99,21 +100,6 @@ def test_greedy_generation_on_the_default_model_is_the_same_token_for_token(smol
             outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False,
                                        min_new_tokens=64)[0, ids.shape[1]:])
     assert torch.equal(outs[0], outs[1])
-
-
-def peak_allocated(fn) -> int:
-    """Peak bytes allocated on the CPU while `fn()` runs, beyond what was held before (torch's profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return peak
 
 
 @pytest.mark.parametrize("plan_kind", ["kivi", "families"])

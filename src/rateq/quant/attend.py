@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import hadamard, lloydmax, qjl
+from . import lloydmax, qjl
 from .pack import identity_levels
 from .rope import Rope
 from .spec import FULL_PRECISION_BITS
@@ -42,14 +42,6 @@ def _direct(codec, bits: int) -> bool:
     """Whether the codes are read without dequantizing first."""
     s = codec.spec
     return bits < FULL_PRECISION_BITS and not s.outlier_frac and not s.prerope
-
-
-def _rotate(codec, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    s = codec.spec
-    if s.rotation == "none":
-        return x
-    f = hadamard.unrotate if inverse else hadamard.rotate
-    return f(x, random_signs=s.rotation == "rhadamard", seed=s.seed)
 
 
 def _read(codec, enc: dict, bits: int, role: str, shape):
@@ -106,7 +98,7 @@ def scores(codec, enc: dict, bits: int, shape, q: torch.Tensor, *, rope: Rope | 
     s = codec.spec
     G = s.group_size
     meta, values = _read(codec, enc, bits, "k", shape)
-    q = _rotate(codec, q)
+    q = codec.rotate(q)
     r = q.shape[2]
     if s.kind == "lloydmax":
         out = torch.zeros(B, h, T, r, device=q.device)
@@ -162,7 +154,7 @@ def mix(codec, enc: dict, bits: int, shape, p: torch.Tensor) -> torch.Tensor:
             S = qjl.matrix(G, G, s.seed, p.device)
             u = _group_mix(values("qjl", _signs(p.device)), p[..., None] * meta("rnorm")[:, :, None], G)
             out += (u.view(B, h, -1, D // G, G) @ S).reshape(B, h, -1, D) * (qjl.SCALE / G)
-        return _rotate(codec, out, inverse=True)
+        return codec.rotate(out, inverse=True)
     # values: per token over groups of G channels (the runtime refuses values grouped along tokens)
     codes = values("codes", identity_levels(bits, p.device))
     scale, shift, add = _grid(codec, meta, bits)
@@ -176,4 +168,4 @@ def mix(codec, enc: dict, bits: int, shape, p: torch.Tensor) -> torch.Tensor:
         bias = a if bias is None else bias + a
     if bias is not None:
         out = (out.view(B, h, -1, D // G, G) + bias[..., None]).reshape(B, h, -1, D)
-    return _rotate(codec, out, inverse=True)
+    return codec.rotate(out, inverse=True)

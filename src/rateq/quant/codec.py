@@ -188,7 +188,8 @@ class Codec:
         if self.spec.kind == "lloydmax" and shape[-1] % self.spec.group_size:
             raise RateQError(f"head_dim {shape[-1]} does not split into lloydmax groups of {self.spec.group_size}")
 
-    def _rotate(self, y: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    def rotate(self, y: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """The spec's orthonormal rotation of the head dim (or its inverse); the identity without one."""
         s = self.spec
         if s.rotation == "none":
             return y
@@ -225,7 +226,7 @@ class Codec:
             if s.outlier_index_bits() > 8:
                 parts["out_hi"] = idx >> 8
             y = from_groups(dense, axis, G, x.shape)
-        y = self._rotate(y)  # (B, h, T, D)
+        y = self.rotate(y)  # (B, h, T, D)
         if s.kind == "lloydmax":
             parts.update(self._quantize_lloydmax(y, bits))
             return parts
@@ -275,7 +276,7 @@ class Codec:
         axis = s.axis_for(role)
         y = self._dequantize_lloydmax(parts, bits, shape) if s.kind == "lloydmax" else \
             self._dequantize_uniform(parts, bits, role, shape, None)
-        y = self._rotate(y, inverse=True)
+        y = self.rotate(y, inverse=True)
         if "out_val" in parts:
             idx = parts["out_idx"].to(torch.int64)
             if "out_hi" in parts:

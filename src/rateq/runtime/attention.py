@@ -27,6 +27,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..hooks import model_configs
+
 PREFIX = "rateq:"
 
 
@@ -104,15 +106,6 @@ def _attention(impl, module, query, key, value, attention_mask, dropout=0.0, sca
         layer.finish_step()
 
 
-def _configs(model):
-    seen = []
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and all(cfg is not s for s in seen):
-            seen.append(cfg)
-    return seen
-
-
 @functools.lru_cache(maxsize=None)
 def _register(impl: str) -> str:
     name = PREFIX + impl
@@ -125,7 +118,7 @@ def install(model) -> bool:
     """Route `model`'s attention through the packed decode path (a no-op for calls that are not a RateQCache
     decode step). Returns whether every config could be switched."""
     ok = True
-    for cfg in _configs(model):
+    for cfg in model_configs(model):
         impl = getattr(cfg, "_attn_implementation", None)
         if impl is None:
             continue
@@ -137,7 +130,3 @@ def install(model) -> bool:
         cfg._attn_implementation = _register(impl)
     return ok
 
-
-def installed(model) -> bool:
-    return all(getattr(c, "_attn_implementation", "") .startswith(PREFIX) for c in _configs(model)
-               if getattr(c, "_attn_implementation", None) is not None)

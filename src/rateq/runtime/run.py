@@ -40,7 +40,7 @@ def memory_summary(cache: RateQCache, dtype: torch.dtype | None = None) -> dict:
     dense = cache.dense_nbytes(dtype)
     positions = cache.held_positions()
     quantized = {role: max((p[role]["quantized"] for p in positions), default=0) for role in ("k", "v")}
-    return {"tokens": cache.get_seq_length(), "nbytes": held, **{f"nbytes_{k}": v for k, v in kinds.items()},
+    return {"tokens": cache.get_seq_length(), "packed": cache.packed, "nbytes": held, **{f"nbytes_{k}": v for k, v in kinds.items()},
             "fp16_dynamic_nbytes": fp16, "ratio_to_fp16": held / fp16 if fp16 else float("nan"),
             "dtype": str(dtype).replace("torch.", ""), "dynamic_nbytes": dense,
             "ratio_to_dynamic": held / dense if dense else float("nan"),
@@ -49,13 +49,14 @@ def memory_summary(cache: RateQCache, dtype: torch.dtype | None = None) -> dict:
 
 @torch.no_grad()
 def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int = 64,
-             policy: CachePolicy | None = None, do_sample: bool = False) -> dict:
-    """Generate from `prompt` with a `RateQCache`; return the text, token counts, seconds and memory held."""
+             policy: CachePolicy | None = None, do_sample: bool = False, packed: bool = False) -> dict:
+    """Generate from `prompt` with a `RateQCache` (`packed`: decode steps attend from the codes); return the
+    text, token counts, seconds and memory held."""
     if tokenizer is None:
         raise RateQError("generating from a prompt needs a tokenizer; this model was loaded without one")
     device = _model_device(model)
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    cache = RateQCache(plan, model, policy=policy)
+    cache = RateQCache(plan, model, policy=policy, packed=packed)
     start = time.perf_counter()
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -68,7 +69,8 @@ def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int =
 
 @torch.no_grad()
 def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolicy | None = None,
-                     prefill: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+                     prefill: int | None = None, progress: Callable[[int, int], None] | None = None,
+                     packed: bool = False) -> dict:
     """Perplexity of `ids (B, T)` predicted through a `RateQCache`: one forward over the first `prefill`
     tokens (default T // 2), then one token at a time. Every one of the T - 1 next-token predictions counts.
 
@@ -81,7 +83,7 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     if not 1 <= prefill <= T:
         raise RateQError(f"prefill must be between 1 and the sequence length {T}, got {prefill}")
     ids = ids.to(_model_device(model))
-    cache = RateQCache(plan, model, policy=policy)
+    cache = RateQCache(plan, model, policy=policy, packed=packed)
     nll = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
 
@@ -106,3 +108,18 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     mean = float(nll) / count
     return {"ppl": math.exp(mean), "nll": mean, "predictions": count, "prefill": prefill, "seq_len": T,
             "sequences": B, "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache, _model_dtype(model))}
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes allocated on the CPU while `fn()` runs, beyond what was held before (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak

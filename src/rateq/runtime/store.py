@@ -334,29 +334,24 @@ class RoleStore:
         for bucket in self.buckets:
             bucket.decode_into(out)
 
+    def _per_bucket(self, x: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
+        """`out[:, heads] = fn(bucket, x[:, heads])` for every bucket."""
+        for bucket in self.buckets:
+            y = fn(bucket, bucket.select(x))
+            if bucket.head_slice is not None:
+                out[:, bucket.head_slice] = y
+            else:
+                out.index_copy_(1, bucket.heads(x.device), y)
+        return out
+
     def scores(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`q (B, H, r, D)` fp32 (r query heads per KV head) · the stored keys → `(B, H, r, length)` (into `out`)."""
-        B, H, r, _ = q.shape
-        out = q.new_empty(B, H, r, self.length) if out is None else out
-        for bucket in self.buckets:
-            s = bucket.scores(bucket.select(q))
-            if bucket.head_slice is not None:
-                out[:, bucket.head_slice] = s
-            else:
-                out.index_copy_(1, bucket.heads(q.device), s)
-        return out
+        out = q.new_empty(*q.shape[:3], self.length) if out is None else out
+        return self._per_bucket(q, out, Bucket.scores)
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
         """Weights `p (B, H, r, length)` fp32 × the stored values → `(B, H, r, D)`."""
-        B, H, r, _ = p.shape
-        out = p.new_empty(B, H, r, self.buckets[0].head_dim)
-        for bucket in self.buckets:
-            o = bucket.mix(bucket.select(p))
-            if bucket.head_slice is not None:
-                out[:, bucket.head_slice] = o
-            else:
-                out.index_copy_(1, bucket.heads(p.device), o)
-        return out
+        return self._per_bucket(p, p.new_empty(*p.shape[:3], self.buckets[0].head_dim), Bucket.mix)
 
     def keep(self, start: int, stop: int) -> None:
         for bucket in self.buckets:
