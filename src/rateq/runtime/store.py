@@ -27,7 +27,10 @@ from ..quant.codec import Part, codec_for
 from ..quant.pack import unpack
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec, role_problem
 
-CHUNK = 512  # tokens read at a time when attending from the codes (bounds what a decode step allocates)
+# Tokens read at a time when attending from the codes: at least CHUNK, and a twentieth of the history beyond that,
+# so that a step's temporaries stay below a tenth of the layer's dense history with few chunks.
+CHUNK = 512
+CHUNK_SHARE = 20
 GROWTH = 8  # a full buffer grows by 1/GROWTH of its capacity,
 MIN_STEP = 64  # and by at least this many tokens' worth of rows
 CODE_PARTS = ("codes", "qjl", "fp16")  # what `tensors` counts as codes; every other part is metadata
@@ -216,7 +219,7 @@ class Bucket:
         """`(start, stop, encoding)` over the stored tokens in stored form, `CHUNK` tokens at a time (whole key
         groups, and a multiple of 8 rows so that streams cut between bytes)."""
         unit = 8 * self.spec.group_size
-        step = max(unit, CHUNK // unit * unit)
+        step = max(unit, max(CHUNK, self.length // CHUNK_SHARE) // unit * unit)
         for a in range(0, self.length, step):
             b = min(self.length, a + step)
             yield a, b, {name: rows.stored_of(a // rows.part.tokens, -(-b // rows.part.tokens))
