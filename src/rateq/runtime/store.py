@@ -17,6 +17,7 @@ what is held, or 64 tokens' worth of rows when that is more.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -216,9 +217,11 @@ class Bucket:
             out.index_copy_(1, self.heads(out.device), x.to(out.dtype))
 
     def chunks(self):
-        """`(start, stop, encoding)` over the stored tokens in stored form, `CHUNK` tokens at a time (whole key
-        groups, and a multiple of 8 rows so that streams cut between bytes)."""
-        unit = 8 * self.spec.group_size
+        """`(start, stop, encoding)` over the stored tokens in stored form, `CHUNK` tokens at a time (whole rows
+        of every part, and a multiple of 8 rows of a stream, so that streams cut between bytes)."""
+        unit = 1
+        for rows in self.parts.values():
+            unit = math.lcm(unit, rows.part.tokens * (8 if rows.part.stream else 1))
         step = max(unit, max(CHUNK, self.length // CHUNK_SHARE) // unit * unit)
         for a in range(0, self.length, step):
             b = min(self.length, a + step)
