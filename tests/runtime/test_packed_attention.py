@@ -125,3 +125,28 @@ def test_a_decode_step_allocates_a_small_share_of_the_dense_history(plan_kind, t
     peak = peak_allocated(lambda: attend(module, q, k, v, None, scaling=0.125))
     dense_history = 2 * H * (T + 1) * D * 4  # K and V of the layer in fp32
     assert peak <= 0.10 * dense_history, (peak, dense_history)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_beam_search_and_crop_through_the_packed_path(arch, tiny, mixed_plan):
+    model = tiny(arch, kv_heads=2)
+    plan = mixed_plan(model, seed=4, specs=TINY_SPECS)
+    policy = CachePolicy(residual=0, block=16)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for packed in (True, False):
+        cache = RateQCache(plan, model, policy=policy, packed=packed)
+        with torch.no_grad():
+            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=12, num_beams=3, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+    # a rollback that un-quantizes nothing, then decoding on: the same as the dense path
+    caches = [RateQCache(plan, model, policy=policy, packed=p) for p in (True, False)]
+    logits = []
+    for cache in caches:
+        with torch.no_grad():
+            model(ids[:, :10], past_key_values=cache)
+            for t in range(10, 14):  # inside gemma3's 16-token window: nothing dropped yet
+                model(ids[:, t:t + 1], past_key_values=cache)
+            cache.crop(-2)  # back to 12 tokens
+            logits.append(torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 20)], 1))
+    torch.testing.assert_close(logits[0], logits[1], **TOL)
