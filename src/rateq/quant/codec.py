@@ -47,7 +47,7 @@ import torch
 from ..errors import RateQError
 from . import hadamard, lloydmax, outliers, qjl
 from .affine import QuantizedGroups, dequantize_groups, from_groups, quantize_groups, storage_dtype, to_groups
-from .pack import pack, packed_nbytes, unpack, unpack_levels
+from .pack import lookup, pack, packed_nbytes, unpack, unpack_levels
 from .rope import Rope, apply_rope, invert_rope
 from .spec import FULL_PRECISION_BITS, QuantSpec, check_bits
 
@@ -93,8 +93,7 @@ class Part:
     def unpack_levels(self, stored: torch.Tensor, rows: int, levels: torch.Tensor) -> torch.Tensor:
         """Integer codes → `levels[code]` fp32 `(B, h, rows, cols)`, read from the packed bytes in one step."""
         if self.stream:
-            codes = self.unpack(stored, rows)
-            return levels.to(torch.float32).index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
+            return lookup(self.unpack(stored, rows), levels)
         return unpack_levels(stored, self.width, self.cols, levels)
 
     def slice(self, stored: torch.Tensor, start: int, stop: int) -> torch.Tensor:

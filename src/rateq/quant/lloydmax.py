@@ -18,6 +18,7 @@ from scipy import optimize
 from scipy.special import betainc, betaincinv, gammaln
 
 from ..errors import RateQError
+from .pack import lookup
 
 
 def _cdf(t: np.ndarray, d: int) -> np.ndarray:
@@ -101,4 +102,4 @@ def encode_unit(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 def decode_unit(codes: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     levels, _ = codebook_tensors(bits, d, codes.device)
-    return levels.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)  # a gather, 3× `levels[codes]`
+    return lookup(codes, levels)

@@ -131,7 +131,11 @@ def identity_levels(bits: int, device=None) -> torch.Tensor:
 def unpack_levels(packed: torch.Tensor, bits: int, n: int, levels: torch.Tensor) -> torch.Tensor:
     """`levels[unpack(packed, bits, n)]` in fp32, `(..., n)`: codes read into the values they stand for
     (`identity_levels` for a uniform grid's integer codes, a codebook's levels)."""
-    codes = unpack(packed, bits, n)
-    if levels is _IDENTITY.get((bits, str(levels.device))):
+    return lookup(unpack(packed, bits, n), levels)
+
+
+def lookup(codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """`levels[codes]` in fp32 (a gather, 3× faster than indexing; the identity levels just convert)."""
+    if any(levels is lv for lv in _IDENTITY.values()):
         return codes.to(torch.float32)
     return levels.to(torch.float32).index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)

@@ -67,22 +67,19 @@ def packed_forward(layer, query: torch.Tensor, attention_mask, *, scaling: float
         s = (s.view(B, H, r, t, -1) + (m[:, None] if m.shape[1] == 1 else m.view(B, H, r, t, -1))).view(B, H, r * t, -1)
     p = s.sub_(s.amax(-1, keepdim=True)).exp_()  # softmax in place
     p = p.div_(p.sum(-1, keepdim=True))
-    # values cover [vr.start, n) with vr.start ≤ first: earlier positions carry no weight
+    # values cover [vr.start, n) with vr.start ≤ first (keys leave a window by blocks, values token by token):
+    # the positions before `first` carry no weight
     drop = first - vr.start
+    if drop:
+        p = torch.nn.functional.pad(p, (drop, 0))
+    ns, nq = vr.sink.shape[2], vr.store.length
     out = q.new_zeros(B, H, r * t, D)
-    at = 0
-    for kind, x in (("sink", vr.sink), ("store", None), ("tail", vr.tail)):
-        length = vr.store.length if kind == "store" else x.shape[2]
-        lo, hi = max(at, drop), at + length
-        if hi > lo:
-            w = p[..., lo - drop:hi - drop]
-            if kind == "store":
-                if lo > at:  # the front of the store is out of the window: weight zero there
-                    w = torch.cat([w.new_zeros(*w.shape[:-1], lo - at), w], -1)
-                out += vr.store.mix(w)
-            else:
-                out += torch.einsum("bhrs,bhsd->bhrd", w, x[:, :, lo - at:].to(torch.float32))
-        at += length
+    if ns:
+        out += p[..., :ns] @ vr.sink.to(torch.float32)
+    if nq:
+        out += vr.store.mix(p[..., ns:ns + nq])
+    if vr.tail.shape[2]:
+        out += p[..., ns + nq:] @ vr.tail.to(torch.float32)
     return out.view(B, Hq, t, D).transpose(1, 2).to(query.dtype)
 
 

@@ -71,7 +71,7 @@ class RateQCache(Cache):
     """
 
     def __init__(self, plan: Plan, config, *, policy: CachePolicy | None = None, device=None, rotary=None,
-                 packed: bool | None = None):
+                 packed: bool = False):
         policy = plan.policy if policy is None else policy
         model = None
         if isinstance(config, torch.nn.Module):  # a model: its config, and its rotary tables where needed
