@@ -56,7 +56,7 @@ def apply_command(
     n_windows: Annotated[int, typer.Option("--n-windows", "-n", help="Sequences with --data (decoded as one batch).")] = 1,
     prefill: Annotated[Optional[int], typer.Option("--prefill", help="With --data: tokens written in one forward before decoding the rest one by one (default: half).")] = None,
     char_start: Annotated[int, typer.Option("--char-start", help="With --data: skip this many characters first.")] = 100_000,
-    packed: Annotated[bool, typer.Option("--packed", help="Decode steps attend straight from the packed codes instead of the dequantized history: a step allocates a few percent of a layer's history, but runs slower on CPU.")] = False,
+    packed: Annotated[bool, typer.Option("--packed/--dense", help="--packed (default): decode steps attend straight from the packed codes (native kernels on CPU), allocating a few percent of a layer's history; --dense hands the dequantized history to the model's own attention.")] = True,
     residual: ProfileResidualOpt = None,
     block: ProfileBlockOpt = None,
     sinks: ProfileSinksOpt = None,

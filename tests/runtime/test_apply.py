@@ -80,13 +80,13 @@ def test_apply_perplexity_matches_the_one_pass_evaluation(tiny_folder, tiny_prof
 
 def test_apply_packed_decodes_from_the_codes_to_the_same_perplexity(tiny_folder, tiny_profile):
     docs = {}
-    for flag in ("--packed", "--dense"):
-        extra = [flag] if flag == "--packed" else []
+    for flag in ("--packed", "--dense", "default"):
+        extra = [] if flag == "default" else [flag]
         res = CliRunner().invoke(app, ["apply", str(tiny_profile), "--model", str(tiny_folder), "--data", "austen-pp",
                                        "--seq-len", "40", "--prefill", "12", "--json", *extra])
         assert res.exit_code == 0, res.output
         docs[flag] = json.loads(res.stdout)
-    assert docs["--packed"]["packed"] and not docs["--dense"]["packed"]
+    assert docs["--packed"]["packed"] and docs["default"]["packed"] and not docs["--dense"]["packed"]
     assert docs["--packed"]["nll"] == pytest.approx(docs["--dense"]["nll"], rel=1e-4)
     assert docs["--packed"]["nbytes"] == docs["--dense"]["nbytes"]
 

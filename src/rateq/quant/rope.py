@@ -149,17 +149,20 @@ def model_rotary(model):
         return lambda like, position_ids, layer: compute(like, position_ids.to(like.device), layer)
     memo: dict = {}
 
-    def tables(like: torch.Tensor, position_ids: torch.Tensor, layer: int) -> Rope:
-        # Static RoPE is a function of the position alone: one table per layer type, grown as positions grow,
-        # shared by every layer and step (pre-RoPE keys re-rotate their whole history at each decode step).
-        pos = position_ids.to(like.device)
+    def held_tables(like: torch.Tensor, need: int, layer: int) -> Rope:
         key = (layer_types[layer] if typed else None, like.dtype, str(like.device))
         held = memo.get(key)
-        need = int(pos.max()) + 1 if pos.numel() else 0
         if held is None or held[0].shape[0] < need:
             n = max(need, 2 * (0 if held is None else held[0].shape[0]), 256)
             cos, sin = compute(like, torch.arange(n, device=like.device)[None], layer)
             held = memo[key] = (cos[0], sin[0])
+        return held
+
+    def tables(like: torch.Tensor, position_ids: torch.Tensor, layer: int) -> Rope:
+        # Static RoPE is a function of the position alone: one table per layer type, grown as positions grow,
+        # shared by every layer and step (pre-RoPE keys re-rotate their whole history at each decode step).
+        pos = position_ids.to(like.device)
+        held = held_tables(like, int(pos.max()) + 1 if pos.numel() else 0, layer)
         if pos.dim() == 2 and pos.shape[0] == 1 and pos.numel():
             a, b = int(pos[0, 0]), int(pos[0, -1])
             if a >= 0 and b - a == pos.shape[1] - 1 and bool((pos[0, 1:] - pos[0, :-1] == 1).all()):
@@ -169,4 +172,10 @@ def model_rotary(model):
         shape = (*idx.shape, held[0].shape[-1])
         return (held[0].index_select(0, idx.reshape(-1)).view(shape), held[1].index_select(0, idx.reshape(-1)).view(shape))
 
+    def span(like: torch.Tensor, start: int, stop: int, layer: int) -> Rope:
+        """The tables `(stop − start, D)` of the consecutive positions `[start, stop)`: views, no index work."""
+        held = held_tables(like, stop, layer)
+        return held[0][start:stop], held[1][start:stop]
+
+    tables.span = span
     return tables

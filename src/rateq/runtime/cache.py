@@ -63,15 +63,16 @@ class RateQCache(Cache):
     `policy` (residual window, key block, sinks) defaults to `plan.policy`. `device` is accepted for symmetry
     with other caches; tensors live where the model writes its keys and values.
 
-    `packed=True` (with the model) makes decode steps compute attention straight from the packed codes
-    (`rateq.runtime.attention`: the model's attention implementation is wrapped so that every other call runs
-    as before): a step then allocates a few percent of a layer's dense history instead of all of it, but on a
-    CPU it runs slower than the default dense path, which hands the dequantized history to the model's own
-    attention (`bench/decode_speed.py`).
+    Built with the model, decode steps compute attention straight from the packed codes (`packed`, the
+    default; `rateq.runtime.attention`: the model's attention implementation is wrapped so that every other call
+    runs as before, and on the CPU the native kernels of `rateq.runtime.kernels` read the codes): a step then
+    allocates a few percent of a layer's dense history instead of all of it, and at long context runs faster
+    than `DynamicCache` (`bench/decode_speed.py`). `packed=False` hands the dequantized history to the model's
+    own attention instead (the dense path; always so with a config alone).
     """
 
     def __init__(self, plan: Plan, config, *, policy: CachePolicy | None = None, device=None, rotary=None,
-                 packed: bool = False):
+                 packed: bool | None = None):
         policy = plan.policy if policy is None else policy
         model = None
         if isinstance(config, torch.nn.Module):  # a model: its config, and its rotary tables where needed
@@ -79,6 +80,8 @@ class RateQCache(Cache):
             if rotary is None and _stores_prerope_keys(plan):
                 rotary = rotary_of(model)
             _watch_padding(model)
+        if packed is None:
+            packed = model is not None
         if packed and model is None:
             raise RateQError("packed=True attends from the codes through the model's attention: build the cache "
                              "with the model, RateQCache(plan, model)")
@@ -107,7 +110,8 @@ class RateQCache(Cache):
                 raise RateQError(f"layer {i} is a {kind!r} layer; RateQCache supports full and sliding-window "
                                  f"attention layers only")
         super().__init__(layers=layers)
-        # Decode steps attend straight from the packed store when asked and the model's attention can be routed there.
+        # Decode steps attend straight from the packed store unless told not to, where the model's attention can be
+        # routed there.
         self.packed = bool(packed and attention.install(model))
         for layer in layers:
             layer.packed = self.packed

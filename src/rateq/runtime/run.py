@@ -49,8 +49,8 @@ def memory_summary(cache: RateQCache, dtype: torch.dtype | None = None) -> dict:
 
 @torch.no_grad()
 def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int = 64,
-             policy: CachePolicy | None = None, do_sample: bool = False, packed: bool = False) -> dict:
-    """Generate from `prompt` with a `RateQCache` (`packed`: decode steps attend from the codes); return the
+             policy: CachePolicy | None = None, do_sample: bool = False, packed: bool | None = None) -> dict:
+    """Generate from `prompt` with a `RateQCache` (`packed=False`: the dense decode path); return the
     text, token counts, seconds and memory held."""
     if tokenizer is None:
         raise RateQError("generating from a prompt needs a tokenizer; this model was loaded without one")
@@ -70,7 +70,7 @@ def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int =
 @torch.no_grad()
 def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolicy | None = None,
                      prefill: int | None = None, progress: Callable[[int, int], None] | None = None,
-                     packed: bool = False) -> dict:
+                     packed: bool | None = None) -> dict:
     """Perplexity of `ids (B, T)` predicted through a `RateQCache`: one forward over the first `prefill`
     tokens (default T // 2), then one token at a time. Every one of the T - 1 next-token predictions counts.
 

@@ -27,6 +27,7 @@ from ..quant import attend
 from ..quant.codec import Part, codec_for
 from ..quant.pack import unpack
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec, role_problem
+from . import kernels
 
 # Tokens read at a time when attending from the codes: at least CHUNK, and a twentieth of the history beyond that,
 # so that a step's temporaries stay below a tenth of the layer's dense history with few chunks.
@@ -162,6 +163,8 @@ class Bucket:
         self._heads: torch.Tensor | None = None  # index tensor on the cache's device, made on first use
         self.prerope = spec.prerope and role == "k"
         self.rotary = None  # (like, start, length) -> (cos, sin) of those rows: set by the store for pre-RoPE keys
+        self.span = None  # (like, start, length) -> shared (cos, sin) views or None: set by the store likewise
+        self.native = None  # state of the native kernels for this bucket (`rateq.runtime.kernels`)
         self.length = 0
         self.pos0 = 0  # own position of the first stored row (pre-RoPE keys re-rotate by position)
 
@@ -281,6 +284,7 @@ class Bucket:
     def clear(self) -> None:
         self.parts = {name: Rows(rows.part) for name, rows in self.parts.items()}
         self.length = 0
+        self.native = None
 
 
 class RoleStore:
@@ -307,9 +311,17 @@ class RoleStore:
                 _check_spec(spec, role, head_dim, layer)
             bucket = Bucket(b, spec, heads, role, H, head_dim)
             if bucket.prerope and rotary is not None:
-                bucket.rotary = self._rope
+                bucket.rotary, bucket.span = self._rope, self.span
             self.buckets.append(bucket)
         self.length = 0
+
+    def span(self, like: torch.Tensor, start: int, length: int):
+        """`(cos, sin)` `(length, D)` of the consecutive positions `[start, start + length)` shared by every row
+        (static RoPE, no position shift), or None where the tables differ by row or need computing."""
+        span = getattr(self.rotary, "span", None)
+        if span is None or self.position_shift is not None:
+            return None
+        return span(like, start, start + length, self.layer)
 
     def _rope(self, like: torch.Tensor, start: int, length: int):
         """The model's `(cos, sin)` for positions `[start, start + length)` of every row."""
@@ -340,24 +352,34 @@ class RoleStore:
         for bucket in self.buckets:
             bucket.decode_into(out)
 
-    def _per_bucket(self, x: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
-        """`out[:, heads] = fn(bucket, x[:, heads])` for every bucket."""
-        for bucket in self.buckets:
-            y = fn(bucket, bucket.select(x))
-            if bucket.head_slice is not None:
-                out[:, bucket.head_slice] = y
-            else:
-                out.index_copy_(1, bucket.heads(x.device), y)
-        return out
+    @staticmethod
+    def _into(bucket: Bucket, out: torch.Tensor, y: torch.Tensor) -> None:
+        """`out[:, heads] = y` for the bucket's heads."""
+        if bucket.head_slice is not None:
+            out[:, bucket.head_slice] = y
+        else:
+            out.index_copy_(1, bucket.heads(out.device), y)
+
+    @staticmethod
+    def _native(bucket: Bucket, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether `bucket` attends through the native kernels (`rateq.runtime.kernels`) for these tensors."""
+        return bucket.length > 0 and kernels.runs(bucket, x.device) and x.stride(-1) == 1 and out.stride(-1) == 1
 
     def scores(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`q (B, H, r, D)` fp32 (r query heads per KV head) · the stored keys → `(B, H, r, length)` (into `out`)."""
         out = q.new_empty(*q.shape[:3], self.length) if out is None else out
-        return self._per_bucket(q, out, Bucket.scores)
+        for bucket in self.buckets:
+            if not (self._native(bucket, q, out) and kernels.scores(bucket, q, out)):
+                self._into(bucket, out, bucket.scores(bucket.select(q)))
+        return out
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
         """Weights `p (B, H, r, length)` fp32 × the stored values → `(B, H, r, D)`."""
-        return self._per_bucket(p, p.new_empty(*p.shape[:3], self.buckets[0].head_dim), Bucket.mix)
+        out = p.new_empty(*p.shape[:3], self.buckets[0].head_dim)
+        for bucket in self.buckets:
+            if not (self._native(bucket, p, out) and kernels.mix(bucket, p, out)):
+                self._into(bucket, out, bucket.mix(bucket.select(p)))
+        return out
 
     def keep(self, start: int, stop: int) -> None:
         for bucket in self.buckets:
