@@ -12,6 +12,8 @@ default `--steps` equals the residual window and its mean includes that once, as
 Each row also gives the peak bytes a decode step allocates beyond what was held before it (torch's profiler,
 CPU only), as a share of one layer's dense fp32 history.
 
+QuantizedCache needs its backends installed (`pip install optimum-quanto hqq`); rows for missing ones say so.
+
     python bench/decode_speed.py                                   # smollm2-135m, CPU, 1k/4k/16k tokens
     python bench/decode_speed.py --device cuda --model qwen3-8b --random-weights
 """
@@ -70,13 +72,13 @@ def measure(model, args, context: int, steps: int, plans: dict, skipped: dict) -
     config, dev = model.config, args.device
     g = torch.Generator().manual_seed(context)
     vocab = config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, context + steps), generator=g).to(dev)
+    ids = torch.randint(0, vocab, (1, context + steps + 1), generator=g).to(dev)
     prefill = DynamicCache(config=config)
     model(ids[:, :context], past_key_values=prefill, use_cache=True)
     makers = {"DynamicCache": lambda: DynamicCache(config=config)}
     for label, (plan, policy) in plans.items():
         makers[f"RateQ {label} packed"] = lambda p=plan, pol=policy: RateQCache(p, model, policy=pol, packed=True)
-        makers[f"RateQ {label} dense"] = lambda p=plan, pol=policy: RateQCache(p, model, policy=pol)
+        makers[f"RateQ {label} dense"] = lambda p=plan, pol=policy: RateQCache(p, model, policy=pol, packed=False)
     for backend in [b for b in args.backends.split(",") if b]:
         name = f"QuantizedCache {backend} {args.bits}-bit g{args.group}"
         try:
@@ -94,23 +96,24 @@ def measure(model, args, context: int, steps: int, plans: dict, skipped: dict) -
         caches[name] = cache
     del prefill
     times = {name: [] for name in caches}
-    for step in range(steps):
+    for step in range(steps + 1):  # step 0 warms up (kernel builds, first-call set-up) and is not timed
         pos = torch.tensor([[context + step]], device=dev)
         for name, cache in caches.items():
             sync(dev)
             t = time.perf_counter()
             model(ids[:, context + step:context + step + 1], past_key_values=cache, position_ids=pos, use_cache=True)
             sync(dev)
-            times[name].append(time.perf_counter() - t)
+            if step:
+                times[name].append(time.perf_counter() - t)
     fp = fingerprint(model)
-    layer_dense = 2 * fp.num_kv_heads * fp.head_dim * (context + steps) * 4
+    layer_dense = 2 * fp.num_kv_heads * fp.head_dim * (context + steps + 1) * 4
     rows = []
     base = statistics.mean(times["DynamicCache"])
     for name, ts in times.items():
         cache = caches[name]
         peak = None
         if dev == "cpu":
-            at = context + steps
+            at = context + steps + 1
             step_ids, pos = ids[:, at - 1:at], torch.tensor([[at]], device=dev)
             peak = peak_allocated(lambda: model(step_ids, past_key_values=cache, position_ids=pos, use_cache=True))
         rows.append({"context": context, "cache": name, "mean_ms": 1e3 * statistics.mean(ts),

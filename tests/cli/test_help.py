@@ -38,8 +38,9 @@ def rows(text: str, params) -> dict[str, str]:
         if p.param_type_name == "argument":
             pattern = rf"\* {re.escape(p.name)} <"
         else:
-            longs = [o for o in p.opts if o.startswith("--")]
-            shorts = [o for o in p.opts if not o.startswith("--")]
+            opts = list(p.opts) + list(getattr(p, "secondary_opts", []))  # a --flag/--no-flag pair: one row
+            longs = [o for o in opts if o.startswith("--")]
+            shorts = [o for o in opts if not o.startswith("--")]
             pattern = r"(?:\* )?" + " ".join(map(re.escape, longs + shorts)) + " <"
         found = [m.start() for m in re.finditer(pattern, text)]
         assert len(found) == 1, f"{p.name}: the help has {len(found)} rows for it ({pattern!r})"

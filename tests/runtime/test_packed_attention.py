@@ -31,7 +31,7 @@ def test_packed_decode_attention_equals_attention_on_the_dense_history(arch, kv_
     model = tiny(arch, kv_heads=kv_heads)
     plan = mixed_plan(model, seed=kv_heads, bits=(1, 2, 3, 4, 8, 16), specs=SPECS)
     packed = RateQCache(plan, model, policy=policy, packed=True)
-    dense = RateQCache(plan, model, policy=policy)
+    dense = RateQCache(plan, model, policy=policy, packed=False)
     assert packed.packed and not dense.packed
     attend = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
     g = torch.Generator().manual_seed(7)
@@ -67,7 +67,7 @@ def test_prefill_padding_and_other_caches_use_the_models_own_attention(tiny, mix
     mask[1, :5] = 0
     got = model.generate(ids, attention_mask=mask, past_key_values=RateQCache(plan, model, packed=True),
                          max_new_tokens=6, do_sample=False)
-    alone = model.generate(ids[1:, 5:], past_key_values=RateQCache(plan, model), max_new_tokens=6, do_sample=False)
+    alone = model.generate(ids[1:, 5:], past_key_values=RateQCache(plan, model, packed=False), max_new_tokens=6, do_sample=False)
     assert torch.equal(got[1, 40:], alone[0, 35:])
 
 

@@ -6,15 +6,17 @@ packed mode, which `RateQLayer.update` marks by returning handles (empty tensors
 of a dense history. Then, per layer and step:
 
 - scores: sinks and the full-precision tail by a matmul, every bucket of the quantized history from its codes
-  (`rateq.quant.attend.scores`: metadata folded into the query, rotations applied once to the query, a chunk of
-  `CHUNK` tokens at a time); GQA groups the query heads of each KV head, never repeating K or V;
+  (`RoleStore.scores`: the native CPU kernels or Triton on CUDA, `rateq.runtime.kernels`, where they take the
+  bucket; else `rateq.quant.attend.scores`, a chunk of `CHUNK` tokens at a time — metadata folded into the
+  query, rotations applied once to the query); GQA groups the query heads of each KV head, never repeating K
+  or V;
 - one softmax over all positions, with the sliding window and the model's mask applied by position;
-- outputs: the same parts weighted (`rateq.quant.attend.mix`: per-token value scales on the weights, one
+- outputs: the same parts weighted (`RoleStore.mix`, likewise: per-token value scales on the weights, one
   unrotation of the output).
 
-Nothing of the layer's dense history is formed: what a step allocates beyond the store is the scores, one
-chunk of unpacked codes and the outputs. Prefill and any multi-token call, padded batches, and forwards under
-another cache go through the model's own attention unchanged.
+Nothing of the layer's dense history is formed: what a step allocates beyond the store is the scores, the
+outputs and, on the torch path, one chunk of unpacked codes. Prefill and any multi-token call, padded batches,
+and forwards under another cache go through the model's own attention unchanged.
 """
 
 from __future__ import annotations

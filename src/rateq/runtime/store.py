@@ -28,6 +28,7 @@ from ..quant.codec import Part, codec_for
 from ..quant.pack import unpack
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec, role_problem
 from . import kernels
+from .kernels import triton_decode
 
 # Tokens read at a time when attending from the codes: at least CHUNK, and a twentieth of the history beyond that,
 # so that a step's temporaries stay below a tenth of the layer's dense history with few chunks.
@@ -361,15 +362,24 @@ class RoleStore:
             out.index_copy_(1, bucket.heads(out.device), y)
 
     @staticmethod
-    def _native(bucket: Bucket, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether `bucket` attends through the native kernels (`rateq.runtime.kernels`) for these tensors."""
-        return bucket.length > 0 and kernels.runs(bucket, x.device) and x.stride(-1) == 1 and out.stride(-1) == 1
+    def _kernel(bucket: Bucket, fn: str, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Attend `bucket` through a fused kernel where one takes it — the native CPU kernels
+        (`rateq.runtime.kernels`), Triton on CUDA (`rateq.runtime.kernels.triton_decode`) — writing into `out`;
+        False where none does (the torch path then serves)."""
+        if bucket.length == 0 or x.stride(-1) != 1 or out.stride(-1) != 1:
+            return False
+        if x.device.type == "cuda":
+            if not triton_decode.runs(bucket, x.device):
+                return False
+            getattr(triton_decode, fn)(bucket, x, out)
+            return True
+        return kernels.runs(bucket, x.device) and getattr(kernels, fn)(bucket, x, out)
 
     def scores(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`q (B, H, r, D)` fp32 (r query heads per KV head) · the stored keys → `(B, H, r, length)` (into `out`)."""
         out = q.new_empty(*q.shape[:3], self.length) if out is None else out
         for bucket in self.buckets:
-            if not (self._native(bucket, q, out) and kernels.scores(bucket, q, out)):
+            if not self._kernel(bucket, "scores", q, out):
                 self._into(bucket, out, bucket.scores(bucket.select(q)))
         return out
 
@@ -377,7 +387,7 @@ class RoleStore:
         """Weights `p (B, H, r, length)` fp32 × the stored values → `(B, H, r, D)`."""
         out = p.new_empty(*p.shape[:3], self.buckets[0].head_dim)
         for bucket in self.buckets:
-            if not (self._native(bucket, p, out) and kernels.mix(bucket, p, out)):
+            if not self._kernel(bucket, "mix", p, out):
                 self._into(bucket, out, bucket.mix(bucket.select(p)))
         return out
 
