@@ -58,18 +58,23 @@ def _written(out: torch.Tensor, done: list[int]) -> None:
     assert out[:, rest].isnan().all()
 
 
+def _bucket_by_bucket(store, fn, x, out):
+    """`fn(bucket, x, out)` for every bucket, checking after each that only the heads done so far are written."""
+    done: list[int] = []
+    for bucket in store.buckets:
+        fn(bucket, x, out)
+        done += bucket.head_list
+        _written(out, done)
+    return out
+
+
 @pytest.mark.parametrize("shift", range(len(BITS)))
 @pytest.mark.parametrize("D,r", [(16, 1), (32, 3)])
 def test_scores_match_the_torch_path(shift, D, r, monkeypatch):
     g = torch.Generator().manual_seed(10 * shift + r)
     store = _store("k", D, shift, (48, 32), g)  # 80 keys: whole blocks of 8 and 16, not whole tiles of 64
     q = torch.randn(2, r, len(QIDS), D, generator=g).transpose(1, 2)  # (B, H, r, D), strided
-    out = torch.full((2, len(QIDS), r, store.length), float("nan"))
-    done: list[int] = []
-    for bucket in store.buckets:
-        triton_decode.scores(bucket, q, out)
-        done += bucket.head_list
-        _written(out, done)
+    out = _bucket_by_bucket(store, triton_decode.scores, q, torch.full((2, len(QIDS), r, store.length), float("nan")))
     monkeypatch.setenv("RATEQ_KERNELS", "torch")
     torch.testing.assert_close(out, store.scores(q), **TOL)
 
@@ -83,12 +88,7 @@ def test_mix_matches_the_torch_path(shift, D, r, programs, monkeypatch):
     g = torch.Generator().manual_seed(10 * shift + r + 5)
     store = _store("v", D, shift, (50, 83), g)  # 133 values: three tiles, the last partly filled
     p = torch.softmax(torch.randn(2, len(QIDS), r, store.length, generator=g) * 3, dim=-1)
-    out = torch.full((2, len(QIDS), r, D), float("nan"))
-    done: list[int] = []
-    for bucket in store.buckets:
-        triton_decode.mix(bucket, p, out)
-        done += bucket.head_list
-        _written(out, done)
+    out = _bucket_by_bucket(store, triton_decode.mix, p, torch.full((2, len(QIDS), r, D), float("nan")))
     monkeypatch.setenv("RATEQ_KERNELS", "torch")
     torch.testing.assert_close(out, store.mix(p), **TOL)
     for bucket in store.buckets:  # and bucket by bucket against `Bucket.mix`, the torch path itself
@@ -171,13 +171,7 @@ def _prerope_store(D: int, shift: int, rotary, g: torch.Generator) -> RoleStore:
 
 
 def _kernel_scores(store: RoleStore, q: torch.Tensor) -> torch.Tensor:
-    out = torch.full((*q.shape[:3], store.length), float("nan"))
-    done: list[int] = []
-    for bucket in store.buckets:
-        triton_decode.scores(bucket, q, out)
-        done += bucket.head_list
-        _written(out, done)
-    return out
+    return _bucket_by_bucket(store, triton_decode.scores, q, torch.full((*q.shape[:3], store.length), float("nan")))
 
 
 @pytest.mark.parametrize("shift", [0, 1, 3])
