@@ -45,8 +45,8 @@ EVAL_BUDGET_HELP = (
     "are built at each, and rows at another storage are reported apart as not matched. "
     "Default: the profiles' budgets.")
 EvalBudgetsOpt = Annotated[Optional[list[float]], typer.Option(*_BUDGET, help=EVAL_BUDGET_HELP)]
-MethodOpt = Annotated[str, typer.Option("--method", help="exact (optimal), greedy (convex-hull, fastest) or waterfill (RateQuant's fitted-curve allocation).")]
-SolveMethodOpt = Annotated[Optional[str], typer.Option("--method", help="exact (optimal; the default for --budget), greedy (convex hull, fastest; the default for --sweep) or waterfill (RateQuant's fitted-curve allocation).")]
+MethodOpt = Annotated[str, typer.Option("--method", help="exact (optimal), greedy (convex-hull, fastest), waterfill (RateQuant's fitted-curve allocation) or convex (cvxpy: LP bound, then an integer solve).")]
+SolveMethodOpt = Annotated[Optional[str], typer.Option("--method", help="exact (optimal; the default for --budget), greedy (convex hull, fastest; the default for --sweep), waterfill (RateQuant's fitted-curve allocation) or convex (cvxpy: the LP relaxation's certified bound, then an integer solve on HiGHS).")]
 MinBitsOpt = Annotated[Optional[int], typer.Option("--min-bits", help="No unit below this many code bits.")]
 MaxBitsOpt = Annotated[Optional[int], typer.Option("--max-bits", help="No unit above this many code bits.")]
 KeysOpt = Annotated[bool, typer.Option("--keys-at-least-values", help="Every KV head's keys get at least its values' bits.")]

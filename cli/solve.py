@@ -13,6 +13,22 @@ from ._views import frontier_table, print_summary
 from .main import app
 
 
+def parse_devices(text: str) -> list[tuple[int, int, float]]:
+    """`FIRST-LAST:BITS,…` → `[(first, last, bits), …]`, or a one-line error."""
+    from rateq.errors import RateQError
+
+    out = []
+    for item in text.split(","):
+        try:
+            layers, cap = item.split(":")
+            first, last = layers.split("-")
+            out.append((int(first), int(last), float(cap)))
+        except ValueError:
+            raise RateQError(f"--devices takes FIRST-LAST:BITS items separated by commas (e.g. 0-14:3,15-29:2.5), "
+                             f"got {item!r}") from None
+    return out
+
+
 @app.command("solve")
 def solve_command(
     curves: Annotated[Path, typer.Argument(help="Curves file (.curves.safetensors) written by `rateq calibrate`.")],
@@ -24,6 +40,8 @@ def solve_command(
     max_bits: MaxBitsOpt = None,
     keys_at_least_values: KeysOpt = False,
     quantizers: QuantizersOpt = None,
+    tie: Annotated[Optional[str], typer.Option("--tie", help="layer: every KV head of a layer takes one (quantizer, bits) for K and one for V (per-layer engines); layer-kv: K and V too.")] = None,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="Per-device caps for a model split across GPUs, FIRST-LAST:BITS,… (layers inclusive, effective bits per element of those layers), e.g. 0-14:3,15-29:2.5.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Solve stored curves at --budget into a profile (--out), and/or print the frontier over --sweep budgets.
@@ -33,7 +51,7 @@ def solve_command(
     from rateq.plan import check_budget
     from rateq.profile import plan_summary, save_profile
     from rateq.solve import METHODS, frontier
-    from rateq.solve.problem import calibration_policy
+    from rateq.solve.problem import TIES, calibration_policy
 
     # Everything that can be checked without the curves is checked first.
     if budget is None and sweep is None:
@@ -47,6 +65,9 @@ def solve_command(
     for name, v in (("--min-bits", min_bits), ("--max-bits", max_bits)):
         if v is not None and not 1 <= v <= 16:
             raise RateQError(f"{name} must be a code bit width between 1 and 16, got {v}")
+    if tie is not None and tie not in TIES:
+        raise RateQError(f"unknown --tie {tie!r}; use one of {', '.join(TIES)}")
+    device_caps = parse_devices(devices) if devices is not None else None
     budgets = parse_sweep(sweep) if sweep is not None else None
     check_out(out)
     if out is not None and out.resolve() == curves.resolve():
@@ -56,7 +77,7 @@ def solve_command(
         cv = rateq.Curves.load(curves)
         policy = calibration_policy(cv)
         constraints = dict(min_bits=min_bits, max_bits=max_bits, keys_at_least_values=keys_at_least_values,
-                           quantizers=parse_list(quantizers))
+                           quantizers=parse_list(quantizers), tie=tie, devices=device_caps)
         sink.add(curves=str(curves))
         plan = None
         if budget is not None:

@@ -200,3 +200,31 @@ def test_calibrate_end_to_end_on_the_default_model(tmp_path, smol):
     assert plan.policy.block == 128  # a key block that holds the 128-token key groups
     assert plan.effective_bits <= 3.0 and plan.model.name == "smollm2-135m"
     assert plan.calibration["data"] == "austen-emma" and plan.calibration["metric"] == "output"
+
+
+def test_solve_ties_layers_and_caps_devices(curves_file, tmp_path):
+    out = tmp_path / "tied.safetensors"
+    res = runner.invoke(app, ["solve", str(curves_file), "--budget", "3", "--out", str(out), "--tie", "layer",
+                              "--devices", "0-1:3.5,2-3:2.5", "--method", "convex", "--json"])
+    assert res.exit_code == 0, res.output
+    plan = rateq.load_profile(out)
+    for role in ("k", "v"):  # every KV head of a layer at one (quantizer, bits)
+        bits, qid = plan.bits(role), plan.quantizer_ids(role)
+        assert (bits == bits[:, :1]).all() and (qid == qid[:, :1]).all()
+    assert plan.solver["tie"] == "layer" and plan.solver["devices"] == [[0, 1, 3.5], [2, 3, 2.5]]
+    bpe = plan.unit_bits_per_element()  # (L, H, 2); the curves weigh every unit alike
+    assert float(bpe[:2].mean()) <= 3.5 + 1e-9 and float(bpe[2:].mean()) <= 2.5 + 1e-9
+    assert plan.effective_bits <= 3 + 1e-9
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tie", "heads"], "unknown --tie 'heads'"),
+    (["--devices", "0-1"], "--devices takes FIRST-LAST:BITS items"),
+    (["--devices", "0-9:3"], "devices"),
+])
+def test_solve_refuses_bad_ties_and_devices_in_one_line(curves_file, tmp_path, args, message, monkeypatch, capsys):
+    out = tmp_path / "p.safetensors"
+    code, stdout, err = run_main(monkeypatch, capsys, "solve", curves_file, "--budget", "3", "--out", out, *args)
+    assert code == 2 and not stdout
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -35,8 +36,10 @@ def make_curves(L=1, H=2, bits=(1, 2, 3), quantizers=(KIVI, G64), *, seed=0, kin
 
 
 def brute_force(curves, budget, *, min_bits=None, max_bits=None, keys_at_least_values=False, per_layer_budget=None,
-                fixed=None, rtol=1e-12):
-    """Minimum total distortion over every combination, by enumeration (independent of rateq.solve)."""
+                fixed=None, tie=None, devices=None, rtol=1e-12):
+    """Minimum total distortion over every combination, by enumeration (independent of rateq.solve).
+
+    `tie` ("layer" or "layer-kv") enumerates one slot per tied group; `devices` is `[(first, last, cap), …]`."""
     L, H = curves.model.num_layers, curves.model.num_kv_heads
     Q, NB = len(curves.quantizers), len(curves.bits)
     N = L * H * 2
@@ -61,7 +64,13 @@ def brute_force(curves, budget, *, min_bits=None, max_bits=None, keys_at_least_v
             if q is not None:
                 ok &= qs == q
         options.append(np.nonzero(ok)[0])
-    combos = np.array(list(itertools.product(*options)))  # (M, N)
+    u = np.arange(N)
+    group = {None: u, "layer": u // (2 * H) * 2 + u % 2, "layer-kv": u // (2 * H)}[tie]
+    group_options = [functools.reduce(np.intersect1d, [options[i] for i in np.nonzero(group == g)[0]])
+                     for g in range(group.max() + 1)]
+    if any(len(o) == 0 for o in group_options):
+        return None
+    combos = np.array(list(itertools.product(*group_options)))[:, group]  # (M, N)
     tot = (w * cost[combos]).sum(1)
     feasible = tot <= budget * (1 + rtol)
     if per_layer_budget is not None:
@@ -69,6 +78,9 @@ def brute_force(curves, budget, *, min_bits=None, max_bits=None, keys_at_least_v
             sl = slice(l * 2 * H, (l + 1) * 2 * H)
             lc = (w[sl] * cost[combos[:, sl]]).sum(1) / w[sl].sum()
             feasible &= lc <= per_layer_budget * (1 + rtol)
+    for first, last, cap in devices or []:
+        sl = slice(first * 2 * H, (last + 1) * 2 * H)
+        feasible &= (w[sl] * cost[combos[:, sl]]).sum(1) / w[sl].sum() <= cap * (1 + rtol)
     if keys_at_least_values:
         feasible &= (bits[combos[:, 0::2]] >= bits[combos[:, 1::2]]).all(1)
     if not feasible.any():

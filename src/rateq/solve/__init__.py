@@ -5,12 +5,19 @@
 
 `D` comes from the curves made monotone (`Curves.monotone`), `n_u` from `Curves.counts`, and `cost` from
 `QuantSpec.bits_per_element`. Candidates are every calibrated (quantizer, bits) pair; with `allow_fp16=True`
-also unquantized fp16 (16 bits per element, zero distortion). Three methods share the problem and the `Plan`:
+also unquantized fp16 (16 bits per element, zero distortion). Four methods share the problem and the `Plan`:
 
 - `exact`: optimal: reduced-cost fixing around the greedy plan, then an exact Pareto DP over what is left
-  (or the MILP on HiGHS, for per-layer budgets or on request); bound and gap reported.
+  (or the MILP on HiGHS, for per-layer or per-device caps or on request); bound and gap reported.
 - `greedy`: Lagrangian convex-hull greedy; milliseconds; within one hull step of optimal (bound reported).
 - `waterfill`: RateQuant's reverse waterfilling on fitted `D(b) = α·β^(−b)`, rounded within the budget.
+- `convex`: the problem as a linear programme in cvxpy: its relaxation gives a certified lower bound, the
+  same programme with boolean variables (HiGHS MILP, time-limited) the plan, else the relaxation rounded and
+  repaired to feasibility; the plan's gap to the bound is reported.
+
+Plans a serving engine can run: `tie="layer"` gives every KV head of a layer one (quantizer, bits) for K and
+one for V, `tie="layer-kv"` one for the whole layer; `devices` caps the layers each GPU holds. `exact`,
+`greedy` and `convex` honour both; `waterfill` refuses them.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ from ..curves import Curves
 from ..errors import RateQError
 from ..plan import Plan
 from ..policy import CachePolicy
+from .convex import solve_convex
 from .exact import solve_exact
-from .greedy import build_hulls, decode, fill, layer_weights, solve_greedy
+from .greedy import build_hulls, decode, fill, solve_greedy
 from .problem import Problem, budget_range, build_problem, in_budget_range
 from .waterfill import fit_exponential, solve_waterfill
 
-METHODS = ("exact", "greedy", "waterfill")
+METHODS = ("exact", "greedy", "waterfill", "convex")
 
 
 def _check_method(method: str) -> None:
@@ -41,23 +49,32 @@ def _solve_problem(problem: Problem, method: str, time_limit: float, backend: st
         return solve_exact(problem, time_limit=time_limit, backend=backend)
     if method == "greedy":
         return solve_greedy(problem)
+    if method == "convex":
+        return solve_convex(problem, time_limit=time_limit, backend=backend)
     return solve_waterfill(problem)
 
 
 def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int | None = None,
           max_bits: int | None = None, keys_at_least_values: bool = False, fixed: dict | None = None,
           per_layer_budget=None, quantizers=None, allow_fp16: bool = False, policy: CachePolicy | None = None,
-          time_limit: float = 60.0, backend: str = "auto") -> Plan:
+          tie: str | None = None, devices=None, time_limit: float = 60.0, backend: str = "auto") -> Plan:
     """The plan minimising predicted distortion at `budget` effective bits per cached element.
 
     - `min_bits` / `max_bits`: range of code bits every free unit may take.
     - `keys_at_least_values`: every KV head's keys get at least as many code bits as its values.
     - `fixed`: `{(layer, head, "k" | "v"): bits}` or `…: (quantizer, bits)` pins units (16 = fp16); a quantizer
       is an index into `curves.quantizers`, a spec id or a `QuantSpec`. Fixed units' cost counts in the budget.
-    - `per_layer_budget`: one number, or one per layer — each layer's own effective-bits cap (exact, greedy).
+    - `per_layer_budget`: one number, or one per layer — each layer's own effective-bits cap.
     - `quantizers`: restrict the choice to these of the curves' quantizers.
     - `policy`: the runtime policy (residual window, key block, sinks) recorded in the plan.
-    - `backend` (exact only): `auto` (Pareto DP; HiGHS MILP for per-layer budgets), `dp` or `milp`;
+    - `tie`: `"layer"`: all KV heads of a layer take one slot for K and one for V (K and V may differ);
+      `"layer-kv"`: the whole layer takes one slot. A tied group may take only the slots all its units may.
+    - `devices`: `[(first layer, last layer, cap), …]`: the layers each device holds (inclusive, disjoint) and
+      its cap in effective bits per element of those layers' units. A memory cap of M bytes for a device whose
+      layers cache E elements (tokens × KV heads × head dim × 2, K and V) is `cap = 8·M / E`, since
+      bytes = bits / 8 × elements.
+    - `backend`: for exact, `auto` (Pareto DP; HiGHS MILP for per-layer budgets or devices), `dp` or `milp`;
+      for convex, `auto` (MILP where HiGHS is installed, else the rounded relaxation), `milp` or `round`.
       `time_limit` bounds the MILP.
 
     Raises `RateQError` for a budget outside the feasible range (named in the message) or bad constraints.
@@ -67,7 +84,7 @@ def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int
     t0 = time.perf_counter()
     problem = build_problem(curves, budget, min_bits=min_bits, max_bits=max_bits,
                             keys_at_least_values=keys_at_least_values, fixed=fixed, per_layer_budget=per_layer_budget,
-                            quantizers=quantizers, allow_fp16=allow_fp16, policy=policy)
+                            quantizers=quantizers, allow_fp16=allow_fp16, policy=policy, tie=tie, devices=devices)
     choice, info = _solve_problem(problem, method, time_limit, backend)
     if not problem.within_budget(choice):
         raise AssertionError(f"{method} returned a plan over budget")  # a solver bug, never a user error
@@ -113,8 +130,8 @@ def frontier(curves: Curves, budgets, *, method: str = "greedy", time_limit: flo
             continue
         problem.budget = b
         if method == "greedy":
-            pos, _ = fill(hulls, b, problem.layer_budget, layer_weights(problem))
-            choice = decode(hulls, pos, problem.num_units)
+            pos, _ = fill(hulls, b, problem.cap_shares())
+            choice = decode(hulls, pos)
         else:
             choice, _ = _solve_problem(problem, method, time_limit, backend)
         row = _row(problem, b, choice)

@@ -1,19 +1,21 @@
 """Lagrangian convex-hull greedy for the multiple-choice knapsack: fast, no MILP.
 
-Each group (a unit, or a KV head's K/V pair when keys must carry at least as many bits as values) keeps only
-the lower convex hull of its candidates in the (cost, distortion) plane. Walking a hull from its cheapest
-vertex, every step buys a distortion drop `dd` for a cost `dc`, at an efficiency `dd/dc` that falls along the
-hull. All groups' steps are merged in one global order of falling efficiency — the order in which the
-Lagrangian solution `argmin D + λ·cost` moves as λ falls — and taken while the budget lasts; after the first
-step that does not fit, smaller later steps that still fit are taken too.
+Each item (a tied group of units — one unit unless tied —, or a K/V pair of groups when keys must carry at
+least as many bits as values; see `problem`) keeps only the lower convex hull of its candidates in the
+(cost, distortion) plane. Walking a hull from its cheapest vertex, every step buys a distortion drop `dd` for
+a cost `dc`, at an efficiency `dd/dc` that falls along the hull. All items' steps are merged in one global
+order of falling efficiency — the order in which the Lagrangian solution `argmin D + λ·cost` moves as λ
+falls — and taken while the budget lasts; after the first step that does not fit, smaller later steps that
+still fit are taken too.
 
 Bound. Taking the first non-fitting step fractionally gives the optimum of the LP relaxation (Sinha &
 Zoltners 1979), a lower bound on the optimal distortion. So the greedy plan is within `dd` of that step —
-hence within one group's largest hull step — of the optimum, and exactly optimal whenever the budget ends on a
+hence within one item's largest hull step — of the optimum, and exactly optimal whenever the budget ends on a
 hull vertex, e.g. convex curves whose steps all cost the same (one quantizer, consecutive widths, equal unit
 sizes: the classical marginal-allocation setting). The lower bound and the gap are reported with the plan.
-With per-layer budgets the steps are taken in the same order wherever every constraint allows; there is no
-such bound then, and none is reported.
+With per-layer or per-device caps the steps are taken in the same order wherever every cap allows; there is
+no such bound then, and none is reported. The cheapest vertices meet every cap that can be met (items never
+span layers), so the plan is always feasible.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from .problem import BUDGET_RTOL, Problem
 
 @dataclass
 class Hulls:
-    group_units: np.ndarray  # (G, M) units of each group (M = 1, or 2 for K/V pairs)
-    group_layer: np.ndarray  # (G,)
-    vert_slots: np.ndarray  # (G, J, M) slots of each hull vertex (padding repeats the last vertex)
-    base_cost: float  # every group at its cheapest vertex
+    item_groups: np.ndarray  # (I, M) tied groups of each item (M = 1, or 2 for K/V pairs)
+    item_layer: np.ndarray  # (I,)
+    unit_group: np.ndarray  # (N,) group of every unit, to read a plan back
+    vert_slots: np.ndarray  # (I, J, M) slots of each hull vertex (padding repeats the last vertex)
+    base_cost: float  # every item at its cheapest vertex
     base_dist: float
     layer_base_cost: np.ndarray  # (L,) the same per layer, as a share of all elements
     # Steps in the global order of falling efficiency:
-    step_group: np.ndarray  # (S,)
-    step_vertex: np.ndarray  # (S,) hull vertex the step reaches (1 = first step of its group)
+    step_item: np.ndarray  # (S,)
+    step_vertex: np.ndarray  # (S,) hull vertex the step reaches (1 = first step of its item)
     step_dc: np.ndarray  # (S,) cost of the step (weighted: share of the whole budget)
     step_dd: np.ndarray  # (S,) distortion drop
     step_eff: np.ndarray  # (S,) dd / dc
@@ -88,31 +91,9 @@ def _lower_hull(c: np.ndarray, d: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def build_hulls(problem: Problem) -> Hulls:
-    """Hull of every group and the merged step order; depends on the curves and constraints, not the budget."""
-    w = problem.weight
-    if problem.keys_at_least_values:
-        G, M = problem.num_units // 2, 2
-        group_units = np.stack([np.arange(G) * 2, np.arange(G) * 2 + 1], 1)
-        cands = []
-        for g in range(G):
-            ck, cv = problem.pair_candidates(g)
-            cost = w[2 * g] * problem.slot_cost[ck] + w[2 * g + 1] * problem.slot_cost[cv]
-            dist = problem.dist[2 * g, ck] + problem.dist[2 * g + 1, cv]
-            cands.append((cost, dist, np.stack([ck, cv], 1)))
-        width = max(len(c[0]) for c in cands)
-        cost = np.full((G, width), np.inf)
-        dist = np.full((G, width), np.inf)
-        slots = np.zeros((G, width, M), dtype=np.int64)
-        for g, (c, d, s) in enumerate(cands):
-            cost[g, : len(c)], dist[g, : len(c)], slots[g, : len(c)] = c, d, s
-    else:
-        G, M = problem.num_units, 1
-        group_units = np.arange(G)[:, None]
-        C = len(problem.slot_cost)
-        cost = problem.slot_cost[None, :] * w[:, None]
-        dist = np.where(problem.valid, problem.dist, np.inf)
-        slots = np.broadcast_to(np.arange(C)[None, :, None], (G, C, 1))
-
+    """Hull of every item and the merged step order; depends on the curves and constraints, not the budget."""
+    items, cost, dist, slots = problem.item_candidates()
+    G, M = items.shape  # G items here, of M groups each
     order, front = _pareto_sorted(cost, dist)
     c = np.take_along_axis(cost, order, 1)  # (G, C) sorted by cost
     d = np.take_along_axis(dist, order, 1)
@@ -139,27 +120,27 @@ def build_hulls(problem: Problem) -> Hulls:
     dd = d[gi, prev_ci][is_step] - d[gi, ci][is_step]
     with np.errstate(divide="ignore"):
         eff = np.where(dc > 0, dd / np.where(dc > 0, dc, 1), np.inf)
-    group_layer = group_units[:, 0] // (2 * problem.num_kv_heads)
-    # Falling efficiency; within a group efficiencies fall strictly, so ties never reorder a group's steps.
+    item_layer = problem.group_layer()[items[:, 0]]
+    # Falling efficiency; within an item efficiencies fall strictly, so ties never reorder an item's steps.
     o = np.lexsort((sv, sg, -eff))
     dc, dd, eff, sg, sv = dc[o], dd[o], eff[o], sg[o], sv[o]
     return Hulls(
-        group_units=group_units, group_layer=group_layer, vert_slots=vert_slots,
+        item_groups=items, item_layer=item_layer, unit_group=problem.unit_group, vert_slots=vert_slots,
         base_cost=float(base.sum()), base_dist=float(d[np.arange(G), first].sum()),
-        layer_base_cost=np.bincount(group_layer, weights=base, minlength=problem.num_layers),
-        step_group=sg, step_vertex=sv, step_dc=dc, step_dd=dd, step_eff=eff,
+        layer_base_cost=np.bincount(item_layer, weights=base, minlength=problem.num_layers),
+        step_item=sg, step_vertex=sv, step_dc=dc, step_dd=dd, step_eff=eff,
         cum_dc=np.cumsum(dc), cum_dd=np.cumsum(dd),
     )
 
 
-def fill(hulls: Hulls, budget: float, layer_budget: np.ndarray | None = None,
-         layer_weight: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Hull position `(G,)` of every group at `budget`, and the bound facts (see the module docstring)."""
-    G, S = len(hulls.group_layer), len(hulls.step_dc)
+def fill(hulls: Hulls, budget: float, caps: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+    """Hull position `(I,)` of every item at `budget` under `caps` (`Problem.cap_shares`), and the bound facts
+    (see the module docstring)."""
+    G, S = len(hulls.item_layer), len(hulls.step_dc)
     room = budget * (1 + BUDGET_RTOL) - hulls.base_cost
-    dc, grp, vert = hulls.step_dc, hulls.step_group, hulls.step_vertex
+    dc, grp, vert = hulls.step_dc, hulls.step_item, hulls.step_vertex
     info: dict = {}
-    if layer_budget is None:
+    if caps is None:
         k = int(np.searchsorted(hulls.cum_dc, room, side="right"))  # steps[:k] fit as a prefix
         pos = np.bincount(grp[:k], minlength=G)
         room -= hulls.cum_dc[k - 1] if k else 0.0
@@ -177,35 +158,35 @@ def fill(hulls: Hulls, budget: float, layer_budget: np.ndarray | None = None,
             info["lower_bound"], info["bound"] = prefix_dist, 0.0
         return pos, info
     # Several budgets: one pass in the same order, a step taken where every budget it touches allows it.
-    layer_room = (layer_budget * layer_weight * (1 + BUDGET_RTOL) - hulls.layer_base_cost).tolist()
+    member, limit = caps
+    cap_room = (limit * (1 + BUDGET_RTOL) - member @ hulls.layer_base_cost).tolist()
+    rows_of = [np.nonzero(member[:, l])[0].tolist() for l in range(member.shape[1])]  # cap rows of each layer
     pos = np.zeros(G, dtype=np.int64)
-    layer = hulls.group_layer.tolist()
+    layer = hulls.item_layer.tolist()
     p = pos.tolist()
     for g, v, c in zip(grp.tolist(), vert.tolist(), dc.tolist()):
-        if p[g] == v - 1 and c <= room and c <= layer_room[layer[g]]:
+        rows = rows_of[layer[g]]
+        if p[g] == v - 1 and c <= room and all(c <= cap_room[r] for r in rows):
             p[g] = v
             room -= c
-            layer_room[layer[g]] -= c
+            for r in rows:
+                cap_room[r] -= c
     return np.array(p, dtype=np.int64), info
 
 
-def decode(hulls: Hulls, pos: np.ndarray, num_units: int) -> np.ndarray:
-    """Slot `(N,)` of every unit from the hull position of every group."""
-    choice = np.empty(num_units, dtype=np.int64)
-    chosen = hulls.vert_slots[np.arange(len(pos)), pos]  # (G, M)
-    for m in range(hulls.group_units.shape[1]):
-        choice[hulls.group_units[:, m]] = chosen[:, m]
-    return choice
-
-
-def layer_weights(problem: Problem) -> np.ndarray:
-    return problem.weight.reshape(problem.num_layers, -1).sum(1)
+def decode(hulls: Hulls, pos: np.ndarray) -> np.ndarray:
+    """Slot `(N,)` of every unit from the hull position of every item."""
+    chosen = hulls.vert_slots[np.arange(len(pos)), pos]  # (I, M)
+    group_choice = np.empty(hulls.item_groups.size, dtype=np.int64)
+    for m in range(hulls.item_groups.shape[1]):
+        group_choice[hulls.item_groups[:, m]] = chosen[:, m]
+    return group_choice[hulls.unit_group]
 
 
 def solve_greedy(problem: Problem, hulls: Hulls | None = None) -> tuple[np.ndarray, dict]:
     hulls = hulls or build_hulls(problem)
-    pos, bound = fill(hulls, problem.budget, problem.layer_budget, layer_weights(problem))
-    choice = decode(hulls, pos, problem.num_units)
+    pos, bound = fill(hulls, problem.budget, problem.cap_shares())
+    choice = decode(hulls, pos)
     info: dict = {"steps": int(len(hulls.step_dc)), "max_hull_step": float(hulls.step_dd.max(initial=0.0))}
     if "lower_bound" in bound:
         dist = problem.distortion(choice)

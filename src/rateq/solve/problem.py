@@ -8,6 +8,17 @@ Costs are effective bits per element (`QuantSpec.bits_per_element`: code bits + 
 unit's share of the budget is its element count over the total, so `Σ_u weight_u · cost_u ≤ budget` is exactly
 the `Plan.effective_bits ≤ budget` that the plan will report. Per-unit restrictions (bit range, chosen
 quantizers, fixed units) are expressed only as which slots are `valid`, so every solver honours them alike.
+
+Rules of the engine that will run the plan are expressed the same way, once for every solver:
+
+- tied groups (`group`): units that must take one slot together, e.g. every KV head of a layer when the engine
+  stores a layer's cache at one width. The solvers choose per group; a group's valid slots are the intersection
+  of its units'. Groups never span layers. Without ties every unit is its own group.
+- caps (`layer_budget`, `device_layers` / `device_budget`): effective bits per element of a set of layers'
+  units — one layer, or the layers one device (GPU) holds when the model is split across devices.
+
+Keys ≥ values pairs a K group with a V group (one per KV head, or one per layer when heads are tied); a group
+holding both K and V meets it by itself. The solvers work on *items*: every group alone, or every such pair.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.sparse import csr_array, vstack
 
 from ..curves import Curves
 from ..errors import RateQError
@@ -26,6 +38,7 @@ from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
 
 ROLES = ("k", "v")
 FP16 = -1  # slot quantizer index of the unquantized candidate
+TIES = ("layer", "layer-kv")
 # Budget comparisons allow this much relative slack, so that a budget equal to a plan's own cost (e.g. a
 # uniform plan's effective bits typed back in) is met rather than lost to float rounding.
 BUDGET_RTOL = 1e-12
@@ -44,6 +57,10 @@ class Problem:
     layer_budget: np.ndarray | None = None  # (L,) effective bits per element cap of each layer's units
     keys_at_least_values: bool = False
     policy: CachePolicy = field(default_factory=CachePolicy)
+    group: np.ndarray | None = None  # (N,) tied group 0..G−1 of every unit (None: every unit alone)
+    tie: str | None = None  # the rule the groups come from (`TIES`), for the plan's record
+    device_layers: np.ndarray | None = None  # (P, 2) first and last layer (inclusive) of each device
+    device_budget: np.ndarray | None = None  # (P,) effective bits per element cap of each device's units
 
     # -- shape -----------------------------------------------------------------------------------------
     @property
@@ -68,74 +85,258 @@ class Problem:
         """`(N,)` 0 for K units, 1 for V units."""
         return np.arange(self.num_units) % 2
 
+    # -- tied groups and items -------------------------------------------------------------------------
+    @property
+    def unit_group(self) -> np.ndarray:
+        """`(N,)` tied group of every unit."""
+        return np.arange(self.num_units) if self.group is None else self.group
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_units if self.group is None else int(self.group.max()) + 1
+
+    def group_weight(self) -> np.ndarray:
+        """`(G,)` budget share of every group."""
+        if self.group is None:
+            return self.weight
+        return np.bincount(self.group, weights=self.weight, minlength=self.num_groups)
+
+    def group_valid(self) -> np.ndarray:
+        """`(G, C)` slots a group may take: those every one of its units may take."""
+        if self.group is None:
+            return self.valid
+        bad = np.zeros((self.num_groups, self.valid.shape[1]), dtype=bool)
+        np.logical_or.at(bad, self.group, ~self.valid)
+        return ~bad
+
+    def group_dist(self) -> np.ndarray:
+        """`(G, C)` summed distortion of every group's units."""
+        if self.group is None:
+            return self.dist
+        d = np.zeros((self.num_groups, self.dist.shape[1]))
+        np.add.at(d, self.group, self.dist)
+        return d
+
+    def group_layer(self) -> np.ndarray:
+        """`(G,)` layer of every group."""
+        layer = np.empty(self.num_groups, dtype=np.int64)
+        layer[self.unit_group] = self.unit_layer
+        return layer
+
+    def group_pairs(self) -> np.ndarray:
+        """`(P, 2)` (K group, V group) pairs that keys ≥ values binds (none without it)."""
+        if not self.keys_at_least_values:
+            return np.zeros((0, 2), dtype=np.int64)
+        g = self.unit_group
+        pairs = np.stack([g[0::2], g[1::2]], 1)
+        return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+
+    def items(self) -> np.ndarray:
+        """`(I, M)` groups of every item: each group alone (M = 1), or each keys ≥ values pair (M = 2)."""
+        pairs = self.group_pairs()
+        if len(pairs) == 0:
+            return np.arange(self.num_groups)[:, None]
+        if not (np.bincount(pairs.ravel(), minlength=self.num_groups) == 1).all():
+            raise AssertionError("with keys ≥ values every tied group must be in exactly one K/V pair")  # a bug
+        return pairs
+
+    def pair_candidates(self, gk: int, gv: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Slots `(ck, cv)` of every valid (K, V) choice of groups `gk`, `gv` with K bits ≥ V bits; `keep`
+        `(G, C)` narrows the slots (default: the groups' valid slots)."""
+        keep = self.group_valid() if keep is None else keep
+        ck, cv = np.meshgrid(np.nonzero(keep[gk])[0], np.nonzero(keep[gv])[0], indexing="ij")
+        ok = self.slot_bits[ck] >= self.slot_bits[cv]
+        return ck[ok], cv[ok]
+
+    def item_candidates(self, keep: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """Every item's candidates, padded to one width with +inf cost and distortion: items `(I, M)`, costs
+        `(I, K)` as shares of the whole budget, distortions `(I, K)`, and the groups' slots `(I, K, M)`.
+        `keep` `(G, C)` narrows the slots (default: the groups' valid slots)."""
+        keep = self.group_valid() if keep is None else keep
+        w, d, items = self.group_weight(), self.group_dist(), self.items()
+        if items.shape[1] == 1:
+            G, C = keep.shape
+            cost = np.where(keep, w[:, None] * self.slot_cost[None, :], np.inf)
+            dist = np.where(keep, d, np.inf)
+            return items, cost, dist, np.broadcast_to(np.arange(C)[None, :, None], (G, C, 1))
+        cands = [self.pair_candidates(gk, gv, keep) for gk, gv in items]
+        width = max(len(ck) for ck, _ in cands)
+        cost = np.full((len(items), width), np.inf)
+        dist = np.full((len(items), width), np.inf)
+        slots = np.zeros((len(items), width, 2), dtype=np.int64)
+        for i, ((gk, gv), (ck, cv)) in enumerate(zip(items, cands)):
+            n = len(ck)
+            cost[i, :n] = w[gk] * self.slot_cost[ck] + w[gv] * self.slot_cost[cv]
+            dist[i, :n] = d[gk, ck] + d[gv, cv]
+            slots[i, :n] = np.stack([ck, cv], 1)
+        return items, cost, dist, slots
+
+    def expand(self, group_choice: np.ndarray) -> np.ndarray:
+        """Slot `(N,)` of every unit from the slot `(G,)` of every group."""
+        return np.asarray(group_choice, dtype=np.int64)[self.unit_group]
+
+    def group_choice(self, choice: np.ndarray) -> np.ndarray:
+        """Slot `(G,)` of every group from a tie-honouring choice `(N,)`."""
+        g = np.empty(self.num_groups, dtype=np.int64)
+        g[self.unit_group] = choice
+        return g
+
+    def honours_ties(self, choice: np.ndarray) -> bool:
+        return bool((self.expand(self.group_choice(choice)) == choice).all())
+
+    def _name(self, units: np.ndarray) -> str:
+        """Units in words: `layer 3 head 1 keys`, `layer 3 head 1`, `layer 3 values`, `layer 3`."""
+        H = self.num_kv_heads
+        layers, heads, roles = (set(a.tolist()) for a in (units // (2 * H), units // 2, units % 2))
+        if len(layers) > 1:
+            return f"units {units.tolist()}"
+        name = f"layer {layers.pop()}" + (f" head {heads.pop() % H}" if len(heads) == 1 else "")
+        return name + (f" {('keys', 'values')[roles.pop()]}" if len(roles) == 1 else "")
+
+    def _tied(self) -> str:
+        return f" with tie={self.tie!r}" if self.tie else ""
+
     # -- budget accounting -----------------------------------------------------------------------------
     def total_cost(self, choice: np.ndarray) -> float:
         """Effective bits per element of a choice `(N,)` of slots."""
         return float(np.dot(self.weight, self.slot_cost[choice]))
 
-    def layer_costs(self, choice: np.ndarray) -> np.ndarray:
-        """`(L,)` effective bits per element of each layer's units under `choice`."""
-        w = self.weight.reshape(self.num_layers, -1)
-        return (w * self.slot_cost[choice].reshape(self.num_layers, -1)).sum(1) / w.sum(1)
+    def layer_weight(self) -> np.ndarray:
+        """`(L,)` budget share of every layer."""
+        return self.weight.reshape(self.num_layers, -1).sum(1)
+
+    def caps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-layer then per-device caps as rows over layers: `(R, L)` bool, which layers' units a row
+        bounds, and `(R,)` the cap in effective bits per element of those units."""
+        L = self.num_layers
+        member, cap = [np.zeros((0, L), dtype=bool)], [np.zeros(0)]
+        if self.layer_budget is not None:
+            member.append(np.eye(L, dtype=bool))
+            cap.append(self.layer_budget)
+        if self.device_layers is not None:
+            m = np.zeros((len(self.device_layers), L), dtype=bool)
+            for p, (first, last) in enumerate(self.device_layers):
+                m[p, first: last + 1] = True
+            member.append(m)
+            cap.append(self.device_budget)
+        return np.concatenate(member), np.concatenate(cap).astype(np.float64)
+
+    def cap_shares(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """`caps()` with every cap as a share of the whole budget (cap × the rows' share); None without caps."""
+        member, cap = self.caps()
+        return None if len(cap) == 0 else (member, cap * (member @ self.layer_weight()))
+
+    def cap_costs(self, choice: np.ndarray) -> np.ndarray:
+        """`(R,)` effective bits per element of every cap row's units under `choice`."""
+        member, _ = self.caps()
+        share = np.bincount(self.unit_layer, weights=self.weight * self.slot_cost[choice], minlength=self.num_layers)
+        return (member @ share) / (member @ self.layer_weight())
 
     def distortion(self, choice: np.ndarray) -> float:
         return float(self.dist[np.arange(self.num_units), choice].sum())
 
-    def _unit_cost_range(self) -> tuple[np.ndarray, np.ndarray]:
-        """`(N,)` cheapest and dearest valid cost of every unit, with keys ≥ values honoured pairwise."""
-        cost = np.where(self.valid, self.slot_cost[None, :], np.nan)  # (N, C)
+    def _group_cost_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """`(G,)` cheapest and dearest valid slot cost of every group, with keys ≥ values honoured pairwise."""
+        valid = self.group_valid()
+        cost = np.where(valid, self.slot_cost[None, :], np.nan)  # (G, C)
         lo, hi = np.nanmin(cost, 1), np.nanmax(cost, 1)
         if not self.keys_at_least_values:
             return lo, hi
-        # A KV head's cheapest pair need not be both units' cheapest slots when K must carry ≥ V bits.
-        for g in range(self.num_units // 2):
-            ck, cv = self.pair_candidates(g)
-            c = self.slot_cost[ck] * self.weight[2 * g] + self.slot_cost[cv] * self.weight[2 * g + 1]
+        # A pair's cheapest need not be both groups' cheapest slots when K must carry ≥ V bits.
+        w = self.group_weight()
+        for gk, gv in self.group_pairs():
+            ck, cv = self.pair_candidates(gk, gv, valid)
+            c = self.slot_cost[ck] * w[gk] + self.slot_cost[cv] * w[gv]
             i, j = int(np.argmin(c)), int(np.argmax(c))
-            lo[2 * g], lo[2 * g + 1] = self.slot_cost[ck[i]], self.slot_cost[cv[i]]
-            hi[2 * g], hi[2 * g + 1] = self.slot_cost[ck[j]], self.slot_cost[cv[j]]
+            lo[gk], lo[gv] = self.slot_cost[ck[i]], self.slot_cost[cv[i]]
+            hi[gk], hi[gv] = self.slot_cost[ck[j]], self.slot_cost[cv[j]]
         return lo, hi
 
-    def pair_candidates(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        """Slots `(ck, cv)` of every valid (K, V) pair of KV head `g` (unit 2g, 2g+1) with K bits ≥ V bits."""
-        ks, vs = np.nonzero(self.valid[2 * g])[0], np.nonzero(self.valid[2 * g + 1])[0]
-        ck, cv = np.meshgrid(ks, vs, indexing="ij")
-        ok = self.slot_bits[ck] >= self.slot_bits[cv]
-        return ck[ok], cv[ok]
-
     def cost_range(self) -> tuple[float, float]:
-        """The budgets some plan can meet: (all units at their cheapest, all at their dearest)."""
-        lo, hi = self._unit_cost_range()
-        return float(self.weight @ lo), float(self.weight @ hi)
+        """The budgets some plan can meet: (all groups at their cheapest, all at their dearest)."""
+        lo, hi = self._group_cost_range()
+        w = self.group_weight()
+        return float(w @ lo), float(w @ hi)
 
     def check_feasible(self, *, budget: bool = True) -> None:
-        """Raise a RateQError naming the feasible range if no plan can meet the budget(s) and constraints."""
-        if self.keys_at_least_values:
-            for g in range(self.num_units // 2):
-                if len(self.pair_candidates(g)[0]) == 0:
-                    l, h = divmod(g, self.num_kv_heads)
-                    raise RateQError(f"layer {l} head {h}: no allowed key width is ≥ an allowed value width; "
-                                     "widen --min-bits/--max-bits or drop keys_at_least_values")
+        """Raise a RateQError naming the feasible range if no plan can meet the budget(s) and constraints.
+
+        All groups at their cheapest meets every cap that any plan meets (caps only bound costs from above, and
+        a group or pair never spans layers), so these checks are exact, not only necessary."""
+        valid = self.group_valid()
+        empty = np.nonzero(~valid.any(1))[0]
+        if len(empty):
+            units = np.nonzero(self.unit_group == empty[0])[0]
+            raise RateQError(f"tie={self.tie!r}: {self._name(units)}: no candidate is allowed for all of these units "
+                             "(fixed units, or a quantizer only some can hold); unfix them or drop the tie")
+        for gk, gv in self.group_pairs():
+            if len(self.pair_candidates(gk, gv, valid)[0]) == 0:
+                units = np.nonzero((self.unit_group == gk) | (self.unit_group == gv))[0]
+                raise RateQError(f"{self._name(units)}: no allowed key width is ≥ an allowed value width"
+                                 f"{self._tied()}; widen --min-bits/--max-bits or drop keys_at_least_values")
         if budget:
+            tied = f"; tie={self.tie!r}" if self.tie else ""
             check_budget_range(self.budget, *self.cost_range(),
                                f"for these curves and constraints (quantizers "
-                               f"{', '.join(q.id for q in self.curves.quantizers)}; bits {list(self.curves.bits)})")
-        if self.layer_budget is not None:
-            ulo, _ = self._unit_cost_range()
-            w = self.weight.reshape(self.num_layers, -1)
-            layer_lo = (w * ulo.reshape(self.num_layers, -1)).sum(1) / w.sum(1)
-            bad = np.nonzero(layer_lo > self.layer_budget * (1 + BUDGET_RTOL))[0]
+                               f"{', '.join(q.id for q in self.curves.quantizers)}; bits {list(self.curves.bits)}"
+                               f"{tied})")
+        member, cap = self.caps()
+        if len(cap):
+            lo, _ = self._group_cost_range()
+            share = np.bincount(self.group_layer(), weights=self.group_weight() * lo, minlength=self.num_layers)
+            cheapest = (member @ share) / (member @ self.layer_weight())
+            bad = np.nonzero(cheapest > cap * (1 + BUDGET_RTOL))[0]
             if len(bad):
-                l = int(bad[0])
-                raise RateQError(f"per-layer budget {self.layer_budget[l]:g} for layer {l} is below the cheapest "
-                                 f"that layer can be stored at ({layer_lo[l]:.4f} effective bits); raise it")
+                r = int(bad[0])
+                n_layer = 0 if self.layer_budget is None else self.num_layers
+                if r < n_layer:
+                    what = f"per-layer budget {cap[r]:g} for layer {r}"
+                else:
+                    first, last = self.device_layers[r - n_layer]
+                    what = f"devices[{r - n_layer}] cap {cap[r]:g} for layers {first}..{last}"
+                raise RateQError(f"{what} is below the cheapest {'that layer' if r < n_layer else 'those layers'} "
+                                 f"can be stored at ({cheapest[r]:.4f} effective bits{self._tied()}); raise it")
 
     def within_budget(self, choice: np.ndarray) -> bool:
+        """Whether `choice` meets the budget and every per-layer and per-device cap."""
         if self.total_cost(choice) > self.budget * (1 + BUDGET_RTOL):
             return False
-        if self.layer_budget is not None and (self.layer_costs(choice) > self.layer_budget * (1 + BUDGET_RTOL)).any():
-            return False
-        return True
+        _, cap = self.caps()
+        return not (len(cap) and (self.cap_costs(choice) > cap * (1 + BUDGET_RTOL)).any())
+
+    def excess(self, choice: np.ndarray) -> float:
+        """By how many effective bits per element `choice` exceeds its most exceeded budget or cap (≤ 0: none)."""
+        over = self.total_cost(choice) - self.budget
+        _, cap = self.caps()
+        return max(over, float((self.cap_costs(choice) - cap).max())) if len(cap) else over
+
+    def rows(self, var_group: np.ndarray, var_slot: np.ndarray) -> tuple[csr_array, np.ndarray, np.ndarray, int]:
+        """The coupling rows `lo ≤ A·x ≤ hi` over variables `x[v]` (1 when group `var_group[v]` takes slot
+        `var_slot[v]`): the budget and every cap (the first `n` rows, `≤` in shares of the whole budget), then
+        one row per keys ≥ values pair (`Σ bits·x[K] − Σ bits·x[V] ≥ 0`). Returns `(A, lo, hi, n)`."""
+        V = len(var_group)
+        cols = np.arange(V)
+        var_cost = self.group_weight()[var_group] * self.slot_cost[var_slot]
+        rows, lo, hi = [csr_array(var_cost[None, :])], [-np.inf], [self.budget]
+        shares = self.cap_shares()
+        if shares is not None:
+            member, limit = shares
+            per_layer = csr_array((var_cost, (self.group_layer()[var_group], cols)), shape=(self.num_layers, V))
+            rows.append(csr_array(member.astype(np.float64)) @ per_layer)
+            lo += [-np.inf] * len(limit)
+            hi += limit.tolist()
+        n = len(hi)
+        pairs = self.group_pairs()
+        if len(pairs):
+            row, sign = np.full(self.num_groups, -1), np.zeros(self.num_groups)
+            row[pairs[:, 0]], row[pairs[:, 1]] = np.arange(len(pairs)), np.arange(len(pairs))
+            sign[pairs[:, 0]], sign[pairs[:, 1]] = 1.0, -1.0
+            on = row[var_group] >= 0
+            coef = sign[var_group[on]] * self.slot_bits[var_slot[on]]
+            rows.append(csr_array((coef, (row[var_group[on]], cols[on])), shape=(len(pairs), V)))
+            lo += [0.0] * len(pairs)
+            hi += [np.inf] * len(pairs)
+        return vstack(rows, format="csr"), np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64), n
 
     # -- result ----------------------------------------------------------------------------------------
     def to_plan(self, choice: np.ndarray, solver: dict) -> Plan:
@@ -143,6 +344,8 @@ class Problem:
         choice = np.asarray(choice, dtype=np.int64)
         if not self.valid[np.arange(self.num_units), choice].all():
             raise AssertionError("solver chose a slot that is not allowed")  # a solver bug, not a user error
+        if not self.honours_ties(choice):
+            raise AssertionError("solver gave tied units different slots")
         L, H = self.num_layers, self.num_kv_heads
         q = self.slot_q[choice]
         used = sorted(set(q[q >= 0].tolist())) or [0]
@@ -156,6 +359,10 @@ class Problem:
             info["keys_at_least_values"] = True
         if self.layer_budget is not None:
             info["per_layer_budget"] = [float(b) for b in self.layer_budget]
+        if self.tie is not None:
+            info["tie"] = self.tie
+        if self.device_layers is not None:
+            info["devices"] = [[int(a), int(b), float(c)] for (a, b), c in zip(self.device_layers, self.device_budget)]
         return Plan(
             k_bits=t(bits[..., 0]), v_bits=t(bits[..., 1]), k_quantizer=t(qid[..., 0]), v_quantizer=t(qid[..., 1]),
             quantizers=[self.curves.quantizers[i] for i in used], model=self.curves.model, budget_bits=self.budget,
@@ -233,11 +440,18 @@ def check_feasible_budget(budget, quantizers: list[QuantSpec], bits, *, min_bits
 def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None, max_bits: int | None = None,
                   keys_at_least_values: bool = False, fixed: dict | None = None, per_layer_budget=None,
                   quantizers=None, allow_fp16: bool = False, policy: CachePolicy | None = None,
-                  check_budget: bool = True) -> Problem:
-    """Flatten curves and constraints into a `Problem`, validating every input and the budget's feasibility."""
+                  tie: str | None = None, devices=None, check_budget: bool = True) -> Problem:
+    """Flatten curves and constraints into a `Problem`, validating every input and the budget's feasibility.
+
+    `tie`: `"layer"` ties every KV head of a layer (its K units take one slot, its V units one slot),
+    `"layer-kv"` ties K and V too (one slot per layer). `devices`: `[(first layer, last layer, cap), …]`, the
+    layers each device holds (inclusive, disjoint) and the cap in effective bits per element of their units.
+    """
     if not isinstance(curves, Curves):
         raise RateQError(f"solve needs a rateq.Curves, got {type(curves).__name__}")
     budget = check_budget_value(budget, "budget")
+    if tie is not None and tie not in TIES:
+        raise RateQError(f"tie must be None, {' or '.join(map(repr, TIES))}, got {tie!r}")
     if min_bits is not None and max_bits is not None and min_bits > max_bits:
         raise RateQError(f"min_bits {min_bits} is above max_bits {max_bits}")
 
@@ -317,11 +531,44 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
               for l, v in enumerate(values)]
         layer_budget = np.array(lb * L if len(lb) == 1 else lb, dtype=np.float64)
 
+    group = None
+    if tie is not None:
+        u = np.arange(N)
+        group = u // (2 * H) * 2 + u % 2 if tie == "layer" else u // (2 * H)
+    device_layers, device_budget = _devices(devices, L)
+
     problem = Problem(curves=curves, weight=weight, slot_q=slot_q, slot_bits=slot_bits, slot_cost=slot_cost,
                       dist=dist, valid=valid, budget=budget, layer_budget=layer_budget,
-                      keys_at_least_values=bool(keys_at_least_values), policy=policy or calibration_policy(curves))
+                      keys_at_least_values=bool(keys_at_least_values), policy=policy or calibration_policy(curves),
+                      group=group, tie=tie, device_layers=device_layers, device_budget=device_budget)
     problem.check_feasible(budget=check_budget)
     return problem
+
+
+def _devices(devices, L: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """`(P, 2)` first and last layer and `(P,)` caps of `[(first, last, cap), …]`, checked; None for none."""
+    if devices is None or (isinstance(devices, (list, tuple)) and len(devices) == 0):
+        return None, None
+    if not isinstance(devices, (list, tuple)):
+        raise RateQError(f"devices must be a list of (first layer, last layer, cap), got {type(devices).__name__}")
+    layers, caps = [], []
+    for i, d in enumerate(devices):
+        try:
+            first, last, cap = d
+        except (TypeError, ValueError):
+            raise RateQError(f"devices[{i}] must be (first layer, last layer, cap), got {d!r}") from None
+        ints = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in (first, last))
+        if not ints or not 0 <= first <= last < L:
+            raise RateQError(f"devices[{i}] layers {first!r}..{last!r} must be whole numbers with "
+                             f"0 ≤ first ≤ last ≤ {L - 1}")
+        layers.append((int(first), int(last)))
+        caps.append(check_budget_value(cap, f"devices[{i}] cap"))
+    order = sorted(range(len(layers)), key=lambda i: layers[i])
+    for a, b in zip(order, order[1:]):
+        if layers[b][0] <= layers[a][1]:
+            raise RateQError(f"devices[{b}] layers {layers[b][0]}..{layers[b][1]} overlap devices[{a}] layers "
+                             f"{layers[a][0]}..{layers[a][1]}; each layer lives on one device")
+    return np.array(layers, dtype=np.int64), np.array(caps, dtype=np.float64)
 
 
 def calibration_policy(curves: Curves) -> CachePolicy:

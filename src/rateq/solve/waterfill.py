@@ -63,9 +63,10 @@ def fit_exponential(problem: Problem) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def solve_waterfill(problem: Problem) -> tuple[np.ndarray, dict]:
-    if problem.keys_at_least_values or problem.layer_budget is not None:
-        raise RateQError("waterfill allocates in closed form under one budget; use method='exact' or 'greedy' "
-                         "for keys_at_least_values or per_layer_budget")
+    if (problem.keys_at_least_values or problem.layer_budget is not None or problem.group is not None
+            or problem.device_layers is not None):
+        raise RateQError("waterfill allocates in closed form under one budget; use method='exact', 'greedy' or "
+                         "'convex' for keys_at_least_values, per_layer_budget, tie or devices")
     curves = problem.curves
     N, C = problem.dist.shape
     Q, NB = len(curves.quantizers), len(curves.bits)
