@@ -29,6 +29,18 @@ def _case(curves_factory, seed):
     return curves, budget, constraints
 
 
+def _solvable(curves_factory, brute, seed, method):
+    """`_case` with its brute-force optimum; None where caps no plan can meet (then `method` must refuse it
+    before solving)."""
+    curves, budget, constraints = _case(curves_factory, seed)
+    best = brute(curves, budget, **constraints)
+    if best is None:
+        with pytest.raises(rateq.RateQError):
+            rateq.solve(curves, budget, method=method, **constraints)
+        return None
+    return curves, budget, constraints, best
+
+
 def assert_honours(plan, budget, *, tie=None, keys_at_least_values=False, devices=None,
                    per_layer_budget=None):
     """The plan meets the budget and every rule, read back from the plan itself."""
@@ -52,12 +64,10 @@ def assert_honours(plan, budget, *, tie=None, keys_at_least_values=False, device
 
 @pytest.mark.parametrize("seed", range(24))
 def test_convex_bound_and_integer_plan_against_brute_force(curves_factory, brute, plan_dist, seed):
-    curves, budget, constraints = _case(curves_factory, seed)
-    best = brute(curves, budget, **constraints)
-    if best is None:  # caps no plan can meet: refused before solving
-        with pytest.raises(rateq.RateQError):
-            rateq.solve(curves, budget, method="convex", **constraints)
+    case = _solvable(curves_factory, brute, seed, "convex")
+    if case is None:
         return
+    curves, budget, constraints, best = case
     plan = rateq.solve(curves, budget, method="convex", **constraints)
     s = plan.solver
     assert s["status"] == "optimal"
@@ -73,10 +83,10 @@ def test_convex_bound_and_integer_plan_against_brute_force(curves_factory, brute
 
 @pytest.mark.parametrize("seed", range(24))
 def test_rounded_relaxation_is_feasible_and_within_its_gap(curves_factory, brute, plan_dist, seed):
-    curves, budget, constraints = _case(curves_factory, seed)
-    best = brute(curves, budget, **constraints)
-    if best is None:
+    case = _solvable(curves_factory, brute, seed, "convex")
+    if case is None:
         return
+    curves, budget, constraints, best = case
     plan = rateq.solve(curves, budget, method="convex", backend="round", **constraints)
     s = plan.solver
     got = plan_dist(curves, plan)
@@ -122,10 +132,10 @@ def test_without_a_milp_solution_the_relaxation_is_rounded(curves_factory, monke
 
 @pytest.mark.parametrize("seed", range(8))
 def test_greedy_honours_ties_and_devices(curves_factory, brute, plan_dist, seed):
-    curves, budget, constraints = _case(curves_factory, seed)
-    best = brute(curves, budget, **constraints)
-    if best is None:
+    case = _solvable(curves_factory, brute, seed, "greedy")
+    if case is None:
         return
+    curves, budget, constraints, best = case
     plan = rateq.solve(curves, budget, method="greedy", **constraints)
     assert_honours(plan, budget, **constraints)
     assert plan_dist(curves, plan) >= best * (1 - 1e-9)
