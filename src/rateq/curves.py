@@ -69,7 +69,8 @@ class Curves:
     def nonmonotone(self, rtol: float = 1e-9) -> list[tuple[int, int, int, int, int]]:
         """Points where more bits gave more distortion than the previous width: (l, h, r, q, i) indices."""
         d = self.distortion
-        worse = d[..., 1:] > d[..., :-1] * (1 + rtol) + 1e-30
+        # +inf marks a candidate that does not exist (a role or width the quantizer lacks), never a rise
+        worse = (d[..., 1:] > d[..., :-1] * (1 + rtol) + 1e-30) & torch.isfinite(d[..., 1:])
         return [tuple(int(v) for v in idx[:-1]) + (int(idx[-1]) + 1,) for idx in worse.nonzero()]
 
     def monotone(self) -> "Curves":

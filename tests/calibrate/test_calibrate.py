@@ -78,6 +78,21 @@ def test_several_quantizers_and_bits(tiny):
     assert not torch.allclose(curves.distortion[..., 0, :], curves.distortion[..., 1, :])
 
 
+def test_engine_formats_are_priced_at_their_own_width_only(tiny):
+    model = tiny("llama", head_dim=32, hidden_size=128)
+    specs = [QuantSpec(group_size=32), "nvfp4", "fp8", "q4_0"]
+    curves = rateq.calibrate(model, None, ids(1, 64), metric="mse", bits=(2, 4, 8), quantizers=specs,
+                             policy=rateq.CachePolicy(block=32))
+    d = curves.distortion
+    assert torch.isfinite(d[..., 0, :]).all()  # the grid at every width
+    for q, width in ((1, 4), (2, 8), (3, 4)):  # engine formats: finite at their width, absent elsewhere
+        for i, b in enumerate(curves.bits):
+            assert torch.isfinite(d[..., q, i]).all() == (b == width) and (b == width or torch.isinf(d[..., q, i]).all())
+    assert (d[..., 2, 2] < d[..., 1, 1]).all()  # FP8 (8 bits) beats NVFP4 (4.5)
+    assert curves.nonmonotone() == [] or all(idx[3] == 0 for idx in curves.nonmonotone())
+    assert curves.calibration["nonmonotone"] == len(curves.nonmonotone())
+
+
 def test_counts_follow_policy_and_sinks(tiny):
     model = tiny("llama")
     base = rateq.calibrate(model, None, ids(1, 64), metric="mse", quantizers=[SPEC16])

@@ -283,6 +283,9 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
                 for r, role in enumerate(("k", "v")):
                     if not holds_role(q, role, hd):
                         d[:, :, r, qi] = float("inf")
+                for bi, b in enumerate(bits):  # nor a width an engine format is not stored at
+                    if not q.allows_bits(b):
+                        d[:, :, :, qi, bi] = float("inf")
             curves = Curves(d, bits, specs, counts, m, fp, dict(calibration, metric=m))
             bad = curves.nonmonotone()
             curves.calibration["nonmonotone"] = len(bad)

@@ -39,14 +39,20 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
     seg = x[:, :, start:end]
     for i, spec in enumerate(quantizers):
         if not holds_role(spec, role, x.shape[-1]):
-            continue  # priced as infinite by the caller; left unquantized here
+            continue  # priced as infinite by the caller; left unquantized here (as are widths a format lacks)
         tables = None
         if spec.prerope and role == "k":
             if rope is None:
                 raise RateQError(f"{spec.id} quantizes keys before RoPE and needs the layer's rotary tables")
             tables = slice_rope(rope, start, end)
-        out[i * len(bits):(i + 1) * len(bits), :, :, start:end] = fake_quantize_multi(seg, list(bits), spec, role,
-                                                                                        rope=tables)
+        widths = [j for j, b in enumerate(bits) if spec.allows_bits(b)]  # engine formats: their own width only
+        if len(widths) == len(bits):
+            out[i * len(bits):(i + 1) * len(bits), :, :, start:end] = fake_quantize_multi(seg, list(bits), spec, role,
+                                                                                            rope=tables)
+        elif widths:
+            stored = fake_quantize_multi(seg, [bits[j] for j in widths], spec, role, rope=tables)
+            for k, j in enumerate(widths):
+                out[i * len(bits) + j, :, :, start:end] = stored[k]
     return out
 
 

@@ -14,8 +14,8 @@ values they stand for (`rateq.quant.pack.unpack_levels`):
   `Σ p Rᵀv' = Rᵀ Σ p v'`.
 - Lloyd–Max codebooks: the codes index the level table, scaled per group by the stored norm; the QJL sketch
   adds `‖r‖·sqrt(π/2)/m·⟨S q, sign(S r)⟩` per group (TurboQuant-prod's estimator, with `S q` computed once).
-- what has no such form here (pre-RoPE keys, which need each position's rotation; sparse outliers; 16-bit
-  units) is dequantized — a chunk at a time by the caller — and multiplied.
+- what has no such form here (pre-RoPE keys, which need each position's rotation; sparse outliers; engine
+  formats; 16-bit units) is dequantized — a chunk at a time by the caller — and multiplied.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _signs(device) -> torch.Tensor:
 def _direct(codec, bits: int) -> bool:
     """Whether the codes are read without dequantizing first."""
     s = codec.spec
-    return bits < FULL_PRECISION_BITS and not s.outlier_frac and not s.prerope
+    return (bits < FULL_PRECISION_BITS and s.kind in ("minmax", "symmetric", "lloydmax") and not s.outlier_frac
+            and not s.prerope)
 
 
 def _read(codec, enc: dict, bits: int, role: str, shape):

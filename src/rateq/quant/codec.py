@@ -45,11 +45,11 @@ from functools import lru_cache
 import torch
 
 from ..errors import RateQError
-from . import hadamard, lloydmax, outliers, qjl
+from . import engine_formats, hadamard, lloydmax, outliers, qjl
 from .affine import QuantizedGroups, dequantize_groups, from_groups, quantize_groups, storage_dtype, to_groups
 from .pack import lookup, pack, packed_nbytes, unpack, unpack_levels
 from .rope import Rope, apply_rope, invert_rope
-from .spec import FULL_PRECISION_BITS, QuantSpec, check_bits
+from .spec import ENGINE_FORMATS, FULL_PRECISION_BITS, QuantSpec, check_bits
 
 Encoding = dict[str, torch.Tensor]
 Parts = dict[str, torch.Tensor]
@@ -119,6 +119,10 @@ def _layout(s: QuantSpec, bits: int, role: str, D: int) -> tuple[Part, ...]:
     if bits >= FULL_PRECISION_BITS:
         return (Part("fp16", D, dtype=torch.float16),)
     G = s.group_size
+    if s.kind in ENGINE_FORMATS:  # codes, and the engine's own metadata per group of G channels of a token
+        meta = {"fp8": (), "nvfp4": (("scale", torch.float8_e4m3fn),), "q4_1": (("scale", torch.float16),
+                ("zero", torch.float16))}.get(s.kind, (("scale", torch.float16),))
+        return (Part("codes", D, bits), *(Part(name, D // G, dtype=dt) for name, dt in meta))
     X, per = (D // G, 1) if s.axis_for(role) == "channels" else (D, G)
     sdt = storage_dtype(s.scale_dtype)
     parts: list[Part] = []
@@ -179,6 +183,10 @@ class Codec:
 
     def _check(self, bits: int, role: str, rope, shape) -> None:
         check_bits(bits)
+        if not self.spec.allows_bits(bits):
+            raise RateQError(f"{self.spec.id} is stored at {self.spec.fixed_bits} bits only, not {bits}")
+        if self.spec.kind in ENGINE_FORMATS and shape[-1] % self.spec.group_size:
+            raise RateQError(f"head_dim {shape[-1]} does not split into {self.spec.id} blocks of {self.spec.group_size}")
         if self._uses_rope(role) and rope is None:
             raise RateQError(f"{self.spec.id} quantizes keys before RoPE and needs the rotary tables of their positions: "
                              "pass rope=(cos, sin) (rateq.simulate_plan and the runtime do this)")
@@ -213,6 +221,9 @@ class Codec:
             return {"fp16": y.to(torch.float16).to(torch.float32)}
         B, h, T, D = x.shape
         G = s.group_size
+        if s.kind in ENGINE_FORMATS:
+            q = engine_formats.quantize(s.kind, y.reshape(B, h, T, D // G, G))
+            return {name: t.reshape(B, h, T, -1) for name, t in q.items()}
         axis = s.axis_for(role)
         rows, X = self._rows(axis, x.shape)
         parts: Parts = {}
@@ -272,6 +283,11 @@ class Codec:
             return self._dequantize_uniform(parts, bits, role, shape, out)
         B, h, T, D = shape
         G = s.group_size
+        if s.kind in ENGINE_FORMATS:
+            groups = {name: t.reshape(B, h, T, D // G, -1).to(torch.float32 if name != "codes" else t.dtype)
+                      for name, t in parts.items()}
+            y = engine_formats.dequantize(s.kind, groups).reshape(shape)
+            return y if out is None else out.copy_(y)
         axis = s.axis_for(role)
         y = self._dequantize_lloydmax(parts, bits, shape) if s.kind == "lloydmax" else \
             self._dequantize_uniform(parts, bits, role, shape, None)

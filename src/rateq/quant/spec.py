@@ -16,7 +16,10 @@ from ..errors import RateQError
 
 # Storage formats for scales (and float zero-points), with their size in bits.
 SCALE_DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8}
-KINDS = ("minmax", "symmetric", "lloydmax")
+# Formats serving engines run, each at its one code width, with its own fixed metadata (see `QuantSpec`).
+ENGINE_FORMATS = {"fp8": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "iq4_nl": 4}
+ENGINE_GROUP = {"fp8": 1, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "iq4_nl": 32}
+KINDS = ("minmax", "symmetric", "lloydmax", *ENGINE_FORMATS)
 ROTATIONS = ("none", "hadamard", "rhadamard")
 OUTLIER_VALUE_BITS = 16  # sparse outliers are kept in fp16
 ZERO_FORMATS = ("float", "code")
@@ -65,6 +68,16 @@ class QuantSpec:
     - `prerope`: keys are quantized before the rotary embedding and re-rotated after dequantization
       (KVQuant); needs the rotary tables of the positions (`rateq.quant.rope`). Values are unaffected.
     - `seed`: seed of the random signs and of the QJL matrix.
+
+    Engine formats (`kind` one of `ENGINE_FORMATS`; id = the kind alone), each at its one code width
+    (`fixed_bits`), every token's head vector quantized in groups of channels with the engine's own metadata,
+    so that a plan of them is what the engine stores:
+    - `fp8`: FP8 e4m3 codes with unit scale (vLLM / SGLang / TensorRT-LLM `fp8` KV without calibrated scales):
+      8 bits, no metadata.
+    - `nvfp4`: FP4 e2m1 codes, one FP8 e4m3 scale per 16 channels (amax / 6), unit tensor scale: 4.5 bits.
+    - llama.cpp's `q8_0` (8.5 bits), `q4_0` (4.5), `q5_0` (5.5): symmetric, one fp16 scale per 32; `q4_1` (5):
+      fp16 scale and minimum per 32; `iq4_nl` (4.5): fp16 scale per 32 times a fixed non-linear 16-level table.
+    They take no rotation, pre-RoPE, outliers or other options (engines store post-RoPE keys as they are).
     """
 
     kind: str = "minmax"
@@ -81,6 +94,13 @@ class QuantSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise RateQError(f"unknown quantizer kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.kind in ENGINE_FORMATS:
+            plain = QuantSpec(group_size=ENGINE_GROUP[self.kind])
+            changed = [f.name for f in fields(self) if f.name != "kind" and getattr(self, f.name) != getattr(plain, f.name)]
+            if changed:
+                raise RateQError(f"{self.kind} is an engine format with fixed groups and metadata: it takes no "
+                                 f"{', '.join(changed)} (use the id {self.kind!r} alone)")
+            return
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise RateQError(f"group_size must be a positive integer, got {self.group_size!r}")
         if self.group_along not in GROUP_ALONG:
@@ -117,7 +137,10 @@ class QuantSpec:
     # -- identity ---------------------------------------------------------------------------------------
     @property
     def id(self) -> str:
-        """Short stable name, e.g. `minmax-g32-fp16`, `lloydmax-qjl-g64-rhadamard-fp16`, `minmax-g32-fp16-o0.02-prerope`."""
+        """Short stable name, e.g. `minmax-g32-fp16`, `lloydmax-qjl-g64-rhadamard-fp16`, `minmax-g32-fp16-o0.02-prerope`,
+        or an engine format's kind (`nvfp4`, `q4_0`)."""
+        if self.kind in ENGINE_FORMATS:
+            return self.kind
         parts = [self.kind] + (["qjl"] if self.qjl else []) + [f"g{self.group_size}"]
         if self.group_along != "auto":
             parts.append(self.group_along)
@@ -159,7 +182,7 @@ class QuantSpec:
         """`tokens` or `channels`: the direction groups run in for `role` ('k' or 'v')."""
         if role not in ("k", "v"):
             raise ValueError(f"role must be 'k' or 'v', got {role!r}")
-        if self.kind == "lloydmax":
+        if self.kind == "lloydmax" or self.kind in ENGINE_FORMATS:
             return "channels"
         if self.group_along != "auto":
             return self.group_along
@@ -171,6 +194,17 @@ class QuantSpec:
         """A plain uniform grid (minmax/symmetric, no rotation, outliers or pre-RoPE): `affine.py` alone."""
         return (self.kind in ("minmax", "symmetric") and self.rotation == "none" and not self.outlier_frac
                 and not self.prerope)
+
+    @property
+    def fixed_bits(self) -> int | None:
+        """The one code width an engine format is stored at; None for families calibrated at any width."""
+        return ENGINE_FORMATS.get(self.kind)
+
+    def allows_bits(self, bits: int) -> bool:
+        """Whether a unit can be stored at `bits` with this spec (16 = unquantized is always possible)."""
+        if bits == FULL_PRECISION_BITS:
+            return True
+        return is_bits(bits) and (self.fixed_bits is None or bits == self.fixed_bits)
 
     def base_bits(self, bits: int) -> int:
         """Code bits of the dense quantizer at `bits`: `bits − 1` with a QJL sketch (its 1 bit per element), else
@@ -190,6 +224,8 @@ class QuantSpec:
     def metadata_bits_per_group(self, bits: int) -> int:
         if bits >= FULL_PRECISION_BITS:
             return 0
+        if self.kind in ENGINE_FORMATS:  # fp8: none; nvfp4: an e4m3 scale; q4_1: fp16 scale + min; others: fp16 scale
+            return {"fp8": 0, "nvfp4": 8, "q4_1": 32}.get(self.kind, 16)
         scale = SCALE_DTYPE_BITS[self.scale_dtype]
         sparse = self.outliers_per_group() * (OUTLIER_VALUE_BITS + self.outlier_index_bits())
         if self.kind == "lloydmax":
@@ -217,6 +253,8 @@ def parse_spec(text: str) -> QuantSpec:
     text = text.strip()
     if text.startswith("{"):
         return QuantSpec.from_dict(json.loads(text))
+    if text in ENGINE_FORMATS:
+        return QuantSpec(kind=text, group_size=ENGINE_GROUP[text])
     parts = text.split("-")
     kw: dict = {"kind": parts[0]}
     for p in parts[1:]:

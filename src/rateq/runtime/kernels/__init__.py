@@ -131,6 +131,8 @@ def _eligible(bucket) -> bool:
     s, D = bucket.spec, bucket.head_dim
     if bucket.bits >= FULL_PRECISION_BITS or s.qjl or s.outlier_frac:
         return False
+    if s.kind not in ("minmax", "symmetric", "lloydmax"):  # engine formats: the torch path
+        return False
     if D > MAX_D or D % 8 or (s.rotation != "none" and D & (D - 1)):
         return False
     if s.axis_for(bucket.role) == "channels" and s.group_size % 8:  # the kernels read whole groups per 8 lanes

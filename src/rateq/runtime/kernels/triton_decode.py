@@ -75,6 +75,8 @@ def runs(bucket, device) -> bool:
     s = bucket.spec
     if bucket.bits >= FULL_PRECISION_BITS or s.qjl or s.outlier_frac:
         return False
+    if s.kind not in ("minmax", "symmetric", "lloydmax"):  # engine formats: the torch path
+        return False
     if bucket.prerope and bucket.span is None:  # no shared tables to re-apply RoPE with: the torch path
         return False
     D = bucket.head_dim
