@@ -60,6 +60,11 @@ class Plan:
         for q in (self.k_quantizer, self.v_quantizer):
             if q.numel() and (q.min() < 0 or q.max() >= nq):
                 raise RateQError(f"plan quantizer ids must be in 0..{nq - 1}")
+        for role, bits, qid in (("K", self.k_bits, self.k_quantizer), ("V", self.v_bits, self.v_quantizer)):
+            for b, i in sorted(set(zip(bits.flatten().tolist(), qid.flatten().tolist()))):
+                if not self.quantizers[i].allows_bits(b):
+                    raise RateQError(f"the plan stores {role} units with {self.quantizers[i].id} at {b} bits; that "
+                                     f"format is stored at {self.quantizers[i].fixed_bits} bits only")
         if self.weights is not None:
             w = torch.as_tensor(self.weights)
             if w.dtype == torch.bool or w.is_complex() or tuple(w.shape) != (L, H, 2):

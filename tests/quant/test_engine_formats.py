@@ -112,3 +112,10 @@ def test_engine_formats_take_no_options():
         QuantSpec(kind="q4_0", group_size=64)
     with pytest.raises(RateQError, match="takes no rotation, prerope"):
         QuantSpec(kind="nvfp4", group_size=16, rotation="hadamard", prerope=True)
+
+
+def test_a_plan_of_a_format_at_another_width_is_refused():
+    from rateq import ModelFingerprint, Plan
+
+    with pytest.raises(RateQError, match="nvfp4 at 8 bits; that format is stored at 4 bits only"):
+        Plan.uniform(ModelFingerprint("tiny", "llama", 2, 2, 32), 8, spec=parse_spec("nvfp4"))
