@@ -91,7 +91,8 @@ class Output:
 
     Human mode: `line` prints plain text on stdout (never parsed as markup, soft-wrapped), `table` renders a
     rich renderable. JSON mode: those print nothing, and `add` collects the document that is written as one
-    JSON object on stdout when the command ends without an error (`with Output(json_out) as sink: …`).
+    JSON object on stdout when the command ends without an error (`with Output(json_out) as sink: …`). `write`
+    puts text that is the output itself (a file's content) on stdout unchanged, in both modes.
     Progress (`bar`, `spinner`, `calibration`) goes to stderr in human mode only; `warning` goes to stderr in
     both modes."""
 
@@ -114,6 +115,11 @@ class Output:
     def line(self, text: str = "") -> None:
         if not self.json:
             console.print(Text(text), soft_wrap=True)
+
+    def write(self, text: str) -> None:
+        """Text that is itself the command's output (a file's content, launch flags), on stdout as it is, in both
+        modes."""
+        sys.stdout.write(text)
 
     def table(self, renderable) -> None:
         if not self.json:

@@ -35,6 +35,8 @@ def print_summary(sink: Output, plan, *, title: str | None = None) -> None:
             facts.append(f"gap {solver['gap']:.3g}")
         if "seconds" in solver:
             facts.append(f"{solver['seconds'] * 1e3:.1f} ms")
+        if solver.get("engine"):
+            facts.append(f"engine {solver['engine']}")
         sink.line("solver: " + ", ".join(facts))
     if len(s["quantizers"]) > 1 or plan.quantizers[0].id != "minmax-g32-fp16":
         sink.line("quantizers: " + "; ".join(f"{q} (K {n['k']}, V {n['v']} heads)" for q, n in s["quantizers"].items()))

@@ -1,4 +1,5 @@
-"""`rateq export` (a profile's plan as JSON) and `rateq show` (summary and a layer × head bit map)."""
+"""`rateq export` (a profile's plan as JSON, or as a serving engine's own file or flags) and `rateq show`
+(summary and a layer × head bit map)."""
 
 from __future__ import annotations
 
@@ -39,17 +40,28 @@ def show_command(
 @app.command("export")
 def export_command(
     profile: Annotated[Path, typer.Argument(help="Profile (.safetensors).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: json (the plan JSON: per layer, each KV head's bits and quantizer).")] = "json",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Output format: json (the plan JSON: per layer, each KV head's bits and quantizer); modelopt (ModelOpt's hf_quant_config.json with per-layer KV formats); vllm or sglang (launch flags); trtllm (extra_llm_api_options YAML with kv_cache_config.dtype); llamacpp (--cache-type-k / --cache-type-v flags). A plan the engine cannot run is refused, naming the layer and the rule.")] = "json",
     out: OutOpt = None,
 ) -> None:
-    """Write a profile's plan as JSON: per layer, each KV head's K and V bits and quantizer, the quantizer specs,
-    budget and bits, calibration facts. To stdout unless --out is given."""
+    """Write a profile's plan as JSON (per layer, each KV head's K and V bits and quantizer, the quantizer specs,
+    budget and bits, calibration facts), or as a serving engine's own file or flags. To stdout unless --out is
+    given."""
+    from rateq.engines import ENGINES, EXPORT_FORMATS, write_engine_file
     from rateq.errors import RateQError
     from rateq.profile import load_profile, plan_to_json, write_plan_json
 
-    if fmt != "json":
-        raise RateQError(f"unknown export format {fmt!r}; use json")
+    if fmt not in EXPORT_FORMATS:
+        raise RateQError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
     check_out(out)
+    if fmt != "json":
+        with Output() as sink:
+            plan = load_profile(profile)
+            if out is None:
+                sink.write(ENGINES[fmt].write(plan))  # the engine's text is the output itself
+            else:
+                write_engine_file(plan, fmt, out)
+                sink.line(f"plan of {profile} written to {out} for {fmt}")
+        return
     with Output(json_mode=out is None) as sink:  # to stdout, the plan JSON is the output itself
         plan = load_profile(profile)
         if out is None:

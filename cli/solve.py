@@ -1,4 +1,5 @@
-"""`rateq solve`: re-solve stored curves at another budget, or sweep the rate-distortion frontier. No model needed."""
+"""`rateq solve`: re-solve stored curves at another budget, for a serving engine, or sweep the rate-distortion
+frontier. No model needed."""
 
 from __future__ import annotations
 
@@ -40,12 +41,13 @@ def solve_command(
     max_bits: MaxBitsOpt = None,
     keys_at_least_values: KeysOpt = False,
     quantizers: QuantizersOpt = None,
-    tie: Annotated[Optional[str], typer.Option("--tie", help="layer: every KV head of a layer takes one (quantizer, bits) for K and one for V (per-layer engines); layer-kv: K and V too.")] = None,
+    tie: Annotated[Optional[str], typer.Option("--tie", help="layer: every KV head of a layer takes one (quantizer, bits) for K and one for V (per-layer engines); layer-kv: K and V too; model: one for every layer's K and one for every layer's V (llama.cpp).")] = None,
     devices: Annotated[Optional[str], typer.Option("--devices", help="Per-device caps for a model split across GPUs, FIRST-LAST:BITS,… (layers inclusive, effective bits per element of those layers), e.g. 0-14:3,15-29:2.5.")] = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="Solve for a serving engine: modelopt, vllm, sglang, trtllm or llamacpp. Only its formats in the curves, its ties and K/V rules, so that rateq export P --format ENGINE writes the plan; --tie and --devices only where the engine keeps to them.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Solve stored curves at --budget into a profile (--out), and/or print the frontier over --sweep budgets.
-    Without a model: re-solving takes milliseconds to a second."""
+    """Solve stored curves at --budget into a profile (--out), and/or print the frontier over --sweep budgets;
+    --engine keeps a serving engine's rules. Without a model: re-solving takes milliseconds to a second."""
     import rateq
     from rateq.errors import RateQError
     from rateq.plan import check_budget
@@ -69,6 +71,16 @@ def solve_command(
         raise RateQError(f"unknown --tie {tie!r}; use one of {', '.join(TIES)}")
     device_caps = parse_devices(devices) if devices is not None else None
     budgets = parse_sweep(sweep) if sweep is not None else None
+    target = None
+    if engine is not None:
+        from rateq.engines import ENGINES
+
+        if engine not in ENGINES:
+            raise RateQError(f"unknown --engine {engine!r}; use one of {', '.join(ENGINES)}")
+        if sweep is not None:
+            raise RateQError("--engine solves at one --budget; sweep the frontier without --engine")
+        target = ENGINES[engine]
+        target.options(tie=tie, devices=device_caps, quantizers=parse_list(quantizers))  # agree, before any work
     check_out(out)
     if out is not None and out.resolve() == curves.resolve():
         raise RateQError("--out would overwrite the curves file; choose another name")
@@ -80,7 +92,11 @@ def solve_command(
                            quantizers=parse_list(quantizers), tie=tie, devices=device_caps)
         sink.add(curves=str(curves))
         plan = None
-        if budget is not None:
+        if target is not None:
+            from rateq.engines import solve_for
+
+            plan = solve_for(cv, budget, target, method=method or "exact", policy=policy, **constraints)
+        elif budget is not None:
             plan = rateq.solve(cv, budget, method=method or "exact", policy=policy, **constraints)
         rows = frontier(cv, budgets, method=method or "greedy", **constraints) if budgets else None
         if plan is not None:
@@ -91,3 +107,6 @@ def solve_command(
             sink.table(frontier_table(rows, cv.metric))
         if plan is not None:
             print_summary(sink, plan, title=f"profile written to {out}")
+            if target is not None:
+                sink.add(engine=target.name)
+                sink.line(f"for {target.name}: rateq export {out} --format {target.name}")

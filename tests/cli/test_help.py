@@ -120,6 +120,17 @@ def test_documented_defaults_are_the_codes_defaults(command, option, says):
     assert says in option_row(command, option)
 
 
+def test_the_engine_options_name_every_engine():
+    from rateq.engines import ENGINES, EXPORT_FORMATS
+
+    engine, fmt = option_row("solve", "--engine"), option_row("export", "--format")
+    for name in ENGINES:
+        assert name in engine, name
+    for name in EXPORT_FORMATS:
+        assert f"{name} (" in fmt or f"{name} or " in fmt, name
+    assert "[default: json]" in fmt and "model: one for every layer's K" in option_row("solve", "--tie")
+
+
 def test_the_dtype_help_says_what_auto_resolves_to():
     for command in ("calibrate", "apply", "eval"):
         assert "auto (fp32 on CPU, bf16 on CUDA)" in option_row(command, "--dtype")

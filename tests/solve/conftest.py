@@ -39,7 +39,7 @@ def brute_force(curves, budget, *, min_bits=None, max_bits=None, keys_at_least_v
                 fixed=None, tie=None, devices=None, rtol=1e-12):
     """Minimum total distortion over every combination, by enumeration (independent of rateq.solve).
 
-    `tie` ("layer" or "layer-kv") enumerates one slot per tied group; `devices` is `[(first, last, cap), …]`."""
+    `tie` ("layer", "layer-kv" or "model") enumerates one slot per tied group; `devices` is `[(first, last, cap), …]`."""
     L, H = curves.model.num_layers, curves.model.num_kv_heads
     Q, NB = len(curves.quantizers), len(curves.bits)
     N = L * H * 2
@@ -50,8 +50,9 @@ def brute_force(curves, budget, *, min_bits=None, max_bits=None, keys_at_least_v
     w = curves.counts.numpy().reshape(N)
     w = w / w.sum()
     options = []
+    stored = np.array([q.allows_bits(b) for q in curves.quantizers for b in curves.bits])  # engine formats: one width
     for u in range(N):
-        ok = np.ones(Q * NB, dtype=bool)
+        ok = stored.copy()
         if min_bits is not None:
             ok &= bits >= min_bits
         if max_bits is not None:
@@ -60,12 +61,12 @@ def brute_force(curves, budget, *, min_bits=None, max_bits=None, keys_at_least_v
         if fixed and key in fixed:
             v = fixed[key]
             q, b = v if isinstance(v, tuple) else (None, v)
-            ok = bits == b
+            ok = stored & (bits == b)
             if q is not None:
                 ok &= qs == q
         options.append(np.nonzero(ok)[0])
     u = np.arange(N)
-    group = {None: u, "layer": u // (2 * H) * 2 + u % 2, "layer-kv": u // (2 * H)}[tie]
+    group = {None: u, "layer": u // (2 * H) * 2 + u % 2, "layer-kv": u // (2 * H), "model": u % 2}[tie]
     group_options = [functools.reduce(np.intersect1d, [options[i] for i in np.nonzero(group == g)[0]])
                      for g in range(group.max() + 1)]
     if any(len(o) == 0 for o in group_options):

@@ -171,7 +171,7 @@ def test_exact_backends_and_waterfill_with_devices(curves_factory, brute, plan_d
     (dict(tie="layer", keys_at_least_values=True, fixed={(0, 0, "k"): 1, (0, 1, "v"): 2}),
      r"^layer 0: no allowed key width is ≥ an allowed value width with tie='layer'"),
     # Malformed arguments.
-    (dict(tie="head"), r"^tie must be None, 'layer' or 'layer-kv', got 'head'"),
+    (dict(tie="head"), r"^tie must be None, 'layer', 'layer-kv' or 'model', got 'head'"),
     (dict(devices=[(0, 1, 3.0), (1, 1, 3.0)]), r"^devices\[1\] layers 1\.\.1 overlap devices\[0\] layers 0\.\.1"),
     (dict(devices=[(0, 2, 3.0)]), r"^devices\[0\] layers 0\.\.2 must be whole numbers with 0 ≤ first ≤ last ≤ 1"),
     (dict(devices=[(0, 1)]), r"^devices\[0\] must be \(first layer, last layer, cap\)"),

@@ -16,8 +16,10 @@ also unquantized fp16 (16 bits per element, zero distortion). Four methods share
   repaired to feasibility; the plan's gap to the bound is reported.
 
 Plans a serving engine can run: `tie="layer"` gives every KV head of a layer one (quantizer, bits) for K and
-one for V, `tie="layer-kv"` one for the whole layer; `devices` caps the layers each GPU holds. `exact`,
-`greedy` and `convex` honour both; `waterfill` refuses them.
+one for V, `tie="layer-kv"` one for the whole layer, `tie="model"` one for every key of the model and one for
+every value; `devices` caps the layers each GPU holds. `exact`, `greedy` and `convex` honour both; `waterfill`
+refuses them. Engine formats (`fp8`, `nvfp4`, llama.cpp's `q8_0`, …) are chosen at their own width only;
+`rateq.engines.solve_for` adds every rule of one engine.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int
     - `quantizers`: restrict the choice to these of the curves' quantizers.
     - `policy`: the runtime policy (residual window, key block, sinks) recorded in the plan.
     - `tie`: `"layer"`: all KV heads of a layer take one slot for K and one for V (K and V may differ);
-      `"layer-kv"`: the whole layer takes one slot. A tied group may take only the slots all its units may.
+      `"layer-kv"`: the whole layer takes one slot; `"model"`: every K unit of the model takes one slot and every
+      V unit one (no `per_layer_budget` or `devices` with it). A tied group may take only the slots all its units
+      may.
     - `devices`: `[(first layer, last layer, cap), …]`: the layers each device holds (inclusive, disjoint) and
       its cap in effective bits per element of those layers' units. A memory cap of M bytes for a device whose
       layers cache E elements (tokens × KV heads × head dim × 2, K and V) is `cap = 8·M / E`, since

@@ -2,7 +2,9 @@
 
 Unit `u = (layer · H + head) · 2 + role` (role 0 = K, 1 = V), so a KV head's K and V units are neighbours.
 Slot `c` is one `(quantizer, bits)` pair of the curves, in the curves' order (quantizer-major), plus an
-optional last slot for unquantized fp16 (16 bits per element, no metadata, zero distortion).
+optional last slot for unquantized fp16 (16 bits per element, no metadata, zero distortion). A slot whose
+quantizer is not stored at its width (an engine format outside its one code width, `QuantSpec.allows_bits`)
+is never valid, so fixed-width formats are chosen at their own width only.
 
 Costs are effective bits per element (`QuantSpec.bits_per_element`: code bits + scales/zero-points), and a
 unit's share of the budget is its element count over the total, so `Σ_u weight_u · cost_u ≤ budget` is exactly
@@ -13,7 +15,9 @@ Rules of the engine that will run the plan are expressed the same way, once for 
 
 - tied groups (`group`): units that must take one slot together, e.g. every KV head of a layer when the engine
   stores a layer's cache at one width. The solvers choose per group; a group's valid slots are the intersection
-  of its units'. Groups never span layers. Without ties every unit is its own group.
+  of its units'. Without ties every unit is its own group. Groups never span layers, except under
+  `tie="model"` (one slot for every K unit of the model and one for every V unit, as llama.cpp's global
+  `--cache-type-k` / `--cache-type-v`), which therefore takes no per-layer or per-device caps.
 - caps (`layer_budget`, `device_layers` / `device_budget`): effective bits per element of a set of layers'
   units — one layer, or the layers one device (GPU) holds when the model is split across devices.
 
@@ -38,7 +42,7 @@ from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
 
 ROLES = ("k", "v")
 FP16 = -1  # slot quantizer index of the unquantized candidate
-TIES = ("layer", "layer-kv")
+TIES = ("layer", "layer-kv", "model")
 # Budget comparisons allow this much relative slack, so that a budget equal to a plan's own cost (e.g. a
 # uniform plan's effective bits typed back in) is met rather than lost to float rounding.
 BUDGET_RTOL = 1e-12
@@ -185,11 +189,13 @@ class Problem:
         return bool((self.expand(self.group_choice(choice)) == choice).all())
 
     def _name(self, units: np.ndarray) -> str:
-        """Units in words: `layer 3 head 1 keys`, `layer 3 head 1`, `layer 3 values`, `layer 3`."""
+        """Units in words: `layer 3 head 1 keys`, `layer 3 head 1`, `layer 3 values`, `layer 3`, `every layer's
+        keys`."""
         H = self.num_kv_heads
         layers, heads, roles = (set(a.tolist()) for a in (units // (2 * H), units // 2, units % 2))
         if len(layers) > 1:
-            return f"units {units.tolist()}"
+            every = len(units) == self.num_units // 2 and len(roles) == 1
+            return f"every layer's {('keys', 'values')[roles.pop()]}" if every else f"units {units.tolist()}"
         name = f"layer {layers.pop()}" + (f" head {heads.pop() % H}" if len(heads) == 1 else "")
         return name + (f" {('keys', 'values')[roles.pop()]}" if len(roles) == 1 else "")
 
@@ -276,10 +282,11 @@ class Problem:
                                  f"{self._tied()}; widen --min-bits/--max-bits or drop keys_at_least_values")
         if budget:
             tied = f"; tie={self.tie!r}" if self.tie else ""
+            used = sorted({int(q) for q in self.slot_q[self.valid.any(0)] if q != FP16})  # those left to choose
             check_budget_range(self.budget, *self.cost_range(),
                                f"for these curves and constraints (quantizers "
-                               f"{', '.join(q.id for q in self.curves.quantizers)}; bits {list(self.curves.bits)}"
-                               f"{tied})")
+                               f"{', '.join(self.curves.quantizers[i].id for i in used) or 'none: fp16 only'}; "
+                               f"bits {list(self.curves.bits)}{tied})")
         member, cap = self.caps()
         if len(cap):
             lo, _ = self._group_cost_range()
@@ -406,10 +413,18 @@ def budget_range(quantizers: list[QuantSpec], bits, *, min_bits: int | None = No
     widths = [b for b in bits if (min_bits is None or b >= min_bits) and (max_bits is None or b <= max_bits)]
     if not widths and not allow_fp16:
         raise RateQError(f"no bit width of {list(bits)} lies in [{min_bits}, {max_bits}]")
-    costs = [q.bits_per_element(b) for q in quantizers for b in widths]
+    costs = [q.bits_per_element(b) for q in quantizers for b in widths if q.allows_bits(b)]
     if allow_fp16:
         costs.append(float(FULL_PRECISION_BITS))
+    if not costs:
+        raise RateQError(f"none of quantizers {', '.join(q.id for q in quantizers)} is stored at bits {widths} "
+                         f"(engine formats take their own width only: {_fixed_widths(quantizers)})")
     return min(costs), max(costs)
+
+
+def _fixed_widths(quantizers) -> str:
+    """`nvfp4 at 4, q8_0 at 8` for the fixed-width formats among `quantizers` (or `none`)."""
+    return ", ".join(f"{q.id} at {q.fixed_bits}" for q in quantizers if q.fixed_bits is not None) or "none"
 
 
 def in_budget_range(budget: float, lo: float, hi: float) -> bool:
@@ -444,14 +459,15 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
     """Flatten curves and constraints into a `Problem`, validating every input and the budget's feasibility.
 
     `tie`: `"layer"` ties every KV head of a layer (its K units take one slot, its V units one slot),
-    `"layer-kv"` ties K and V too (one slot per layer). `devices`: `[(first layer, last layer, cap), …]`, the
+    `"layer-kv"` ties K and V too (one slot per layer), `"model"` ties every K unit of the model and every V unit
+    (one slot each; no per-layer budgets or devices with it). `devices`: `[(first layer, last layer, cap), …]`, the
     layers each device holds (inclusive, disjoint) and the cap in effective bits per element of their units.
     """
     if not isinstance(curves, Curves):
         raise RateQError(f"solve needs a rateq.Curves, got {type(curves).__name__}")
     budget = check_budget_value(budget, "budget")
     if tie is not None and tie not in TIES:
-        raise RateQError(f"tie must be None, {' or '.join(map(repr, TIES))}, got {tie!r}")
+        raise RateQError(f"tie must be None, {', '.join(map(repr, TIES[:-1]))} or {TIES[-1]!r}, got {tie!r}")
     if min_bits is not None and max_bits is not None and min_bits > max_bits:
         raise RateQError(f"min_bits {min_bits} is above max_bits {max_bits}")
 
@@ -481,8 +497,9 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
         dist = np.concatenate([dist, np.zeros((N, 1))], 1)
         holdable = np.concatenate([holdable, np.ones((N, 1), dtype=bool)], 1)
 
-    # Slots every free unit may take: bit range and quantizer subset.
-    free = np.ones(len(slot_q), dtype=bool)
+    # Slots every free unit may take: widths the quantizer is stored at, bit range and quantizer subset.
+    stored = np.array([q == FP16 or curves.quantizers[q].allows_bits(int(b)) for q, b in zip(slot_q, slot_bits)])
+    free = stored.copy()
     if min_bits is not None:
         free &= (slot_bits >= min_bits) | (slot_q == FP16)
     if max_bits is not None:
@@ -492,7 +509,8 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
         free &= np.isin(slot_q, sorted(allowed)) | (slot_q == FP16)
     if not free.any():
         raise RateQError(f"no candidate left: bits {list(curves.bits)} within [{min_bits}, {max_bits}] "
-                         f"and quantizers {quantizers!r} leave nothing to choose")
+                         f"and quantizers {quantizers!r} leave nothing to choose (engine formats take their own "
+                         f"width only: {_fixed_widths(curves.quantizers)})")
     valid = np.broadcast_to(free, (N, len(slot_q))) & holdable
     if not valid.any(1).all():
         raise RateQError("some units have no candidate their quantizers can hold; add a quantizer for both K and V")
@@ -509,14 +527,22 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
                 slot_cost = np.append(slot_cost, float(FULL_PRECISION_BITS))
                 dist = np.concatenate([dist, np.zeros((N, 1))], 1)
                 valid = np.concatenate([valid, np.zeros((N, 1), dtype=bool)], 1)
+                stored = np.append(stored, True)
                 allow_fp16 = True
             row = slot_q == FP16
         else:
             if b not in curves.bits:
                 raise RateQError(f"fixed unit {key!r}: {b} bits is not a calibrated width {list(curves.bits)} (or 16)")
-            row = slot_bits == b
+            row = (slot_bits == b) & stored
             if q is not None:
-                row &= slot_q == _quantizer_index(curves, q)
+                qi = _quantizer_index(curves, q)
+                row &= slot_q == qi
+                if not row.any():
+                    raise RateQError(f"fixed unit {key!r}: quantizer {curves.quantizers[qi].id} is stored at "
+                                     f"{curves.quantizers[qi].fixed_bits} bits only, not {b}")
+            elif not row.any():
+                raise RateQError(f"fixed unit {key!r}: no quantizer of the curves is stored at {b} bits (engine "
+                                 f"formats take their own width only: {_fixed_widths(curves.quantizers)})")
         valid[u] = row
 
     layer_budget = None
@@ -531,11 +557,14 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
               for l, v in enumerate(values)]
         layer_budget = np.array(lb * L if len(lb) == 1 else lb, dtype=np.float64)
 
+    device_layers, device_budget = _devices(devices, L)
+    if tie == "model" and (layer_budget is not None or device_layers is not None):
+        raise RateQError("tie='model' gives every layer's keys one slot and every layer's values one, across layers; "
+                         "per-layer budgets and devices cap single layers: drop them or use tie='layer'")
     group = None
     if tie is not None:
         u = np.arange(N)
-        group = u // (2 * H) * 2 + u % 2 if tie == "layer" else u // (2 * H)
-    device_layers, device_budget = _devices(devices, L)
+        group = {"layer": u // (2 * H) * 2 + u % 2, "layer-kv": u // (2 * H), "model": u % 2}[tie]
 
     problem = Problem(curves=curves, weight=weight, slot_q=slot_q, slot_bits=slot_bits, slot_cost=slot_cost,
                       dist=dist, valid=valid, budget=budget, layer_budget=layer_budget,
