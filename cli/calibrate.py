@@ -52,6 +52,7 @@ def calibrate_command(
     min_bits: MinBitsOpt = None,
     max_bits: MaxBitsOpt = None,
     keys_at_least_values: KeysOpt = False,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="modelopt, vllm, sglang, trtllm or llamacpp: add that engine's KV formats (and their widths) to the candidates and solve the profile under its rules, ready for `rateq export --format ENGINE`; the kept curves re-solve freely.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows.")] = 0,
     residual: ResidualOpt = 0,
@@ -89,6 +90,18 @@ def calibrate_command(
     if not specs:
         raise RateQError("--quantizers is empty; give at least one id such as minmax-g32-fp16")
     check_policy_options(residual, block, sinks)
+    eng = None
+    if engine is not None:
+        from rateq.engines import get_engine
+
+        eng = get_engine(engine)
+        if residual or sinks:
+            raise RateQError(f"{eng.name} quantizes every cached token: calibrate for it with --residual 0 and "
+                             "--sinks 0 (the defaults)")
+        engine_specs = parse_specs(list(eng.formats))
+        specs += [q for q in engine_specs if q not in specs]
+        widths = tuple(sorted(set(widths) | {q.fixed_bits for q in engine_specs}))
+        check_feasible_budget(budget, engine_specs, widths, allow_fp16=eng.allow_fp16, what="--budget")
     policy = CachePolicy.for_quantizers(specs, residual=residual, block=block, sinks=sinks)
     check_feasible_budget(budget, specs, widths, min_bits=min_bits, max_bits=max_bits, what="--budget")
     out = out if out is not None else default_out(model, budget)
@@ -113,8 +126,14 @@ def calibrate_command(
                                      policy=policy, progress=report, **kw)
         curves.calibration["data"] = data_name
         curves.save(cpath)  # first: the expensive part is kept even if solving is interrupted
-        plan = rateq.solve(curves, budget, method=method, min_bits=min_bits, max_bits=max_bits,
-                           keys_at_least_values=keys_at_least_values, policy=policy)
+        if eng is None:
+            plan = rateq.solve(curves, budget, method=method, min_bits=min_bits, max_bits=max_bits,
+                               keys_at_least_values=keys_at_least_values, policy=policy)
+        else:
+            from rateq.engines import solve_for
+
+            plan = solve_for(curves, budget, eng, method=method, min_bits=min_bits, max_bits=max_bits,
+                             keys_at_least_values=keys_at_least_values or None, policy=policy)
         save_profile(plan, out)
 
         sink.add({"profile": str(out), "curves": str(cpath)}, plan_summary(plan))

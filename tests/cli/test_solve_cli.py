@@ -177,6 +177,9 @@ def test_show_and_export_errors(monkeypatch, capsys, tmp_path, profile_file):
     (["--budget", "2.5", "--quantizers", "minmax-q7"], "cannot parse quantizer"),
     (["--budget", "2.5", "--n-samples", "0"], "--n-samples must be at least 1"),
     (["--budget", "2.5", "--method", "magic"], "unknown --method"),
+    (["--budget", "5", "--engine", "tgi"], "unknown engine 'tgi'"),
+    (["--budget", "5", "--engine", "vllm", "--residual", "8"], "vllm quantizes every cached token"),
+    (["--budget", "3", "--engine", "modelopt"], "outside the feasible range [4.5000, 8.0000]"),
 ])
 def test_calibrate_checks_inputs_before_loading_the_model(monkeypatch, capsys, tmp_path, args, match):
     monkeypatch.chdir(tmp_path)
@@ -200,6 +203,26 @@ def test_calibrate_end_to_end_on_the_default_model(tmp_path, smol):
     assert plan.policy.block == 128  # a key block that holds the 128-token key groups
     assert plan.effective_bits <= 3.0 and plan.model.name == "smollm2-135m"
     assert plan.calibration["data"] == "austen-emma" and plan.calibration["metric"] == "output"
+
+
+@pytest.mark.slow
+def test_calibrate_for_an_engine_writes_a_plan_it_runs(tmp_path, smol):
+    out = tmp_path / "smol-modelopt.safetensors"
+    res = runner.invoke(app, ["calibrate", "--budget", "6", "--engine", "modelopt", "--n-samples", "1", "--seq-len",
+                              "128", "--metric", "output", "--bits", "2", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    curves = rateq.Curves.load(json.loads(res.stdout)["curves"])
+    assert {"fp8", "nvfp4"} <= {q.id for q in curves.quantizers} and set(curves.bits) == {2, 4, 8}
+    plan = rateq.load_profile(out)
+    assert plan.solver["engine"] == "modelopt" and plan.effective_bits <= 6 + 1e-9
+    assert {q.id for q in plan.quantizers} <= {"fp8", "nvfp4"}
+    for role in ("k", "v"):  # one format per layer, keys at least values
+        assert (plan.bits(role) == plan.bits(role)[:, :1]).all()
+    assert (plan.k_bits >= plan.v_bits).all()
+    res = runner.invoke(app, ["export", str(out), "--format", "modelopt"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)["quantization"]
+    assert doc["kv_cache_schema_version"] == 1 and len(doc["kv_cache_quantized_layers"]) == 30
 
 
 def test_solve_ties_layers_and_caps_devices(curves_file, tmp_path):
