@@ -14,7 +14,8 @@ from .main import app
 
 BASELINE_HELP = (
     "Baseline to compare with (repeatable). Built at every compared budget: kivi, splits, wnorm, waterfill, "
-    "rateq, rank, hybrid, rotations, rot-hadamard (rot-identity, rot-random, rot-pca); NAME@BITS builds one at "
+    "rateq, rank, hybrid, rotations, rot-hadamard (rot-identity, rot-random, rot-pca), and the best plan an "
+    "engine runs from the same curves: modelopt, vllm, sglang, trtllm, llamacpp; NAME@BITS builds one at "
     "BITS. Fixed storage: KxVy[:SPEC] (e.g. K3V2, K3V2:minmax-g64-fp16), rankR, reference, a profile path; "
     "those not at a compared budget are listed apart as not matched. Default: kivi, splits, wnorm, rank, "
     "hybrid. The full-precision row (fp) is always evaluated, first.")

@@ -54,11 +54,11 @@ def test_splits_hit_budget_exactly(model, budget):
 # -- the package ----------------------------------------------------------------------------------------------
 PUBLIC = ("GROUP_SIZES", "ROTATIONS", "REFERENCE_SPLITS", "REFERENCE_SPEC", "DEFAULT_BASELINES", "BaselineContext",
           "matched_uniform", "matched_splits", "full_precision", "fixed_split", "kivi", "splits", "projection_norms",
-          "weight_norm", "waterfill", "rateq_plan", "profile", "rank", "hybrid", "rotated", "reference",
+          "weight_norm", "waterfill", "rateq_plan", "engine_plan", "profile", "rank", "hybrid", "rotated", "reference",
           "reference_rank", "check_budget", "BaselineName", "is_profile_name", "parse_name", "check_name", "build")
 JOBS = {"context": ("BaselineContext",), "matched": ("matched_uniform", "matched_splits", "check_budget"),
-        "families": ("full_precision", "fixed_split", "kivi", "splits", "waterfill", "rateq_plan", "profile", "rank",
-                     "hybrid", "rotated", "reference"),
+        "families": ("full_precision", "fixed_split", "kivi", "splits", "waterfill", "rateq_plan", "engine_plan",
+                     "profile", "rank", "hybrid", "rotated", "reference"),
         "weight_norm": ("projection_norms", "weight_norm", "weight_norm_curves"),
         "names": ("BaselineName", "parse_name", "check_name", "build", "DEFAULT_BASELINES")}
 
@@ -246,6 +246,36 @@ def test_waterfill_row_from_curves(model):
     assert m.family == "waterfill" and m.effective_bits <= 2.5 + 1e-6
     (r,) = bl.build("rateq@3", model, context=ctx)
     assert r.effective_bits <= 3.0 + 1e-6
+
+
+def test_engine_rows_solve_under_each_engines_rules_from_the_same_curves(model):
+    fp = rateq.fingerprint(model)
+    L, H = fp.num_layers, fp.num_kv_heads
+    bits = (2, 4, 5, 8)
+    specs = [QuantSpec(group_size=64), rateq.parse_spec("fp8"), rateq.parse_spec("nvfp4"), rateq.parse_spec("q4_0"),
+             rateq.parse_spec("q8_0")]
+    gen = torch.Generator().manual_seed(1)
+    d = (torch.rand(L, H, 2, len(specs), 1, generator=gen, dtype=torch.float64) + 0.1) * 4.0 ** (
+        -torch.tensor(bits, dtype=torch.float64))
+    for q, spec in enumerate(specs):  # engine formats exist at their own width only
+        for i, b in enumerate(bits):
+            if not spec.allows_bits(b):
+                d[:, :, :, q, i] = float("inf")
+    curves = Curves(d, bits, specs, torch.full((L, H, 2), 1024.0), "mse", fp)
+    ctx = bl.BaselineContext(model, curves=curves)
+    (free,) = bl.build("rateq@6", model, context=ctx)
+    for engine in ("modelopt", "vllm", "sglang", "trtllm", "llamacpp"):
+        assert bl.check_name(f"{engine}@6", curves=curves).kind == engine
+        (m,) = bl.build(f"{engine}@6", model, context=ctx)
+        assert m.family == "engine" and m.name == f"{engine}@6" and m.effective_bits <= 6 + 1e-9
+        assert m.plan.solver["engine"] == engine and "predicted mse" in m.notes
+        assert m.plan.solver["predicted_distortion"] >= free.plan.solver["predicted_distortion"] * (1 - 1e-9)
+        rateq.engines.get_engine(engine).write(m.plan)  # the engine represents it
+    without = Curves(d[..., :1, :], bits, specs[:1], torch.full((L, H, 2), 1024.0), "mse", fp)
+    with pytest.raises(rateq.RateQError, match="calibrate --engine modelopt|rateq calibrate"):
+        bl.check_name("modelopt@6", curves=without)
+    with pytest.raises(rateq.RateQError, match="outside the range"):
+        bl.check_name("modelopt@3", curves=curves)
 
 
 def test_names_parse_without_a_model(tmp_path):

@@ -12,6 +12,7 @@ budget, a name without it is expanded at every `--budget`:
 | `wnorm@B` | "Quantize What Counts": per-layer key-favoured K/V widths ≥ 2 from projection weight norms, data-free |
 | `waterfill@B` | RateQuant-style: fitted D(b) = α·β^(−b) per head and reverse waterfilling (`rateq.solve`) |
 | `rateq@B` | rateq's own plan: `rateq.calibrate` + `rateq.solve` at budget B |
+| `modelopt@B`, `vllm@B`, `sglang@B`, `trtllm@B`, `llamacpp@B` | the best plan that engine runs (`rateq.engines.solve_for`) on the same curves, which must hold its formats |
 | `rank@B`, `rankR` | per-head PCA keeping r of D dims in fp16 (r = B·D/16); `rankR` keeps R dims |
 | `hybrid@B` | PCA to D/2 dims, then KIVI-style quantization of the coefficients at the bits that fit B |
 | `rot-{identity,hadamard,random,pca}@B`, `rotations@B` | `kivi@B` after rotating each head by an orthogonal matrix |
@@ -35,8 +36,8 @@ search), `families` (the Method builders), `weight_norm` (the weight-norm alloca
 """
 
 from .context import BaselineContext
-from .families import (REFERENCE_SPEC, REFERENCE_SPLITS, ROTATIONS, fixed_split, full_precision, hybrid, kivi,
-                       profile, rank, rateq_plan, reference, reference_rank, rotated, splits, waterfill)
+from .families import (REFERENCE_SPEC, REFERENCE_SPLITS, ROTATIONS, engine_plan, fixed_split, full_precision, hybrid,
+                       kivi, profile, rank, rateq_plan, reference, reference_rank, rotated, splits, waterfill)
 from .matched import GROUP_SIZES, check_budget, matched_splits, matched_uniform
 from .names import DEFAULT_BASELINES, BaselineName, build, check_name, is_profile_name, parse_name
 from .weight_norm import (WNORM_BITS, WNORM_QUANTIZERS, check_weight_norm, projection_norms, weight_norm,
@@ -45,7 +46,7 @@ from .weight_norm import (WNORM_BITS, WNORM_QUANTIZERS, check_weight_norm, proje
 __all__ = [
     "DEFAULT_BASELINES", "GROUP_SIZES", "REFERENCE_SPEC", "REFERENCE_SPLITS", "ROTATIONS", "WNORM_BITS",
     "WNORM_QUANTIZERS", "BaselineContext", "BaselineName", "build", "check_budget", "check_name",
-    "check_weight_norm", "fixed_split", "full_precision", "hybrid", "is_profile_name", "kivi", "matched_splits",
+    "check_weight_norm", "engine_plan", "fixed_split", "full_precision", "hybrid", "is_profile_name", "kivi", "matched_splits",
     "matched_uniform", "parse_name", "profile", "projection_norms", "rank", "rateq_plan", "reference",
     "reference_rank", "rotated", "splits", "waterfill", "weight_norm", "weight_norm_curves",
 ]

@@ -83,6 +83,21 @@ def rateq_plan(context: BaselineContext, budget: float) -> Method:
                             notes=_code_bits_note(plan))
 
 
+def engine_plan(context: BaselineContext, budget: float, engine: str) -> Method:
+    """The best plan a serving engine can run (`rateq.engines.solve_for`: its formats, tie and K/V rule) on the
+    context's curves at `budget`, beside the free per-head plan of the same curves."""
+    from ...engines import get_engine, solve_for
+
+    eng = get_engine(engine)
+    plan = solve_for(context.get_curves(), budget, eng)
+    layers = eng.layer_formats(plan)
+    used = sorted({f for pair in layers for f in pair})
+    return Method.from_plan(plan, f"{eng.name}@{fmt_bits(budget)}", family="engine", budget=budget,
+                            label=f"{eng.name} plan ({', '.join(used)}; {eng.tie} tie)",
+                            notes=f"{_code_bits_note(plan)}; predicted {plan.solver['metric']} "
+                                  f"{plan.solver['predicted_distortion']:.4g}")
+
+
 def profile(path: str, model=None, *, own_policy: bool = True, overrides: dict | None = None) -> Method:
     """A saved profile; with `model` (a model, its config or a fingerprint), its fingerprint is checked first.
 

@@ -9,22 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...engines import ENGINES, engine_quantizers, get_engine
 from ...errors import RateQError
 from ...models import fingerprint
 from ...quant.spec import FULL_PRECISION_BITS, QuantSpec, parse_spec
 from ...solve import budget_range
 from ..method import Method
 from .context import BaselineContext
-from .families import (ROTATIONS, fixed_split, full_precision, hybrid, kivi, profile, rank, rateq_plan, reference,
-                       reference_rank, rotated, splits, waterfill)
+from .families import (ROTATIONS, engine_plan, fixed_split, full_precision, hybrid, kivi, profile, rank, rateq_plan,
+                       reference, reference_rank, rotated, splits, waterfill)
 from .matched import TOL, check_budget
 from .weight_norm import WNORM_BITS, WNORM_QUANTIZERS, check_weight_norm, weight_norm
 
 DEFAULT_BASELINES = ("fp", "kivi", "splits", "wnorm", "rank", "hybrid")  # all matched: built at each budget
 BUDGETED = ("kivi", "splits", "wnorm", "waterfill", "rateq", "rank", "hybrid", "rotations") + tuple(
-    f"rot-{k}" for k in ROTATIONS)
+    f"rot-{k}" for k in ROTATIONS) + tuple(ENGINES)
 _NEED_BASES = ("rank", "rank-fixed", "hybrid", "rotations", "rot-pca", "reference")  # PCA bases
-_NEED_CURVES = ("waterfill", "rateq")
+_NEED_CURVES = ("waterfill", "rateq", *ENGINES)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,12 @@ def check_name(name: str, budgets=(), *, config=None, curves=None) -> BaselineNa
     against the curves' range. Without `config`, a profile is checked on its own and a weight-norm budget
     against the range of its quantizers whatever the head size."""
     parsed = parse_name(name, budgets)
-    if curves is not None and parsed.needs_curves:
+    if curves is not None and parsed.kind in ENGINES:
+        eng = get_engine(parsed.kind)
+        held = engine_quantizers(curves, eng)  # none: a RateQError naming what to calibrate
+        _check_budget_range(parsed, *budget_range(held, curves.bits, allow_fp16=eng.allow_fp16),
+                            f"{eng.name}'s formats in the curves can be solved for")
+    elif curves is not None and parsed.needs_curves:
         _check_budget_range(parsed, *budget_range(curves.quantizers, curves.bits), "the curves can be solved for")
     if config is None:
         if parsed.kind == "profile":
@@ -197,6 +203,8 @@ def build(name, model, *, budgets=(), context: BaselineContext | None = None) ->
             out.append(hybrid(context, budget))
         elif kind == "rotations":
             out.extend(rotated(context, k, budget) for k in ROTATIONS)
+        elif kind in ENGINES:
+            out.append(engine_plan(context, budget, kind))
         else:
             out.append(rotated(context, kind[4:], budget))
     return out
