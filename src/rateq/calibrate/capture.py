@@ -46,10 +46,7 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
                 raise RateQError(f"{spec.id} quantizes keys before RoPE and needs the layer's rotary tables")
             tables = slice_rope(rope, start, end)
         widths = [j for j, b in enumerate(bits) if spec.allows_bits(b)]  # engine formats: their own width only
-        if len(widths) == len(bits):
-            out[i * len(bits):(i + 1) * len(bits), :, :, start:end] = fake_quantize_multi(seg, list(bits), spec, role,
-                                                                                            rope=tables)
-        elif widths:
+        if widths:
             stored = fake_quantize_multi(seg, [bits[j] for j in widths], spec, role, rope=tables)
             for k, j in enumerate(widths):
                 out[i * len(bits) + j, :, :, start:end] = stored[k]

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from ...paths import cache_dir
+from ...quant import hadamard, lloydmax
+from ...quant.spec import FULL_PRECISION_BITS
 
 SOURCE = Path(__file__).with_name("decode.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
@@ -125,19 +127,23 @@ def runs(bucket, device) -> bool:
     return bucket.native["ok"]
 
 
-def _eligible(bucket) -> bool:
-    from ...quant.spec import FULL_PRECISION_BITS
-
+def fused_family(bucket) -> bool:
+    """Whether a fused kernel (native or Triton) can read `bucket` at all: a uniform grid or Lloyd–Max codebook
+    below 16 bits, without QJL sketches or sparse outliers (engine formats and those use the torch path), codes
+    packed in whole rows, head_dim a multiple of 8 up to `MAX_D` (a power of two when rotated)."""
     s, D = bucket.spec, bucket.head_dim
     if bucket.bits >= FULL_PRECISION_BITS or s.qjl or s.outlier_frac:
         return False
-    if s.kind not in ("minmax", "symmetric", "lloydmax"):  # engine formats: the torch path
+    if s.kind not in ("minmax", "symmetric", "lloydmax"):
         return False
     if D > MAX_D or D % 8 or (s.rotation != "none" and D & (D - 1)):
         return False
-    if s.axis_for(bucket.role) == "channels" and s.group_size % 8:  # the kernels read whole groups per 8 lanes
-        return False
     return not bucket.parts["codes"].part.stream
+
+
+def _eligible(bucket) -> bool:
+    s = bucket.spec  # the native kernels also read whole channel groups per 8 lanes
+    return fused_family(bucket) and not (s.axis_for(bucket.role) == "channels" and s.group_size % 8)
 
 
 _CONST: dict = {}
@@ -147,8 +153,6 @@ def _const(kind: str, D: int, seed: int = 0) -> torch.Tensor:
     """Per-process constants the units point to: rotation signs, all-ones signs."""
     key = (kind, D, seed)
     if key not in _CONST:
-        from ...quant import hadamard
-
         _CONST[key] = hadamard.signs(D, seed).contiguous() if kind == "signs" else torch.ones(D)
     return _CONST[key]
 
@@ -171,8 +175,6 @@ def _unit(bucket) -> tuple[Unit, list, bool]:
     """The `Unit` of `bucket`'s stored form, the tensors it points into beyond the store's buffers (kept alive
     with it), and whether it points only into those buffers and constants (so it holds until a buffer is
     replaced)."""
-    from ...quant import lloydmax
-
     s, bits, D = bucket.spec, bucket.bits, bucket.head_dim
     parts = bucket.parts
     keep: list = []
@@ -259,7 +261,6 @@ def _call(name: str, bucket, x: torch.Tensor, out: torch.Tensor, rope) -> None:
     rc = getattr(library(), name)(ctypes.byref(u), x.shape[0], len(bucket.head_list), bucket.length, x.shape[2],
                                   heads.data_ptr(), x.data_ptr(), _strides(x), out.data_ptr(), _strides(out),
                                   torch.get_num_threads())
-    u.cos = u.sin = None
-    del keep, rope
+    u.cos = u.sin = None  # `keep` and `rope` held what the unit points to until here
     if rc:
         raise ValueError(f"internal: {name} refused the bucket ({bucket.spec.id} at {bucket.bits} bits)")

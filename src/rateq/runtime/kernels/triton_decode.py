@@ -37,7 +37,8 @@ import os
 
 import torch
 
-MAX_D, MAX_R = 256, 64
+from ...quant import hadamard, lloydmax
+from . import MAX_D, MAX_R, fused_family
 TILE_ELEMENTS = 4096  # a tile holds at most this many dequantized values (64 tokens up to head_dim 64)
 TARGET_PROGRAMS = 512  # mix splits each head's tokens so that about this many programs run
 ROPE_TILE_ELEMENTS = 2048  # pre-RoPE keys hold about four tiles at once (rows, partners, cos, sin): smaller tiles
@@ -65,24 +66,14 @@ def interpreting() -> bool:
 
 def runs(bucket, device) -> bool:
     """Whether `bucket`'s family and shape run in the Triton kernels on `device`."""
-    from ...quant.spec import FULL_PRECISION_BITS
-
     if os.environ.get("RATEQ_KERNELS", "").lower() == "torch":
         return False
     kind = torch.device(device).type
     if not (kind == "cuda" or (kind == "cpu" and interpreting())):
         return False
-    s = bucket.spec
-    if bucket.bits >= FULL_PRECISION_BITS or s.qjl or s.outlier_frac:
-        return False
-    if s.kind not in ("minmax", "symmetric", "lloydmax"):  # engine formats: the torch path
-        return False
     if bucket.prerope and bucket.span is None:  # no shared tables to re-apply RoPE with: the torch path
         return False
-    D = bucket.head_dim
-    if D > MAX_D or D % 8 or (s.rotation != "none" and D & (D - 1)):
-        return False
-    return not bucket.parts["codes"].part.stream and available()
+    return fused_family(bucket) and available()
 
 
 def _next_pow2(n: int) -> int:
@@ -255,8 +246,6 @@ def _strides4(t: torch.Tensor) -> list[int]:
 
 def _args(bucket, like: torch.Tensor) -> tuple[list, dict]:
     """The kernels' arguments that describe `bucket`'s stored form (pointers and strides), and the constexprs."""
-    from ...quant import lloydmax
-
     s, D = bucket.spec, bucket.head_dim
     bits = s.base_bits(bucket.bits)
     parts = bucket.parts
@@ -305,8 +294,6 @@ def _unrotation(D: int, rotation: str, seed: int, device) -> tuple[torch.Tensor,
     """`M = H·diag(s)/sqrt(D)` (D, D) fp32, so that a stored row `x` (row vector) unrotates to `x·M`
     (`hadamard.unrotate`), and `M'` = `M` with its columns permuted by (d + D/2) % D: the rotate-half partners.
     One pair per (D, rotation, seed, device)."""
-    from ...quant import hadamard
-
     key = (D, rotation, seed if rotation == "rhadamard" else 0, str(device))
     if key not in _MATRICES:
         m = hadamard.matrix(D).to(torch.float32)
