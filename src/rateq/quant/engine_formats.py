@@ -93,16 +93,19 @@ def quantize(kind: str, g: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _quantize_iq4nl(g: torch.Tensor) -> dict[str, torch.Tensor]:
     values = _table("iq4nl", g.device)
-    w = g * g
+    # The fit's sums run in float64 (products of fp32 values are exact there), so a group's choice among near-tied
+    # scales does not depend on how many tokens are quantized at once or on the CPU's vector width.
+    g64 = g.double()
+    w = g64 * g64
     mx = _signed_max(g)
     safe = torch.where(mx != 0, mx, torch.ones_like(mx))
     best_d, best_score, best_codes = None, None, None
     for step in range(-7, 8):  # the candidate inverse scales of ggml's search: (step + values[0]) / max
         inv = (step + values[0]) / safe
         codes = ((g * inv).unsqueeze(-1) - values).abs().argmin(-1)
-        q = values[codes]
-        sqx, sq2 = (w * q * g).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)
-        d = sqx / sq2.clamp_min(1e-30)
+        q = values[codes].double()
+        sqx, sq2 = (w * q * g64).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)
+        d = sqx / sq2.clamp_min(1e-300)
         score = sqx * d  # the weighted error falls as sumqx²/sumq2 rises
         if best_score is None:
             best_d, best_score, best_codes = d, score, codes
@@ -111,7 +114,7 @@ def _quantize_iq4nl(g: torch.Tensor) -> dict[str, torch.Tensor]:
             best_d = torch.where(better, d, best_d)
             best_score = torch.where(better, score, best_score)
             best_codes = torch.where(better, codes, best_codes)
-    d = torch.where(mx != 0, best_d, torch.zeros_like(best_d))
+    d = torch.where(mx != 0, best_d, torch.zeros_like(best_d)).to(torch.float32)
     return {"codes": best_codes.to(torch.uint8), "scale": _fp16(d)}
 
 
