@@ -18,6 +18,7 @@ from rateq.curves import Curves
 from rateq.engines import ENGINES, FP16, describe, get_engine, solve_for
 from rateq.models import ModelFingerprint
 from rateq.quant.spec import ENGINE_FORMATS, KIVI
+from rateq.quant.static import scale_key
 
 L, H = 6, 2
 MODEL = ModelFingerprint("tiny-llama", "llama", L, H, 64)
@@ -40,7 +41,22 @@ def make_plan(keys, values, model=MODEL, heads=None):
         else:
             spec = specs[ids.index(f)]
             bits[r][l, h], qid[r][l, h] = spec.fixed_bits, ids.index(f)
-    return rateq.Plan(bits["k"], bits["v"], qid["k"], qid["v"], specs, model)
+    return rateq.Plan(bits["k"], bits["v"], qid["k"], qid["v"], specs, model,
+                      params=static_scales(specs, model.num_layers, model.num_kv_heads))
+
+
+def static_scales(specs, L, H):
+    """Distinct calibrated-looking scales `(L, H, 2)` for the static-scale formats among `specs` (equal across a
+    layer's heads for per-layer ones)."""
+    out = {}
+    for q in specs:
+        if q.static_scale:
+            s = 0.01 * torch.arange(1, L + 1, dtype=torch.float32).view(L, 1, 1) * torch.tensor([1.0, 2.0])
+            s = s.expand(L, H, 2).clone()
+            if q.static_scale == "head":
+                s *= torch.arange(1, H + 1, dtype=torch.float32).view(1, H, 1)
+            out[scale_key(q)] = s
+    return out
 
 
 def kivi_plan():
@@ -59,7 +75,8 @@ def engine_curves(ids, *, L=L, H=H, bits=(2, 4, 5, 8), seed=0, extra=(KIVI,)):
                 d[:, :, :, qi, bi] = np.inf
     counts = rng.integers(64, 1024, (L, H, 2)).astype(np.float64)
     return Curves(torch.tensor(d), bits, specs, torch.tensor(counts), "output",
-                  ModelFingerprint("tiny-llama", "llama", L, H, 64), {"data": "synthetic"})
+                  ModelFingerprint("tiny-llama", "llama", L, H, 64), {"data": "synthetic"},
+                  params=static_scales(specs, L, H))
 
 
 def unit_formats(plan):
@@ -211,8 +228,8 @@ REFUSED = [
      "modelopt cannot run this plan: layer 2: keys nvfp4 (4 bits) below values fp8 (8 bits); ModelOpt's per-layer "
      "algos are FP8, NVFP4 and FP8_K_NVFP4_V"),
     ("modelopt", lambda: make_plan(["fp8"] * L, ["fp8"] * L, heads={(1, 0, "k"): FP16, (1, 1, "k"): FP16}),
-     "layer 1 head 0 keys are unquantized (16 bits); it quantizes every layer in fp8, nvfp4"),
-    ("modelopt", kivi_plan, "layer 0 head 0 keys use minmax-g32-fp16 at 2 bits, not one of its formats (fp8, nvfp4)"),
+     "layer 1 head 0 keys are unquantized (16 bits); it quantizes every layer in fp8, fp8_tensor, nvfp4"),
+    ("modelopt", kivi_plan, "layer 0 head 0 keys use minmax-g32-fp16 at 2 bits, not one of its formats (fp8, fp8_tensor, nvfp4)"),
     ("modelopt", lambda: make_plan(["fp8"] * L, ["fp8"] * L, heads={(3, 1, "v"): "nvfp4"}),
      "layer 3 values: head 0 fp8 (8 bits), head 1 nvfp4 (4 bits); it stores a layer's values in one format"),
     ("modelopt", lambda: make_plan(["fp8"] * L, ["fp8"] * L, ModelFingerprint("m", "mamba", L, H, 64)),
@@ -280,12 +297,13 @@ def test_solve_for_is_the_solver_under_the_engines_constraints(method):
     for budget in (5.0, 6.5, 9.0):
         # sglang: its formats, tie, unquantized layers — nothing else.
         plan = solve_for(curves, budget, "sglang", method=method)
-        ref = rateq.solve(curves, budget, method=method, quantizers=["fp8", "nvfp4"], tie="layer-kv", allow_fp16=True)
+        ref = rateq.solve(curves, budget, method=method, quantizers=["fp8", "fp8_tensor", "nvfp4"], tie="layer-kv",
+                          allow_fp16=True)
         assert plan.solver["predicted_distortion"] == pytest.approx(ref.solver["predicted_distortion"])
         # vllm: the better of one format for every quantized layer (of those that meet the budget).
         plan = solve_for(curves, budget, "vllm", method=method)
         feasible = []
-        for f in ("fp8", "nvfp4"):
+        for f in ("fp8", "fp8_tensor", "fp8_head", "nvfp4"):
             try:
                 feasible.append(rateq.solve(curves, budget, method=method, quantizers=[f], tie="layer-kv",
                                             allow_fp16=True).solver["predicted_distortion"])
@@ -293,7 +311,8 @@ def test_solve_for_is_the_solver_under_the_engines_constraints(method):
                 pass
         assert plan.solver["predicted_distortion"] == pytest.approx(min(feasible))
     plan = solve_for(curves, 6.0, "modelopt", method=method)
-    ref = rateq.solve(curves, 6.0, method=method, quantizers=["fp8", "nvfp4"], tie="layer", keys_at_least_values=True)
+    ref = rateq.solve(curves, 6.0, method=method, quantizers=["fp8", "fp8_tensor", "nvfp4"], tie="layer",
+                      keys_at_least_values=True)
     assert plan.solver["predicted_distortion"] == pytest.approx(ref.solver["predicted_distortion"])
     assert plan.solver["tie"] == "layer" and plan.solver["keys_at_least_values"]
 
@@ -319,7 +338,7 @@ def test_solve_for_takes_stricter_constraints_and_refuses_others():
     ("llamacpp", dict(devices=[(0, 2, 5.0), (3, 5, 5.0)]), "per-device caps and per-layer budgets are not available"),
     ("llamacpp", dict(per_layer_budget=6.0), "per-device caps and per-layer budgets are not available"),
     ("modelopt", dict(tie="model", devices=[(0, 5, 6.0)]), "tie='model' sets one format for every layer's keys"),
-    ("trtllm", dict(quantizers=["q8_0"]), "quantizer q8_0 is not a trtllm format; it runs fp8, nvfp4"),
+    ("trtllm", dict(quantizers=["q8_0"]), "quantizer q8_0 is not a trtllm format; it runs fp8, fp8_tensor, nvfp4"),
     ("sglang", dict(quantizers=[KIVI]), "quantizer minmax-g32-fp16 is not a sglang format"),
     ("modelopt", dict(tie="heads"), "tie must be None, 'layer', 'layer-kv' or 'model', got 'heads'"),
 ])
@@ -332,7 +351,7 @@ def test_solve_for_refuses_what_the_engine_does_not_run(engine, kwargs, message)
 
 def test_curves_without_the_engines_formats_say_what_to_calibrate():
     curves = engine_curves(["q8_0", "q4_0"])
-    with pytest.raises(RateQError, match=r"^the curves hold none of modelopt's formats \(fp8, nvfp4\) at their widths "
+    with pytest.raises(RateQError, match=r"^the curves hold none of modelopt's formats \(fp8, fp8_tensor, nvfp4\) at their widths "
                                          r"\(they have q8_0, q4_0, minmax-g32-fp16 at bits \[2, 4, 5, 8\]\); "
                                          r"calibrate them: rateq calibrate --engine modelopt$"):
         solve_for(curves, 6.0, "modelopt")
@@ -395,10 +414,15 @@ def test_solve_engine_then_export_its_format(monkeypatch, capsys, tmp_path, curv
     plan = rateq.load_profile(profile)
     assert doc["engine"] == engine and plan.solver["engine"] == engine and doc["effective_bits"] <= 6
     assert_runs(plan, engine)
-    code, out, err = run_main(monkeypatch, capsys, "export", profile, "--format", engine)
+    scales = []
+    if plan.params:  # static scales go into the checkpoint: export asks for a file for them
+        code, out, err = run_main(monkeypatch, capsys, "export", profile, "--format", engine)
+        assert code == 2 and not out and "add --scales PATH" in err
+        scales = ["--scales", tmp_path / "scales.safetensors"]
+    code, out, err = run_main(monkeypatch, capsys, "export", profile, "--format", engine, *scales)
     assert code == 0 and not err and out == ENGINES[engine].write(plan)
     target = tmp_path / "engine-out" / "kv.txt"
-    code, out, err = run_main(monkeypatch, capsys, "export", profile, "--format", engine, "--out", target)
+    code, out, err = run_main(monkeypatch, capsys, "export", profile, "--format", engine, "--out", target, *scales)
     assert code == 0 and target.read_text() == ENGINES[engine].write(plan)
     assert f"written to {target} for {engine}" in out
     code, out, _ = run_main(monkeypatch, capsys, "solve", curves_file, "--engine", engine, "-b", "6", "-o", profile)
@@ -448,3 +472,58 @@ def test_export_refuses_a_plan_the_engine_cannot_run(monkeypatch, capsys, tmp_pa
     code, _, err = run_main(monkeypatch, capsys, "export", profile, "--format", "sglang", "--out", tmp_path)
     assert code == 2 and "is a folder" in err
     assert list(tmp_path.iterdir()) == [profile]
+
+
+# -- static scales -----------------------------------------------------------------------------------------------
+def test_modelopt_scales_are_checkpoint_k_scale_and_v_scale_per_layer(tmp_path):
+    # ModelOpt's exported checkpoints name the KV scales `model.layers.{i}.self_attn.k_proj.k_scale` and
+    # `.v_proj.v_scale` (fp32 scalars); vLLM's loader maps them onto the attention layer
+    # (vllm/model_executor/model_loader/weight_utils.py, maybe_remap_kv_scale_name: modelopt_scale_names).
+    from safetensors import safe_open
+
+    from rateq.engines import scale_tensors, write_scales
+
+    plan = make_plan(["fp8_tensor"] * L, ["fp8_tensor"] * 3 + ["nvfp4"] * 3)
+    doc = json.loads(ENGINES["modelopt"].write(plan))["quantization"]
+    algos = [doc["kv_cache_quantized_layers"][f"model.layers.{l}.self_attn"]["quant_algo"] for l in range(L)]
+    assert algos == ["FP8"] * 3 + ["FP8_K_NVFP4_V"] * 3
+    t = scale_tensors(plan, "modelopt")
+    assert set(t) == {f"model.layers.{l}.self_attn.{r}_proj.{r}_scale" for l in range(L) for r in "kv"}
+    for l in range(L):
+        assert t[f"model.layers.{l}.self_attn.k_proj.k_scale"].shape == ()
+        assert float(t[f"model.layers.{l}.self_attn.k_proj.k_scale"]) == pytest.approx(0.01 * (l + 1))
+        v = float(t[f"model.layers.{l}.self_attn.v_proj.v_scale"])
+        assert v == (pytest.approx(0.02 * (l + 1)) if l < 3 else 1.0)  # NVFP4 values: unit tensor scale
+    path = write_scales(plan, "modelopt", tmp_path / "s.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["format"] == "rateq.kv_scales" and f.metadata()["engine"] == "modelopt"
+        assert torch.equal(f.get_tensor("model.layers.2.self_attn.k_proj.k_scale"), t["model.layers.2.self_attn.k_proj.k_scale"])
+    with pytest.raises(RateQError, match="no scales to write"):
+        write_scales(make_plan(["fp8"] * L, ["fp8"] * L), "modelopt", tmp_path / "none.safetensors")
+    assert not (tmp_path / "none.safetensors").exists()
+
+
+def test_vllm_per_head_scales_follow_compressed_tensors_attn_head(tmp_path):
+    # compressed-tensors' attn_head strategy: one scale per KV head of shape (num_heads, 1, 1)
+    # (compressed_tensors/quantization/lifecycle/initialize.py, QuantizationStrategy.ATTN_HEAD); vLLM accepts a
+    # kv_cache_scheme of type float, 8 bits, strategy tensor or attn_head, symmetric
+    # (CompressedTensorsKVCacheMethod.validate_kv_cache_scheme) and loads `self_attn.k_scale` onto
+    # `self_attn.attn.k_scale` (maybe_remap_kv_scale_name).
+    from safetensors import safe_open
+
+    from rateq.engines import kv_cache_scheme, scale_tensors, write_scales
+
+    plan = make_plan(["fp8_head"] * L, ["fp8_head"] * L)
+    assert flags(ENGINES["vllm"].write(plan)) == {"--kv-cache-dtype": ["fp8_e4m3"]}
+    scheme = kv_cache_scheme(plan)
+    assert scheme == {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "attn_head"}
+    t = scale_tensors(plan, "vllm")
+    assert set(t) == {f"model.layers.{l}.self_attn.{r}_scale" for l in range(L) for r in "kv"}
+    k3 = t["model.layers.3.self_attn.k_scale"]
+    assert k3.shape == (H, 1, 1) and k3.flatten().tolist() == pytest.approx([0.04, 0.08])
+    with safe_open(str(write_scales(plan, "vllm", tmp_path / "s.safetensors")), "pt") as f:
+        assert json.loads(f.metadata()["kv_cache_scheme"]) == scheme
+    assert kv_cache_scheme(make_plan(["fp8_tensor"] * L, ["fp8_tensor"] * L))["strategy"] == "tensor"
+    # per-head scales are vLLM's only: the per-layer engines refuse them, naming the format
+    with pytest.raises(RateQError, match="fp8_head at 8 bits, not one of its formats"):
+        ENGINES["sglang"].write(plan)

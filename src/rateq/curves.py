@@ -2,7 +2,9 @@
 
 `distortion[l, h, r, q, i]` is the distortion of layer l, KV head h, role r (0 = K, 1 = V) under quantizer
 `quantizers[q]` at `bits[i]` code bits. `counts[l, h, r]` is the number of cached elements the unit holds per
-sequence (the solver's weights `n_u`). Saved as safetensors with JSON metadata; no pickle.
+sequence (the solver's weights `n_u`). `params` holds what calibration learned for quantizers that need it —
+the static scales `(L, H, 2)` of formats without per-token metadata, under `rateq.quant.static.scale_key` —
+and goes into every plan solved from the curves. Saved as safetensors with JSON metadata; no pickle.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .io import meta_json, read_safetensors, write_safetensors
 from .models import ModelFingerprint
 from .plan import policy_from_dict
 from .quant.spec import FULL_PRECISION_BITS, QuantSpec
+from .quant.static import learned_params
 
 CURVES_FORMAT = "rateq.curves"
 CURVES_VERSION = "1"
@@ -32,6 +35,7 @@ class Curves:
     metric: str
     model: ModelFingerprint
     calibration: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # learned per-unit parameters by name (see module doc)
 
     def __post_init__(self):
         self.distortion = torch.as_tensor(self.distortion, dtype=torch.float64)
@@ -57,6 +61,7 @@ class Curves:
             raise RateQError(f"curve counts have shape {tuple(self.counts.shape)}, expected {(L, H, 2)}")
         if list(self.bits) != sorted(set(self.bits)):
             raise RateQError(f"curve bit widths must be increasing and distinct, got {self.bits}")
+        self.params = learned_params(self.quantizers, self.params, (L, H, 2), "curves")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -76,7 +81,8 @@ class Curves:
     def monotone(self) -> "Curves":
         """A copy whose curves never rise with bits (running minimum): what the solvers consume."""
         d = torch.cummin(self.distortion, dim=-1).values
-        return Curves(d, self.bits, self.quantizers, self.counts, self.metric, self.model, dict(self.calibration))
+        return Curves(d, self.bits, self.quantizers, self.counts, self.metric, self.model, dict(self.calibration),
+                      dict(self.params))
 
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -89,7 +95,9 @@ class Curves:
             "metric": self.metric,
             "calibration": json.dumps(self.calibration, default=str),
         }
-        write_safetensors(path, {"distortion": self.distortion, "counts": self.counts}, metadata)
+        tensors = {"distortion": self.distortion, "counts": self.counts}
+        tensors.update({f"param.{k}": v for k, v in self.params.items()})
+        write_safetensors(path, tensors, metadata)
 
     @classmethod
     def load(cls, path) -> "Curves":
@@ -122,7 +130,8 @@ def curves_from_metadata(path, tensors: dict, meta: dict, what: str = "curves fi
             policy_from_dict(calibration["policy"], "the calibration policy")
         curves = Curves(distortion=distortion, bits=tuple(bits), quantizers=[QuantSpec.from_dict(q) for q in specs],
                         counts=counts, metric=meta["metric"], model=ModelFingerprint.from_dict(model),
-                        calibration=calibration)
+                        calibration=calibration,
+                        params={k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
     except KeyError as exc:
         raise RateQError(f"{path} is a damaged {what} (missing {exc})") from None
     except (TypeError, ValueError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
@@ -137,3 +146,4 @@ def curves_from_metadata(path, tensors: dict, meta: dict, what: str = "curves fi
     if not bool(torch.isfinite(c).all()) or bool((c < 0).any()) or not float(c.sum()) > 0:
         raise RateQError(f"{path} is a damaged {what}: counts must be finite, non-negative and not all zero")
     return curves
+

@@ -9,10 +9,10 @@ with one line naming the layer, head and role that break which rule.
 
 | engine | formats | 16-bit units | tie | keys and values | writes |
 | --- | --- | --- | --- | --- | --- |
-| `modelopt` | fp8, nvfp4 | no | layer | FP8, NVFP4 or FP8_K_NVFP4_V per layer (keys ≥ values) | hf_quant_config.json |
-| `vllm` | fp8, nvfp4 | skipped layers | layer-kv | alike; one format for every quantized layer | launch flags |
-| `sglang` | fp8, nvfp4 | bf16 layers | layer-kv | alike; any format per layer | launch flags |
-| `trtllm` | fp8, nvfp4 | bf16 layers | layer-kv | alike; any format per layer | `--extra_llm_api_options` YAML |
+| `modelopt` | fp8, fp8_tensor, nvfp4 | no | layer | FP8, NVFP4 or FP8_K_NVFP4_V per layer (keys ≥ values) | hf_quant_config.json |
+| `vllm` | fp8, fp8_tensor, fp8_head, nvfp4 | skipped layers | layer-kv | alike; one format for every quantized layer | launch flags |
+| `sglang` | fp8, fp8_tensor, nvfp4 | bf16 layers | layer-kv | alike; any format per layer | launch flags |
+| `trtllm` | fp8, fp8_tensor, nvfp4 | bf16 layers | layer-kv | alike; any format per layer | `--extra_llm_api_options` YAML |
 | `llamacpp` | q8_0, q4_0, q4_1, q5_0, iq4_nl | f16 | model | free; one type each for every layer | launch flags |
 
 The schemas, as their projects publish them:
@@ -35,6 +35,17 @@ The schemas, as their projects publish them:
 - llama.cpp: `-ctk/--cache-type-k` and `-ctv/--cache-type-v` (`f16`, `bf16`, `q8_0`, `q4_0`, `q4_1`, `iq4_nl`,
   `q5_0`, `q5_1`; tools/server/README.md), one type for every layer; a quantized V cache needs flash attention.
 
+Static scales. `fp8_tensor` is FP8 with one calibrated scale per layer for keys and one for values, the
+`k_scale` / `v_scale` every engine above loads from the checkpoint (plain `fp8` is the same with scale 1, what an
+engine runs when the checkpoint has none); `fp8_head` has one per KV head, compressed-tensors' `attn_head`
+strategy (scales of shape `(num_kv_heads, 1, 1)`, `kv_cache_scheme` `{"type": "float", "num_bits": 8,
+"strategy": "attn_head", "symmetric": true, "dynamic": false}`), which vLLM reads
+(`CompressedTensorsKVCacheMethod.validate_kv_cache_scheme`: float, 8 bits, strategy `tensor` or `attn_head`,
+symmetric). `write_scales` writes them as checkpoint tensors: ModelOpt's names
+`model.layers.{i}.self_attn.k_proj.k_scale` / `v_proj.v_scale` for ModelOpt, SGLang and TensorRT-LLM, and
+`model.layers.{i}.self_attn.k_scale` / `v_scale` for vLLM (its `maybe_remap_kv_scale_name` maps both forms onto
+the attention layer); a layer whose format has no calibrated scale gets 1.
+
 Engines quantize every cached token: they keep no full-precision residual window or sinks, so a plan meant for
 one is best solved from curves calibrated without them.
 """
@@ -48,11 +59,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .curves import Curves
 from .errors import RateQError
-from .io import atomic_write
+from .io import atomic_write, write_safetensors
 from .plan import Plan
 from .quant.spec import ENGINE_FORMATS, FULL_PRECISION_BITS, QuantSpec, parse_spec
+from .quant.static import scale_key
 from .solve.problem import TIES
 
 FP16 = "16"  # a unit's format when it is stored unquantized
@@ -233,11 +247,16 @@ def attention_modules(plan: Plan) -> list[str]:
     return [f"model.layers.{l}.self_attn" for l in range(plan.num_layers)]
 
 
+def _fp8_kind(fmt: str) -> str:
+    """`fp8` for every FP8 variant (unit or calibrated scale): what a per-layer algo or dtype name sees."""
+    return "fp8" if fmt.startswith("fp8") else fmt
+
+
 def _write_modelopt(engine: Engine, layers: list[tuple[str, str]], plan: Plan) -> str:
     from . import __version__
 
     modules = attention_modules(plan)
-    algos = [MODELOPT_ALGOS[kv] for kv in layers]
+    algos = [MODELOPT_ALGOS[(_fp8_kind(k), _fp8_kind(v))] for k, v in layers]
     quantization = {
         # KV-only, as ModelOpt exports it: no weight is quantized, and the top-level quant_algo is still one
         # vLLM's reader accepts (it refuses a missing one).
@@ -288,7 +307,8 @@ def _write_llamacpp(engine: Engine, layers: list[tuple[str, str]], plan: Plan) -
 ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine(
         name="modelopt", title="NVIDIA ModelOpt's hf_quant_config.json (per-layer KV formats, read by vLLM)",
-        formats=("fp8", "nvfp4"), names={"fp8": "FP8", "nvfp4": "NVFP4"}, tie="layer",
+        formats=("fp8", "fp8_tensor", "nvfp4"), names={"fp8": "FP8", "fp8_tensor": "FP8", "nvfp4": "NVFP4"},
+        tie="layer",
         keys_at_least_values=True, one_format=False,
         writes="hf_quant_config.json: kv_cache_quant_algo FP8, NVFP4, FP8_K_NVFP4_V or MIXED_PRECISION with "
                "kv_cache_quantized_layers per attention module (schema version 1)",
@@ -296,7 +316,9 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
         _write=_write_modelopt),
     Engine(
         name="vllm", title="vLLM's --kv-cache-dtype and --kv-cache-dtype-skip-layers",
-        formats=("fp8", "nvfp4"), names={"fp8": "fp8_e4m3", "nvfp4": "nvfp4", FP16: "auto"}, tie="layer-kv",
+        formats=("fp8", "fp8_tensor", "fp8_head", "nvfp4"),
+        names={"fp8": "fp8_e4m3", "fp8_tensor": "fp8_e4m3", "fp8_head": "fp8_e4m3", "nvfp4": "nvfp4", FP16: "auto"},
+        tie="layer-kv",
         keys_at_least_values=False, one_format=True,
         writes="launch flags: --kv-cache-dtype D [--kv-cache-dtype-skip-layers I …] (skipped layers unquantized)",
         rule="vLLM's --kv-cache-dtype is one format for keys and values of every quantized layer (per-layer "
@@ -304,14 +326,16 @@ ENGINES: dict[str, Engine] = {e.name: e for e in (
         _write=_write_vllm),
     Engine(
         name="sglang", title="SGLang's --kv-cache-dtype and --kv-cache-per-layer-dtype",
-        formats=("fp8", "nvfp4"), names={"fp8": "fp8_e4m3", "nvfp4": "fp4_e2m1", FP16: "bf16"}, tie="layer-kv",
+        formats=("fp8", "fp8_tensor", "nvfp4"),
+        names={"fp8": "fp8_e4m3", "fp8_tensor": "fp8_e4m3", "nvfp4": "fp4_e2m1", FP16: "bf16"}, tie="layer-kv",
         keys_at_least_values=False, one_format=False,
         writes="launch flags: --kv-cache-dtype D [--kv-cache-per-layer-dtype FIRST-LAST:D,…] (the other layers)",
         rule="SGLang's per-layer dtype sets a layer's keys and values alike",
         _write=_write_sglang),
     Engine(
         name="trtllm", title="TensorRT-LLM's KvCacheConfig.dtype (per-layer ranges)",
-        formats=("fp8", "nvfp4"), names={"fp8": "fp8", "nvfp4": "nvfp4", FP16: "bf16"}, tie="layer-kv",
+        formats=("fp8", "fp8_tensor", "nvfp4"), names={"fp8": "fp8", "fp8_tensor": "fp8", "nvfp4": "nvfp4", FP16: "bf16"},
+        tie="layer-kv",
         keys_at_least_values=False, one_format=False,
         writes="--extra_llm_api_options YAML: kv_cache_config.dtype, one dtype or FIRST-LAST:D ranges over "
                "every layer",
@@ -397,6 +421,54 @@ def solve_for(curves: Curves, budget: float, engine: str | Engine, **kw) -> Plan
     return plan
 
 
+# -- static scales -----------------------------------------------------------------------------------------------
+def scale_tensors(plan: Plan, engine: str | Engine) -> dict:
+    """The checkpoint tensors of `plan`'s static scales for `engine` (module doc): per layer a key and a value
+    scale, fp32 scalars, or `(num_kv_heads, 1, 1)` for `fp8_head`; 1 where a layer's format has none. Empty when
+    the plan uses no static-scale format. Refused (RateQError) where the engine cannot run the plan."""
+    eng = get_engine(engine)
+    layers = eng.layer_formats(plan)
+    used = {f for kv in layers for f in kv if f != FP16}
+    if not any(parse_spec(f).static_scale for f in used):
+        return {}
+    modules = attention_modules(plan)
+    out = {}
+    for l, (module, kv) in enumerate(zip(modules, layers)):
+        for r, (role, fmt) in enumerate(zip("kv", kv)):
+            spec = None if fmt == FP16 else parse_spec(fmt)
+            if spec is not None and spec.static_scale:
+                s = plan.params[scale_key(spec)][l, :, r].to(torch.float32)
+            else:
+                s = torch.ones(plan.num_kv_heads)
+            t = s.reshape(-1, 1, 1).clone() if spec is not None and spec.static_scale == "head" else s[:1].reshape(())
+            name = f"{module}.{role}_scale" if eng.name == "vllm" else f"{module}.{role}_proj.{role}_scale"
+            out[name] = t.contiguous()
+    return out
+
+
+def write_scales(plan: Plan, engine: str | Engine, path: str | os.PathLike) -> Path:
+    """Write `scale_tensors(plan, engine)` as a safetensors file to add to the checkpoint; a RateQError when the
+    plan has no static scales (nothing to write) or the engine cannot run it."""
+    tensors = scale_tensors(plan, engine)
+    if not tensors:
+        raise RateQError("the plan uses no static-scale format (fp8_tensor, fp8_head): it has no scales to write")
+    meta = {"format": "rateq.kv_scales", "engine": get_engine(engine).name}
+    scheme = kv_cache_scheme(plan)
+    if scheme is not None:
+        meta["kv_cache_scheme"] = json.dumps(scheme)
+    return write_safetensors(path, tensors, meta)
+
+
+def kv_cache_scheme(plan: Plan) -> dict | None:
+    """compressed-tensors' `kv_cache_scheme` for a plan of FP8 with static scales (`quantization_config` of the
+    checkpoint's config.json): strategy `attn_head` for `fp8_head`, `tensor` for `fp8_tensor`; None otherwise."""
+    kinds = {q.kind for q in plan.quantizers if q.static_scale}
+    if not kinds or not kinds <= {"fp8_head", "fp8_tensor"}:
+        return None
+    return {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+            "strategy": "attn_head" if "fp8_head" in kinds else "tensor"}
+
+
 # -- files -------------------------------------------------------------------------------------------------------
 def write_engine_file(plan: Plan, engine: str | Engine, path: str | os.PathLike) -> Path:
     """Write `engine.write(plan)` to `path` atomically; nothing is written when the engine refuses the plan."""
@@ -409,4 +481,4 @@ def write_engine_file(plan: Plan, engine: str | Engine, path: str | os.PathLike)
 
 
 __all__ = ["ENGINES", "EXPORT_FORMATS", "Engine", "FP16", "attention_modules", "describe", "engine_quantizers",
-           "get_engine", "solve_for", "write_engine_file"]
+           "get_engine", "kv_cache_scheme", "scale_tensors", "solve_for", "write_engine_file", "write_scales"]

@@ -15,6 +15,7 @@ from .errors import RateQError
 from .models import ModelFingerprint
 from .policy import CachePolicy
 from .quant.spec import KIVI, QuantSpec, is_bits
+from .quant.static import learned_params, scale_key
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Plan:
     calibration: dict = field(default_factory=dict)  # data, tokens, metric, seed, … of the curves behind it
     solver: dict = field(default_factory=dict)  # method, predicted distortion, gap, seconds
     weights: torch.Tensor | None = None  # (L, H, 2) elements per unit (counts); None = all equal
+    params: dict = field(default_factory=dict)  # learned parameters of its quantizers (static scales (L, H, 2))
 
     def __post_init__(self):
         if not isinstance(self.model, ModelFingerprint):
@@ -74,6 +76,7 @@ class Plan:
             if not bool(torch.isfinite(w64).all()) or bool((w64 < 0).any()) or not float(w64.sum()) > 0:
                 raise RateQError("plan weights (elements per unit) must be finite, non-negative and not all zero")
             self.weights = w
+        self.params = learned_params(self.quantizers, self.params, (L, H, 2), "the plan's quantizers")
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -102,6 +105,12 @@ class Plan:
 
     def spec(self, layer: int, head: int, role: str) -> QuantSpec:
         return self.quantizers[int(self.quantizer_ids(role)[layer, head])]
+
+    def scale(self, layer: int, heads, role: str, spec: QuantSpec) -> torch.Tensor | None:
+        """The static scales `(h,)` of `heads` of `layer`'s `role` under `spec`; None for formats without one."""
+        if not spec.static_scale:
+            return None
+        return self.params[scale_key(spec)][layer, :, "kv".index(role)][torch.as_tensor(heads, dtype=torch.long)]
 
     def unit_bits_per_element(self) -> torch.Tensor:
         """`(L, H, 2)` effective bits per element of every unit (code + metadata)."""

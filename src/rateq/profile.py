@@ -69,6 +69,7 @@ def save_profile(plan: Plan, path: str | os.PathLike, *, curves: Curves | None =
     tensors = {name: getattr(plan, name).to(torch.int64) for name in _PLAN_TENSORS}
     if plan.weights is not None:
         tensors["weights"] = plan.weights.to(torch.float64)
+    tensors.update({f"param.{k}": v for k, v in plan.params.items()})
     meta = {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
@@ -89,6 +90,7 @@ def save_profile(plan: Plan, path: str | os.PathLike, *, curves: Curves | None =
                              + "; ".join(curves.model.mismatches(plan.model)))
         tensors["curves.distortion"] = curves.distortion
         tensors["curves.counts"] = curves.counts
+        tensors.update({f"curves.param.{k}": v for k, v in curves.params.items()})
         meta["curves"] = json.dumps({"bits": list(curves.bits), "quantizers": [q.to_dict() for q in curves.quantizers],
                                      "metric": curves.metric, "calibration": curves.calibration}, default=str)
     return write_safetensors(path, tensors, meta)
@@ -119,6 +121,11 @@ def _plan_tensor(tensors: dict, name: str) -> torch.Tensor:
     return t
 
 
+def _params(tensors: dict, prefix: str) -> dict:
+    """The learned parameters stored under `prefix` (static scales, by `rateq.quant.static.scale_key`)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def load_profile(path: str | os.PathLike, model=None) -> Plan:
     """The plan stored at `path`. With `model` (a model, config or `ModelFingerprint`), also check it fits.
 
@@ -138,6 +145,7 @@ def load_profile(path: str | os.PathLike, model=None) -> Plan:
             calibration=meta_json(meta, "calibration", dict),
             solver=meta_json(meta, "solver", dict),
             weights=weights,
+            params=_params(tensors, "param."),
         )
         try:
             stored = float(meta["effective_bits"])
@@ -168,7 +176,8 @@ def load_profile_curves(path: str | os.PathLike) -> Curves | None:
         c = meta_json(meta, "curves", dict)
         fields = {"bits": json.dumps(c["bits"]), "quantizers": json.dumps(c["quantizers"]), "metric": c["metric"],
                   "model": meta["model"], "calibration": json.dumps(c.get("calibration", {}))}
-        stored = {"distortion": tensors["curves.distortion"], "counts": tensors["curves.counts"]}
+        stored = {"distortion": tensors["curves.distortion"], "counts": tensors["curves.counts"],
+                  **{f"param.{k}": v for k, v in _params(tensors, "curves.param.").items()}}
     except KeyError as exc:
         raise RateQError(f"{path} has damaged curves (missing {exc})") from None
     except _PARSE_ERRORS as exc:
@@ -203,6 +212,9 @@ def plan_to_json(plan: Plan) -> dict:
         "nominal_bits": plan.nominal_bits,
         "quantizers": {q.id: q.to_dict() for q in plan.quantizers},
         "layers": layers,
+        # static scales of formats that store none per token: per quantizer id, each layer's K and V scales by head
+        **({"scales": {key.rsplit(".", 1)[0]: {"k": t[..., 0].tolist(), "v": t[..., 1].tolist()}
+                       for key, t in plan.params.items()}} if plan.params else {}),
         "calibration": plan.calibration,
         "policy": plan.policy.to_dict(),
         "solver": plan.solver,
@@ -233,7 +245,10 @@ def plan_from_json(doc: dict | str) -> Plan:
                     v_quantizer=qcol("v_quantizer"), quantizers=quantizers,
                     model=ModelFingerprint.from_dict(doc["model"]), budget_bits=doc.get("budget_bits"),
                     policy=policy_from_dict(doc.get("policy", {})), calibration=doc.get("calibration", {}),
-                    solver=doc.get("solver", {}))
+                    solver=doc.get("solver", {}),
+                    params={f"{q}.scale": torch.tensor([doc["scales"][q]["k"], doc["scales"][q]["v"]],
+                                                       dtype=torch.float32).permute(1, 2, 0)
+                            for q in doc.get("scales", {})})
     except _PARSE_ERRORS as exc:
         raise RateQError(f"plan JSON is damaged (missing or bad {exc})") from None
 

@@ -67,7 +67,8 @@ def plan_transform(plan: Plan, policy: CachePolicy, rope: RopeTables | None = No
                     raise RateQError(f"{spec.id} quantizes keys before RoPE: build the transform with the model's rotary "
                                      "tables (rateq.simulate_plan does)")
                 tables = slice_rope(rope.for_layer(layer), start, end)
-            out[:, heads, start:end] = fake_quantize(seg, int(b), spec, role, rope=tables)
+            scale = plan.scale(layer, heads, role, spec) if b < FULL_PRECISION_BITS else None
+            out[:, heads, start:end] = fake_quantize(seg, int(b), spec, role, rope=tables, scale=scale)
         return out
 
     return transform

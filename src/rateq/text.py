@@ -113,26 +113,28 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids[0]
 
 
-def token_windows(ids: torch.Tensor, n: int, seq_len: int, *, seed: int | None = 0, start: int = 0) -> torch.Tensor:
+def token_windows(ids: torch.Tensor, n: int, seq_len: int, *, seed: int | None = 0, start: int = 0,
+                  skip: int = 0) -> torch.Tensor:
     """`n` windows of `seq_len` tokens from `ids[start:]` as an `(n, seq_len)` LongTensor.
 
     `seed=None` takes consecutive windows from `start`; otherwise `n` distinct non-overlapping windows are drawn
-    with a seeded generator, so the same seed always gives the same windows.
+    with a seeded generator, so the same seed always gives the same windows. `skip` passes over the first `skip`
+    windows of that draw: `skip=n` gives `n` more windows that share no token with those of `skip=0`.
     """
     if n < 1 or seq_len < 1:
         raise RateQError("the number of sequences and their length must be positive")
     ids = ids[start:]
     slots = ids.numel() // seq_len
-    if slots < n:
+    if slots < n + skip:
         raise RateQError(
-            f"not enough text: {n} x {seq_len} tokens requested but only {ids.numel()} tokens "
+            f"not enough text: {n + skip} x {seq_len} tokens requested but only {ids.numel()} tokens "
             f"({slots} windows) are available; use fewer or shorter sequences, or more text"
         )
     if seed is None:
-        picks = torch.arange(n)
+        picks = torch.arange(skip, skip + n)
     else:
         gen = torch.Generator().manual_seed(int(seed))
-        picks = torch.randperm(slots, generator=gen)[:n].sort().values
+        picks = torch.randperm(slots, generator=gen)[skip:skip + n].sort().values
     return torch.stack([ids[int(p) * seq_len:(int(p) + 1) * seq_len] for p in picks])
 
 

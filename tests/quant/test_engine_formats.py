@@ -98,9 +98,13 @@ def test_each_format_holds_the_bytes_it_counts_and_decodes_as_it_simulates(kind)
     assert spec.id == kind and parse_spec(spec.to_json()) == spec
     x = torch.randn(2, 3, 20, 64, generator=torch.Generator().manual_seed(4)) * 2
     codec, b = codec_for(spec), spec.fixed_bits
+    scale = None
+    if spec.static_scale:  # one calibrated scale per head (or per layer: equal across heads)
+        scale = torch.tensor([0.05, 0.05, 0.05] if spec.static_scale == "tensor" else [0.01, 0.05, 0.2])
+        codec = codec.bind(scale)
     enc = codec.encode(x, b, "k")
     assert codec.nbytes(enc) == spec.bits_per_element(b) * x.numel() / 8
-    assert torch.equal(codec.decode(enc, b, "k", x.shape), fake_quantize(x, b, spec, "v"))
+    assert torch.equal(codec.decode(enc, b, "k", x.shape), fake_quantize(x, b, spec, "v", scale=scale))
     others = [w for w in (1, 2, 3, 4, 5, 6, 8) if w != b]
     assert not any(spec.allows_bits(w) for w in others) and spec.allows_bits(16)
     with pytest.raises(RateQError, match=f"{kind} is stored at {b} bits only"):

@@ -37,6 +37,7 @@ from ..policy import CachePolicy
 from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, holds_role, is_bits, parse_spec
 from ..text import BUNDLED_TEXT, DATASET_ALIASES, DEFAULT_CALIBRATION_TEXT, load_text, token_windows, tokenize
 from .capture import Calibrator
+from .learn import learn_scales
 from .metrics import METRICS
 
 __all__ = ["DEFAULT_BITS", "DEFAULT_METRIC", "DEFAULT_QUANTIZERS", "METRICS", "calibrate", "calibrate_metrics", "calibration_ids",
@@ -72,20 +73,27 @@ def _is_text_spec(text: str) -> bool:
 
 
 def calibration_ids(tokenizer, texts, n_samples: int | None = None, seq_len: int | None = None,
-                    seed: int = 0) -> tuple[torch.Tensor, str]:
+                    seed: int = 0, *, held_out: bool = False) -> tuple[torch.Tensor, str]:
     """`(n, seq_len)` token ids and a description of the data, from a text spec, raw text, or token ids.
 
     Text is cut into `n_samples` distinct windows of `seq_len` tokens drawn with `seed`. A 2-D LongTensor is
     used as given (its first `n_samples` rows and `seq_len` columns when those are set); a 1-D one is a token
     stream cut into windows like text.
+
+    `held_out=True`: as many windows again, drawn apart from those (no token shared) — where static scales are
+    learned, so that the curves price them on text they were not fitted to. A RateQError when the text is too
+    short for both, or the ids are given as windows.
     """
+    skip = (n_samples or DEFAULT_SAMPLES) if held_out else 0
     if isinstance(texts, torch.Tensor):
         ids = texts
         if ids.dtype not in (torch.int64, torch.int32):
             raise RateQError(f"token ids must be an integer tensor, got {ids.dtype}")
         if ids.dim() == 1:
             return token_windows(ids.long(), n_samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN,
-                                 seed=seed), "token ids"
+                                 seed=seed, skip=skip), "token ids"
+        if held_out:
+            raise RateQError("token ids given as windows have no held-out windows")
         if ids.dim() != 2:
             raise RateQError(f"token ids must be (n, seq_len), got shape {tuple(ids.shape)}")
         n = ids.shape[0] if n_samples is None else n_samples
@@ -104,7 +112,7 @@ def calibration_ids(tokenizer, texts, n_samples: int | None = None, seq_len: int
     if tokenizer is None:
         raise RateQError("calibrating on text needs the model's tokenizer; pass one, or pass token ids instead")
     n, t = n_samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN
-    return token_windows(tokenize(tokenizer, texts), n, t, seed=seed), name
+    return token_windows(tokenize(tokenizer, texts), n, t, seed=seed, skip=skip), name
 
 
 # -- progress ------------------------------------------------------------------------------------------------
@@ -219,8 +227,12 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
     if matmul_dtype is None:
         # GPUs: bf16 tensor cores for the candidate deltas (see metrics.candidate_errors); CPUs: fp32 is fastest.
         matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # Static scales are fitted first, on windows held out from the priced ones (rateq.calibrate.learn).
+    params, learned = learn_scales(
+        model, specs, lambda: calibration_ids(tokenizer, texts, n_samples, seq_len, seed, held_out=True)[0], ids,
+        num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads, batch_size=batch_size)
     cal = Calibrator(fp.num_layers, fp.num_kv_heads, bits, specs, metrics, policy, reference=reference,
-                     chunk_elements=chunk_elements, matmul_dtype=matmul_dtype)
+                     chunk_elements=chunk_elements, matmul_dtype=matmul_dtype, params=params)
     needs_grad = cal.needs_grad
     nll = 0.0
     t_start = time.perf_counter()
@@ -269,6 +281,8 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
             "policy": policy.to_dict(), "batch_size": batch_size,
             "matmul_dtype": str(matmul_dtype).replace("torch.", ""),
         }
+        if learned:
+            calibration["static_scales"] = learned
         if reference is not None:
             calibration["reference"] = {"nominal_bits": reference.nominal_bits,
                                         "effective_bits": reference.effective_bits,
@@ -286,7 +300,7 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
                 for bi, b in enumerate(bits):  # nor a width an engine format is not stored at
                     if not q.allows_bits(b):
                         d[:, :, :, qi, bi] = float("inf")
-            curves = Curves(d, bits, specs, counts, m, fp, dict(calibration, metric=m))
+            curves = Curves(d, bits, specs, counts, m, fp, dict(calibration, metric=m), params=dict(params))
             bad = curves.nonmonotone()
             curves.calibration["nonmonotone"] = len(bad)
             if bad:

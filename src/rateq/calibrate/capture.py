@@ -17,18 +17,20 @@ from ..errors import RateQError
 from ..quant.codec import fake_quantize_multi
 from ..quant.rope import slice_rope
 from ..quant.spec import QuantSpec, holds_role
+from ..quant.static import scale_key
 from ..simulate import plan_transform
 from .metrics import LayerInputs, allowed_pairs, candidate_errors
 
 
 def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSpec], policy: CachePolicy,
-                      rope=None) -> torch.Tensor:
+                      rope=None, scales: dict | None = None) -> torch.Tensor:
     """`(B, H, T, D)` → `(Q·NB, B, H, T, D)`: the stored form of `x` under every (quantizer, bits).
 
     Which positions are stored quantized follows the runtime exactly (as `plan_transform` + the one-pass
     evaluation): keys over whole `policy.block` blocks from `policy.sinks` out of the residual window, values
     per token from `policy.sinks` out of the residual window; the rest stays full precision. `rope`: this
-    layer's `(cos, sin)` over all positions (pre-RoPE key quantizers only).
+    layer's `(cos, sin)` over all positions (pre-RoPE key quantizers only); `scales`: `{candidate index: (H,)}`
+    static scales of the static-scale candidates.
     """
     T = x.shape[2]
     start = policy.sinks
@@ -47,7 +49,8 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
             tables = slice_rope(rope, start, end)
         widths = [j for j, b in enumerate(bits) if spec.allows_bits(b)]  # engine formats: their own width only
         if widths:
-            stored = fake_quantize_multi(seg, [bits[j] for j in widths], spec, role, rope=tables)
+            scale = None if scales is None else scales.get(i)
+            stored = fake_quantize_multi(seg, [bits[j] for j in widths], spec, role, rope=tables, scale=scale)
             for k, j in enumerate(widths):
                 out[i * len(bits) + j, :, :, start:end] = stored[k]
     return out
@@ -69,7 +72,7 @@ class Calibrator:
 
     def __init__(self, num_layers: int, num_kv_heads: int, bits, quantizers: list[QuantSpec], metrics,
                  policy: CachePolicy, *, reference: Plan | None = None, chunk_elements: int = 1 << 23,
-                 matmul_dtype: torch.dtype = torch.float32):
+                 matmul_dtype: torch.dtype = torch.float32, params: dict | None = None):
         self.bits = tuple(bits)
         self.quantizers = list(quantizers)
         self.metrics = tuple(metrics)
@@ -78,18 +81,35 @@ class Calibrator:
         self.chunk_elements = chunk_elements
         self.matmul_dtype = matmul_dtype
         self.reference = reference
+        self.params = params or {}  # static scales (L, H, 2) of static-scale candidates, by scale_key
         self.transform = None if reference is None else plan_transform(reference, policy)
         self.rope = None  # rope.RopeTables of the current forward, when a quantizer works before RoPE
         C = len(self.quantizers) * len(self.bits)
         self.sums = {m: torch.zeros(num_layers, num_kv_heads, 2, C, dtype=torch.float64) for m in self.metrics}
         self.windows: dict[int, int | None] = {}  # layer → sliding window (None: full attention)
         self.pending = 0  # fisher layers of the current batch whose gradient has not arrived yet
+        self._masks: dict = {}  # (mask id, shape, device) → (weak ref to the mask, allowed pairs)
 
     def set_rope(self, rope) -> None:
         """Use these per-layer rotary tables (from `rateq.quant.rope.capture_rope`) for pre-RoPE quantizers."""
         self.rope = rope
         if self.reference is not None:
             self.transform = plan_transform(self.reference, self.policy, rope)
+
+    def _allowed(self, attention_mask, T: int, S: int, B: int, device) -> torch.Tensor:
+        """The `(B, T, S)` allowed pairs of this mask, made once per mask and device: the layers of a forward share
+        one mask, and fisher keeps each layer's inputs until its gradient arrives, so a copy per layer would grow
+        with the depth."""
+        import weakref
+
+        key = (None if attention_mask is None else id(attention_mask), T, S, B, str(device))
+        held = self._masks.get(key)
+        if held is not None and (attention_mask is None or held[0]() is attention_mask):
+            return held[1]
+        self._masks = {k: v for k, v in self._masks.items() if k[0] is None or v[0]() is not None}
+        allowed = allowed_pairs(attention_mask, T, S, B).to(device)
+        self._masks[key] = (None if attention_mask is None else weakref.ref(attention_mask), allowed)
+        return allowed
 
     # The function transformers calls in place of its attention implementation.
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -112,7 +132,7 @@ class Calibrator:
                                                dropout=0.0, **kwargs)
         inp = LayerInputs(
             query=query.detach(), key=key.detach(), value=value.detach(),
-            allowed=allowed_pairs(attention_mask, T, S, B).to(query.device), scaling=float(scaling),
+            allowed=self._allowed(attention_mask, T, S, B, query.device), scaling=float(scaling),
             key_base=key_base, value_base=value_base, softcap=kwargs.get("softcap"),
             rope=None if self.rope is None else self.rope.for_layer(layer),
         )
@@ -129,10 +149,16 @@ class Calibrator:
             self._accumulate(layer, inp, None)
         return attn_output, weights
 
+    def _scales(self, layer: int, r: int) -> dict:
+        """`{candidate index: (Hkv,) scales}` of this layer's role r for the static-scale candidates."""
+        return {i: self.params[scale_key(q)][layer, :, r] for i, q in enumerate(self.quantizers) if q.static_scale}
+
     @torch.no_grad()
     def _accumulate(self, layer: int, inp: LayerInputs, grad):
-        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, inp.rope)  # (C, B, Hkv, S, D)
-        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy)
+        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, inp.rope,
+                                  self._scales(layer, 0))  # (C, B, Hkv, S, D)
+        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy,
+                                  scales=self._scales(layer, 1))
         metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
         sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements,
                                 matmul_dtype=self.matmul_dtype)

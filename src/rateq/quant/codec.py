@@ -39,7 +39,7 @@ run ordinary attention on the reconstruction, so scores are the estimator and `Î
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -119,6 +119,8 @@ def _layout(s: QuantSpec, bits: int, role: str, D: int) -> tuple[Part, ...]:
     if bits >= FULL_PRECISION_BITS:
         return (Part("fp16", D, dtype=torch.float16),)
     G = s.group_size
+    if s.static_scale:  # codes only: the scale is one per layer or KV head, fixed in calibration
+        return (Part("codes", D, bits),)
     if s.kind in ENGINE_FORMATS:  # codes, and the engine's own metadata per group of G channels of a token
         meta = {"fp8": (), "nvfp4": (("scale", torch.float8_e4m3fn),), "q4_1": (("scale", torch.float16),
                 ("zero", torch.float16))}.get(s.kind, (("scale", torch.float16),))
@@ -148,9 +150,32 @@ def _layout(s: QuantSpec, bits: int, role: str, D: int) -> tuple[Part, ...]:
 
 @dataclass(frozen=True)
 class Codec:
-    """Encoder/decoder of one `QuantSpec`; stateless (codebooks, signs and sketches are cached by value)."""
+    """Encoder/decoder of one `QuantSpec`; stateless (codebooks, signs and sketches are cached by value).
+
+    Formats with a static scale (`QuantSpec.static_scale`) need the calibrated scale of each head they encode:
+    `codec.bind(scale)` with `scale (h,)` for the `h` heads of the tensors it is given."""
 
     spec: QuantSpec
+    scale: torch.Tensor | None = field(default=None, compare=False)
+
+    def bind(self, scale) -> "Codec":
+        """This codec with the static scale `(h,)` of the heads it will encode and decode (one per head)."""
+        if not self.spec.static_scale:
+            raise RateQError(f"{self.spec.id} has no static scale to bind")
+        scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise RateQError(f"{self.spec.id} scales must be positive finite numbers, got {scale.tolist()}")
+        return Codec(self.spec, scale)
+
+    def _scale_of(self, shape, device) -> torch.Tensor:
+        """The bound scale as `(1, h, 1, 1)` for tensors of `shape (B, h, T, D)`."""
+        if self.scale is None:
+            raise RateQError(f"{self.spec.id} stores codes against a calibrated scale per "
+                             f"{'layer' if self.spec.static_scale == 'tensor' else 'KV head'}: bind it first "
+                             "(plans and curves carry it; calibrate the format to learn it)")
+        if self.scale.numel() != shape[1]:
+            raise RateQError(f"{self.spec.id} holds {self.scale.numel()} scales for {shape[1]} heads")
+        return self.scale.to(device).view(1, -1, 1, 1)
 
     # -- the stored form -------------------------------------------------------------------------------
     def layout(self, bits: int, role: str, head_dim: int) -> tuple[Part, ...]:
@@ -187,6 +212,8 @@ class Codec:
             raise RateQError(f"{self.spec.id} is stored at {self.spec.fixed_bits} bits only, not {bits}")
         if self.spec.kind in ENGINE_FORMATS and shape[-1] % self.spec.group_size:
             raise RateQError(f"head_dim {shape[-1]} does not split into {self.spec.id} blocks of {self.spec.group_size}")
+        if self.spec.static_scale and bits < FULL_PRECISION_BITS:
+            self._scale_of(shape, "cpu")
         if self._uses_rope(role) and rope is None:
             raise RateQError(f"{self.spec.id} quantizes keys before RoPE and needs the rotary tables of their positions: "
                              "pass rope=(cos, sin) (rateq.simulate_plan and the runtime do this)")
@@ -221,6 +248,8 @@ class Codec:
             return {"fp16": y.to(torch.float16).to(torch.float32)}
         B, h, T, D = x.shape
         G = s.group_size
+        if s.static_scale:
+            return {"codes": engine_formats.quantize_static(s.kind, y, self._scale_of(x.shape, y.device))}
         if s.kind in ENGINE_FORMATS:
             q = engine_formats.quantize(s.kind, y.reshape(B, h, T, D // G, G))
             return {name: t.reshape(B, h, T, -1) for name, t in q.items()}
@@ -283,6 +312,10 @@ class Codec:
             return self._dequantize_uniform(parts, bits, role, shape, out)
         B, h, T, D = shape
         G = s.group_size
+        if s.static_scale:
+            codes = parts["codes"]
+            y = engine_formats.dequantize_static(s.kind, codes, self._scale_of(shape, codes.device)).reshape(shape)
+            return y if out is None else out.copy_(y)
         if s.kind in ENGINE_FORMATS:
             groups = {name: t.reshape(B, h, T, D // G, -1).to(torch.float32 if name != "codes" else t.dtype)
                       for name, t in parts.items()}
@@ -343,30 +376,39 @@ def codec_for(spec: QuantSpec) -> Codec:
     return Codec(spec)
 
 
-def encode(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope: Rope | None = None) -> Encoding:
-    return codec_for(spec).encode(x, bits, role, rope=rope)
+def bound_codec(spec: QuantSpec, scale=None) -> Codec:
+    """`codec_for(spec)`, bound to the static scale `(h,)` of the heads it will see when one is given."""
+    codec = codec_for(spec)
+    return codec if scale is None else codec.bind(scale)
+
+
+def encode(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope: Rope | None = None,
+           scale=None) -> Encoding:
+    return bound_codec(spec, scale).encode(x, bits, role, rope=rope)
 
 
 def decode(enc: Encoding, bits: int, spec: QuantSpec, role: str, shape, dtype=torch.float32, *,
-           rope: Rope | None = None) -> torch.Tensor:
-    return codec_for(spec).decode(enc, bits, role, shape, dtype, rope=rope)
+           rope: Rope | None = None, scale=None) -> torch.Tensor:
+    return bound_codec(spec, scale).decode(enc, bits, role, shape, dtype, rope=rope)
 
 
-def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope: Rope | None = None) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope: Rope | None = None,
+                  scale=None) -> torch.Tensor:
     """Quantize and dequantize `(B, H, T, D)` K or V (role 'k'/'v') at one bit width; same dtype out.
 
     Along tokens, T must be a multiple of the group size (callers quantize only complete key blocks). Specs that
-    store keys before RoPE need `rope=(cos, sin)` of the positions."""
-    return codec_for(spec).fake_quantize(x, bits, role, rope=rope)
+    store keys before RoPE need `rope=(cos, sin)` of the positions; static-scale formats the scale `(H,)` of
+    each head (`scale`)."""
+    return bound_codec(spec, scale).fake_quantize(x, bits, role, rope=rope)
 
 
 def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
-                        rope: Rope | None = None) -> torch.Tensor:
+                        rope: Rope | None = None, scale=None) -> torch.Tensor:
     """Fake-quantize `(B, H, T, D)` at several bit widths at once â†’ `(len(bits), B, H, T, D)` in `x.dtype`, so
     calibration scores all bit widths of a unit in one call. For plain grids the groups are formed once and each
     width is dequantized in group layout: the same values as `fake_quantize`, without a regrouping per width."""
     if not spec.is_uniform_plain:
-        return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])
+        return torch.stack([fake_quantize(x, b, spec, role, rope=rope, scale=scale) for b in bits])
     axis, G = spec.axis_for(role), spec.group_size
     groups = to_groups(x, axis, G).to(torch.float32)
     outs = []

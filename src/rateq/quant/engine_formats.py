@@ -131,3 +131,30 @@ def dequantize(kind: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     shift = {"q8_0": 128, "q4_0": 8, "q5_0": 16, "q4_1": 0}[kind]
     x = (c - shift).to(torch.float32) * parts["scale"]
     return x + parts["zero"] if kind == "q4_1" else x
+
+
+# -- formats with one static scale (per layer and role, or per KV head), calibrated offline ----------------------
+# Symmetric integer ranges: INT8 as TensorRT-LLM's int8 KV cache (round, saturate to ±127), INT4 over −8..7.
+STATIC_RANGES = {"int8_tensor": (-127, 127), "int8_head": (-127, 127), "int4_head": (-8, 7)}
+
+
+def static_qmax(kind: str) -> float:
+    """The largest magnitude a static-scale code represents at unit scale: 448 for FP8 e4m3, 127 or 7."""
+    return FP8_MAX if kind.startswith("fp8") else float(STATIC_RANGES[kind][1])
+
+
+def quantize_static(kind: str, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x (..., D)` fp32 and its scale (broadcasting) → uint8 codes: the FP8 byte of x / s (saturating), or
+    round(x / s) clamped to the format's range and offset to unsigned."""
+    y = x / scale
+    if kind.startswith("fp8"):
+        return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    lo, hi = STATIC_RANGES[kind]
+    return (y.round().clamp(lo, hi) - lo).to(torch.uint8)
+
+
+def dequantize_static(kind: str, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Codes `(..., D)` and their scale → fp32 values."""
+    if kind.startswith("fp8"):
+        return codes.to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32) * scale
+    return (codes.to(torch.float32) + STATIC_RANGES[kind][0]) * scale

@@ -17,8 +17,15 @@ from ..errors import RateQError
 # Storage formats for scales (and float zero-points), with their size in bits.
 SCALE_DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8}
 # Formats serving engines run, each at its one code width, with its own fixed metadata (see `QuantSpec`).
-ENGINE_FORMATS = {"fp8": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "iq4_nl": 4}
-ENGINE_GROUP = {"fp8": 1, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "iq4_nl": 32}
+ENGINE_FORMATS = {"fp8": 8, "nvfp4": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "iq4_nl": 4,
+                  "fp8_tensor": 8, "fp8_head": 8, "int8_tensor": 8, "int8_head": 8, "int4_head": 4}
+ENGINE_GROUP = {"fp8": 1, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "iq4_nl": 32,
+                "fp8_tensor": 1, "fp8_head": 1, "int8_tensor": 1, "int8_head": 1, "int4_head": 1}
+# Engine formats whose one scale is calibrated offline and fixed (no per-token metadata): shared by a layer's
+# heads (`tensor`: one per layer and role, as vLLM's, SGLang's and TensorRT-LLM's checkpoint k_scale/v_scale)
+# or one per KV head (`head`: compressed-tensors' `attn_head` strategy).
+STATIC_SCALE = {"fp8_tensor": "tensor", "fp8_head": "head", "int8_tensor": "tensor", "int8_head": "head",
+                "int4_head": "head"}
 KINDS = ("minmax", "symmetric", "lloydmax", *ENGINE_FORMATS)
 ROTATIONS = ("none", "hadamard", "rhadamard")
 OUTLIER_VALUE_BITS = 16  # sparse outliers are kept in fp16
@@ -77,6 +84,11 @@ class QuantSpec:
     - `nvfp4`: FP4 e2m1 codes, one FP8 e4m3 scale per 16 channels (amax / 6), unit tensor scale: 4.5 bits.
     - llama.cpp's `q8_0` (8.5 bits), `q4_0` (4.5), `q5_0` (5.5): symmetric, one fp16 scale per 32; `q4_1` (5):
       fp16 scale and minimum per 32; `iq4_nl` (4.5): fp16 scale per 32 times a fixed non-linear 16-level table.
+    - static scales, calibrated offline (`static_scale`), no per-token metadata: `fp8_tensor` / `fp8_head` (FP8
+      e4m3 of x / s, one s per layer and role, or per KV head), `int8_tensor` / `int8_head` (symmetric INT8,
+      round(x / s) in −127..127) and `int4_head` (symmetric INT4, −8..7): 8, 8, 8, 8 and 4 bits. The scales are
+      learned in calibration on windows apart from the priced ones and kept with the curves, plans and
+      profiles (`rateq.quant.static`).
     They take no rotation, pre-RoPE, outliers or other options (engines store post-RoPE keys as they are).
     """
 
@@ -200,6 +212,12 @@ class QuantSpec:
         """The one code width an engine format is stored at; None for families calibrated at any width."""
         return ENGINE_FORMATS.get(self.kind)
 
+    @property
+    def static_scale(self) -> str | None:
+        """`tensor` or `head`: the format's one scale is calibrated offline per layer and role, or per KV head
+        (kept with the curves and plans, see `rateq.quant.static`); None for formats with no learned scale."""
+        return STATIC_SCALE.get(self.kind)
+
     def allows_bits(self, bits: int) -> bool:
         """Whether a unit can be stored at `bits` with this spec (16 = unquantized is always possible)."""
         if bits == FULL_PRECISION_BITS:
@@ -225,6 +243,8 @@ class QuantSpec:
         if bits >= FULL_PRECISION_BITS:
             return 0
         if self.kind in ENGINE_FORMATS:  # fp8: none; nvfp4: an e4m3 scale; q4_1: fp16 scale + min; others: fp16 scale
+            if self.static_scale:
+                return 0  # one scale per layer or head, calibrated offline: a fixed cost, not per token
             return {"fp8": 0, "nvfp4": 8, "q4_1": 32}.get(self.kind, 16)
         scale = SCALE_DTYPE_BITS[self.scale_dtype]
         sparse = self.outliers_per_group() * (OUTLIER_VALUE_BITS + self.outlier_index_bits())

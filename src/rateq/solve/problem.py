@@ -39,6 +39,7 @@ from ..plan import Plan, policy_from_dict
 from ..plan import check_budget as check_budget_value  # build_problem's `check_budget` flag shadows the name
 from ..policy import CachePolicy
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
+from ..quant.static import scale_key
 
 ROLES = ("k", "v")
 FP16 = -1  # slot quantizer index of the unquantized candidate
@@ -375,6 +376,8 @@ class Problem:
             quantizers=[self.curves.quantizers[i] for i in used], model=self.curves.model, budget_bits=self.budget,
             policy=self.policy, calibration={"metric": self.curves.metric, **self.curves.calibration},
             solver=info, weights=self.curves.counts.clone(),
+            params={k: v for k, v in self.curves.params.items()
+                    if any(k == scale_key(self.curves.quantizers[i]) for i in used)},
         )
 
 
