@@ -30,6 +30,22 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the result.")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help=(
+    "Spread a model too large for one device over several, through accelerate, instead of --device: auto (the "
+    "GPUs, then the CPU, then disk), balanced, balanced_low_0, sequential, or a JSON file mapping module names "
+    "to devices (0, cuda:1, cpu, disk)."))]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option("--max-memory", help=(
+    "With --device-map: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB (B, KB, MB, GB, KiB, "
+    "MiB, GiB)."))]
+OffloadFolderOpt = Annotated[Optional[Path], typer.Option("--offload-folder", help=(
+    "With --device-map: where weights offloaded to disk go (default: a temporary folder under the rateq "
+    "cache, removed afterwards)."))]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help=(
+    "Branch, tag or commit of a hub model (default: its main branch). Gated models read HF_TOKEN or the "
+    "huggingface-cli login."))]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help=(
+    "Run Python code from the model's hub repository (architectures transformers does not ship); off unless "
+    "given."))]
 THREADS_HELP = ("CPU threads for torch (env RATEQ_THREADS; default and maximum: the cores this process may use). "
                 "Two rateq processes on the same cores slow each other down far more than twofold: give each its "
                 "share, e.g. --threads 1 each on two cores.")
@@ -192,6 +208,49 @@ def check_policy_options(residual: Optional[int], block: Optional[int], sinks: O
     for name, v, least in (("--residual", residual, 0), ("--sinks", sinks, 0), ("--block", block, 1)):
         if v is not None and v < least:
             raise RateQError(f"{name} must be at least {least}, got {v}")
+
+
+def check_placement_options(device: str, device_map: Optional[str], max_memory: Optional[str],
+                            offload_folder: Optional[Path]) -> dict:
+    """`--device`, `--device-map`, `--max-memory` and `--offload-folder` checked before any weights load → the
+    keyword arguments `rateq.load_model` takes for the placement (none for a plain --device), each error naming
+    the option."""
+    from rateq.errors import RateQError
+    from rateq.models import check_device, check_placement
+
+    check_device(device)
+    if offload_folder is not None:
+        if device_map is None:
+            raise RateQError("--offload-folder is where --device-map offloads weights to disk; give --device-map too")
+        if offload_folder.exists() and not offload_folder.is_dir():
+            raise RateQError(f"--offload-folder {offload_folder} is a file; give a folder")
+    if device_map is None and max_memory is None:
+        return {}
+    if device_map is None:
+        raise RateQError("--max-memory bounds what --device-map puts on each device; give --device-map too (e.g. auto)")
+    if device != "cpu":
+        raise RateQError(f"give --device {device} or --device-map {device_map}, not both: a device map places every "
+                         "layer itself")
+    try:
+        device_map, max_memory = check_placement("cpu", device_map, max_memory)
+    except RateQError as exc:
+        raise RateQError(f"--device-map/--max-memory: {exc}") from None
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+
+
+def hub_options(revision: Optional[str], trust_remote_code: bool) -> dict:
+    """`--revision` and `--trust-remote-code` as keyword arguments of `load_config`, `load_tokenizer` and
+    `load_model`: only those the user gave."""
+    from rateq.errors import RateQError
+
+    kw = {}
+    if revision is not None:
+        if not revision.strip():
+            raise RateQError("--revision is empty; give a branch, tag or commit")
+        kw["revision"] = revision.strip()
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
+    return kw
 
 
 def check_out(out: Optional[Path], what: str = "--out") -> None:

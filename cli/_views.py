@@ -40,6 +40,9 @@ def print_summary(sink: Output, plan, *, title: str | None = None) -> None:
         sink.line("solver: " + ", ".join(facts))
     if len(s["quantizers"]) > 1 or plan.quantizers[0].id != "minmax-g32-fp16":
         sink.line("quantizers: " + "; ".join(f"{q} (K {n['k']}, V {n['v']} heads)" for q, n in s["quantizers"].items()))
+    if s["learned_bytes"]:
+        sink.line(f"learned parameters (codebooks, static scales): {s['learned_bytes'] / 1024:,.1f} KiB, "
+                  "a fixed cost per model, not per token")
 
 
 def bit_map(plan) -> Table:

@@ -6,9 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import (BlockOpt, BudgetOpt, CandidatesOpt, DataOpt, DeviceOpt, DtypeOpt, JsonOpt, KeysOpt,
-                      MaxBitsOpt, MethodOpt, MinBitsOpt, ModelOpt, OutOpt, Output, ResidualOpt, SinksOpt, ThreadsOpt,
-                      check_out, check_policy_options, curves_path, default_out, parse_list, parse_specs, use_threads)
+from ._common import (BlockOpt, BudgetOpt, CandidatesOpt, DataOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, JsonOpt, KeysOpt,
+                      MaxBitsOpt, MaxMemoryOpt, MethodOpt, MinBitsOpt, ModelOpt, OffloadFolderOpt, OutOpt, Output,
+                      ResidualOpt, RevisionOpt, SinksOpt, ThreadsOpt, TrustRemoteCodeOpt, check_out,
+                      check_placement_options, check_policy_options, curves_path, default_out, hub_options, parse_list,
+                      parse_specs, use_threads)
 from ._views import print_summary
 from .main import app
 
@@ -45,21 +47,26 @@ def calibrate_command(
     out: OutOpt = None,
     method: MethodOpt = "exact",
     metric: Annotated[Optional[str], typer.Option("--metric", help="mse, score, output or fisher (default: the library's, chosen by measured rank correlation with ΔNLL).")] = None,
-    n_samples: Annotated[Optional[int], typer.Option("--n-samples", "-n", help="Calibration sequences (default 2).")] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence (default 1024).")] = None,
+    n_samples: Annotated[Optional[int], typer.Option("--n-samples", "-n", help="Calibration sequences (default 2) on the CPU; 16 on a GPU.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per sequence (default 1024) on the CPU; 2048 on a GPU.")] = None,
     bits: Annotated[str, typer.Option("--bits", help="Candidate code bit widths, comma-separated.")] = "1,2,3,4,5,6,8",
     quantizers: CandidatesOpt = "default",
     min_bits: MinBitsOpt = None,
     max_bits: MaxBitsOpt = None,
     keys_at_least_values: KeysOpt = False,
     engine: Annotated[Optional[str], typer.Option("--engine", help="modelopt, vllm, sglang, trtllm or llamacpp: add that engine's KV formats (and their widths) to the candidates and solve the profile under its rules, ready for `rateq export --format ENGINE`; the kept curves re-solve freely.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward. One 2048-token sequence already fills a GPU's matrix units on a 7B+ model, and the fisher backward keeps every layer's activations of the batch: raise it for small models on large GPUs.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows.")] = 0,
     residual: ResidualOpt = 0,
     block: BlockOpt = None,
     sinks: SinksOpt = 0,
     device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     dtype: DtypeOpt = "auto",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -67,9 +74,10 @@ def calibrate_command(
     (P.curves.safetensors), solve at --budget, write the profile (default ./<model>-b<budget>.safetensors) and
     print its summary. Re-solve the kept curves at other budgets with `rateq solve`."""
     import rateq
-    from rateq.calibrate import DEFAULT_QUANTIZERS, METRICS, calibration_ids
+    from rateq.calibrate import DEFAULT_QUANTIZERS, METRICS, calibration_ids, default_windows
     from rateq.errors import RateQError
-    from rateq.models import check_device, load_config, load_tokenizer, resolve_dtype
+    from rateq.memory import format_bytes
+    from rateq.models import compute_device, load_config, load_tokenizer, resolve_dtype
     from rateq.policy import CachePolicy
     from rateq.profile import plan_summary, save_profile
     from rateq.solve import METHODS
@@ -108,18 +116,21 @@ def calibrate_command(
     cpath = curves_path(out)
     check_out(out)
     check_out(cpath, "the curves file")
-    check_device(device)
-    resolve_dtype(dtype, device)
+    placement = check_placement_options(device, device_map, max_memory, offload_folder)
+    computes_on = compute_device(device, placement.get("device_map"))
+    resolve_dtype(dtype, computes_on)
+    hub = hub_options(revision, trust_remote_code)
     use_threads(threads)
     # Then what needs the model's config and tokenizer (fast; no weights).
-    config = load_config(model)
+    config = load_config(model, **hub)
     check_quantizers_fit(specs, config, policy, model)
-    tok = load_tokenizer(model)
-    ids, data_name = calibration_ids(tok, data, n_samples, seq_len, seed)  # the windows calibration would cut
+    tok = load_tokenizer(model, **hub)
+    n_default, t_default = default_windows(computes_on)  # 16 × 2048 on a GPU, 2 × 1024 on the CPU
+    ids, data_name = calibration_ids(tok, data, n_samples or n_default, seq_len or t_default, seed)  # the windows calibration would cut
 
     with Output(json_out) as sink:
         with sink.bar(f"loading {model}"):
-            lm, tok = rateq.load_model(model, dtype=dtype, device=device, tokenizer=tok)
+            lm, tok = rateq.load_model(model, dtype=dtype, device=device, tokenizer=tok, **placement, **hub)
         kw = {} if metric is None else {"metric": metric}
         with sink.calibration() as report:
             curves = rateq.calibrate(lm, tok, ids, bits=widths, quantizers=specs, batch_size=batch_size, seed=seed,
@@ -136,8 +147,12 @@ def calibrate_command(
                              keys_at_least_values=keys_at_least_values or None, policy=policy)
         save_profile(plan, out)
 
-        sink.add({"profile": str(out), "curves": str(cpath)}, plan_summary(plan))
         cal = curves.calibration
+        peak = cal.get("peak_bytes") or {}
+        sink.add({"profile": str(out), "curves": str(cpath)}, plan_summary(plan),
+                 {"seconds": cal.get("seconds"), "peak_bytes": peak})
+        memory = ", ".join(f"{d} {format_bytes(b)}" for d, b in peak.items())
         sink.line(f"calibrated {cal.get('tokens')} tokens of {cal.get('data')} ({curves.metric}) in "
-                  f"{cal.get('seconds', float('nan')):.1f} s; curves kept in {cpath}")
+                  f"{cal.get('seconds', float('nan')):.1f} s" + (f", peak memory {memory}" if memory else "")
+                  + f"; curves kept in {cpath}")
         print_summary(sink, plan, title=f"profile written to {out}")

@@ -109,4 +109,5 @@ def solve_command(
             print_summary(sink, plan, title=f"profile written to {out}")
             if target is not None:
                 sink.add(engine=target.name)
-                sink.line(f"for {target.name}: rateq export {out} --format {target.name}")
+                scales = " --scales kv_scales.safetensors" if plan.params else ""  # static scales go to the checkpoint
+                sink.line(f"for {target.name}: rateq export {out} --format {target.name}{scales}")

@@ -145,3 +145,51 @@ def test_loading_is_quiet_and_leaves_settings_as_they_were():
         assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
         assert hf_logging.get_verbosity() == hf_logging.ERROR
     assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled() == bars
+
+
+# -- placement over devices (accelerate) ------------------------------------------------------------------------
+def test_a_random_model_spreads_over_a_device_map_and_calibrates(tmp_path):
+    from rateq.models import input_device, weight_devices
+
+    split = {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+             "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    model = random_model("qwen3-0.6b", device_map=split, offload_folder=tmp_path, num_hidden_layers=2,
+                         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=256)
+    assert weight_devices(model) == ["disk", "cpu"] and input_device(model) == torch.device("cpu")
+    assert any(p.device.type == "meta" for p in model.parameters()) and any(tmp_path.iterdir())
+    norm = model.model.norm.weight
+    assert norm.device.type == "cpu" and bool((norm == 1).all())
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    curves = rateq.calibrate(model, None, ids, bits=(2, 4), quantizers=["minmax-g16-fp16"])
+    assert torch.isfinite(curves.distortion).all() and curves.calibration["devices"] == ["disk", "cpu"]
+
+
+def test_device_map_auto_on_the_meta_free_cpu_places_every_layer(tmp_path):
+    model = random_model("llama-3.2-1b", device_map="auto", max_memory={"cpu": "1GiB"}, num_hidden_layers=2,
+                         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, vocab_size=256)
+    assert set(model.hf_device_map.values()) <= {"cpu", "disk"}
+    assert (model(torch.randint(0, 256, (1, 8))).logits.isfinite()).all()
+
+
+def test_the_70b_alias_has_llama_3_1_70b_shape():
+    fp = rateq.fingerprint(random_model("llama-3.1-70b", device="meta"))
+    assert (fp.architecture, fp.num_layers, fp.num_kv_heads, fp.head_dim) == ("llama", 80, 8, 128)
+
+
+def test_a_device_map_file_is_read_and_checked(tmp_path):
+    from rateq.models import check_device_map
+
+    path = tmp_path / "map.json"
+    path.write_text('{"model": "cpu", "lm_head": "disk"}')
+    assert check_device_map(str(path)) == {"model": "cpu", "lm_head": "disk"}
+    assert check_device_map("auto") == "auto" and check_device_map(None) is None
+    path.write_text('{"model": "meta"}')
+    with pytest.raises(rateq.RateQError, match="meta device holds no weights"):
+        check_device_map(path)
+
+
+def test_device_and_device_map_are_one_choice():
+    with pytest.raises(rateq.RateQError, match="not both"):
+        rateq.load_model("smollm2-135m", device="meta", device_map="auto")

@@ -3,8 +3,7 @@
 `distortion[l, h, r, q, i]` is the distortion of layer l, KV head h, role r (0 = K, 1 = V) under quantizer
 `quantizers[q]` at `bits[i]` code bits. `counts[l, h, r]` is the number of cached elements the unit holds per
 sequence (the solver's weights `n_u`). `params` holds what calibration learned for quantizers that need it —
-the static scales `(L, H, 2)` of formats without per-token metadata, under `rateq.quant.static.scale_key` —
-and goes into every plan solved from the curves. Saved as safetensors with JSON metadata; no pickle.
+static scales, codebooks (`rateq.quant.params`) — and goes into the plans solved from the curves. Saved as safetensors with JSON metadata; no pickle.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from .io import meta_json, read_safetensors, write_safetensors
 from .models import ModelFingerprint
 from .plan import policy_from_dict
 from .quant.spec import FULL_PRECISION_BITS, QuantSpec
-from .quant.static import learned_params
+from .quant.params import check_params, wanted_params
 
 CURVES_FORMAT = "rateq.curves"
 CURVES_VERSION = "1"
@@ -61,7 +60,8 @@ class Curves:
             raise RateQError(f"curve counts have shape {tuple(self.counts.shape)}, expected {(L, H, 2)}")
         if list(self.bits) != sorted(set(self.bits)):
             raise RateQError(f"curve bit widths must be increasing and distinct, got {self.bits}")
-        self.params = learned_params(self.quantizers, self.params, (L, H, 2), "curves")
+        pairs = [(q, b) for q in self.quantizers for b in self.bits if q.allows_bits(b)]
+        self.params = check_params(self.params, wanted_params(pairs, L, H, self.model.head_dim), "curves")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -96,7 +96,7 @@ class Curves:
             "calibration": json.dumps(self.calibration, default=str),
         }
         tensors = {"distortion": self.distortion, "counts": self.counts}
-        tensors.update({f"param.{k}": v for k, v in self.params.items()})
+        tensors.update({f"param.{k}": v.to(torch.float16) if ".codebook" in k else v for k, v in self.params.items()})
         write_safetensors(path, tensors, metadata)
 
     @classmethod

@@ -8,6 +8,12 @@ folder under the rateq cache; later loads read that folder in about a second. Lo
 What the commands check before any weights load comes from here too: `check_device` (the device exists on
 this machine), `load_config` and `load_tokenizer` (fast; an unknown or unreachable model fails in seconds).
 Loading is quiet: transformers' own progress bars and warnings are silenced (`quiet_loading`).
+
+Models larger than one device load through accelerate: `device_map="auto"` (or `balanced`, `sequential`, a
+`{module: device}` mapping) with an optional `max_memory` spreads the layers over the GPUs, then the CPU, then an
+offload folder on disk; `input_device` says where a batch's token ids go and `weight_devices` where the weights
+sit. Hub models load as transformers loads them: `HF_TOKEN` (or `huggingface-cli login`) for gated models, a
+`revision` (branch, tag or commit), and `trust_remote_code` only when asked.
 """
 
 from __future__ import annotations
@@ -159,6 +165,149 @@ def _resolve_dtype(dtype, device: str) -> torch.dtype:
     return names[dtype]
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _map_device(value, where: str) -> str | int:
+    """One device of a device map or a max-memory key, as accelerate spells it: an int (a CUDA index), `cpu`,
+    `disk`, `cuda:N`, `mps`. Refused with a RateQError unless this machine has it."""
+    if isinstance(value, bool):
+        raise RateQError(f"{where}: {value!r} is not a device; use a GPU index, cuda:N, cpu or disk")
+    text = str(value).strip()
+    if text.isdigit():
+        index = int(text)
+        check_device(f"cuda:{index}")
+        return index
+    if text == "disk":
+        return text
+    dev = check_device(text)
+    if dev.type == "meta":
+        raise RateQError(f"{where}: the meta device holds no weights; use a GPU index, cuda:N, cpu or disk")
+    return str(dev)
+
+
+def check_device_map(device_map):
+    """`device_map` as accelerate takes it: a strategy (`auto`, `balanced`, `balanced_low_0`, `sequential`), a
+    `{module name: device}` mapping, or a JSON file holding one; a RateQError for anything else, checked before
+    any weights load. None stays None."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, (str, Path)) and str(device_map).strip() in DEVICE_MAP_STRATEGIES:
+        return str(device_map).strip()
+    if isinstance(device_map, (str, Path)):
+        path = Path(device_map).expanduser()
+        if not path.is_file():
+            raise RateQError(f"device map {str(device_map)!r}: use one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON "
+                             "file mapping module names to devices")
+        try:
+            device_map = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise RateQError(f"device map {path}: not a JSON file ({exc})") from None
+        if not isinstance(device_map, dict):
+            raise RateQError(f"device map {path}: the JSON must be an object mapping module names to devices")
+    if not isinstance(device_map, dict) or not device_map:
+        raise RateQError("a device map maps module names (model.layers.0, lm_head, …) to devices; got "
+                         f"{device_map!r}")
+    return {str(k): _map_device(v, f"device map entry {k!r}") for k, v in device_map.items()}
+
+
+def parse_max_memory(text) -> dict | None:
+    """`0=70GiB,cpu=200GiB` (or a dict) → `{0: 75161927680, "cpu": 214748364800}`: the most memory accelerate
+    may fill on each device when it places a model's layers. Sizes take B, KB/MB/GB (powers of ten) or
+    KiB/MiB/GiB (powers of two); None stays None."""
+    if text is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in (p.strip() for p in str(text).split(",")):
+            if not part:
+                continue
+            if "=" not in part:
+                raise RateQError(f"max memory {part!r}: give DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB")
+            key, size = part.split("=", 1)
+            items.append((key.strip(), size.strip()))
+    if not items:
+        raise RateQError("max memory is empty; give DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB")
+    out = {}
+    for key, size in items:
+        device = _map_device(key, f"max memory {key}={size}")
+        if isinstance(device, str) and device.startswith("cuda:"):
+            device = int(device.split(":")[1])
+        try:
+            n = size if isinstance(size, Integral) and not isinstance(size, bool) else convert_file_size_to_int(str(size))
+        except (ValueError, TypeError):
+            n = -1
+        if not isinstance(n, Integral) or n <= 0:
+            raise RateQError(f"max memory {key}={size}: the size must be a positive number of bytes such as 70GiB, "
+                             "500MB or 1000000")
+        if device in out:
+            raise RateQError(f"max memory names {key} twice")
+        out[device] = int(n)
+    return out
+
+
+def _strategy_uses_cuda(device_map) -> bool:
+    if isinstance(device_map, dict):
+        return any(isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values())
+    return torch.cuda.is_available()
+
+
+def compute_device(device: str = "cpu", device_map=None) -> str:
+    """Where a model loaded with this `device` or `device_map` computes: `cuda` when the map puts layers on a
+    GPU (what `dtype="auto"` resolves by), else `device`."""
+    if device_map is None:
+        return str(device)
+    return "cuda" if _strategy_uses_cuda(device_map) else "cpu"
+
+
+def weight_devices(model) -> list[str]:
+    """Where a model's weights sit, in the order of its layers: one device, or every device of its accelerate
+    device map (`cuda:0`, `cuda:1`, `cpu`, `disk`)."""
+    mapping = getattr(model, "hf_device_map", None)
+    if mapping:
+        seen = []
+        for v in mapping.values():
+            name = f"cuda:{v}" if isinstance(v, int) else str(v)
+            if name not in seen:
+                seen.append(name)
+        return seen
+    seen = []
+    for p in model.parameters():
+        if str(p.device) not in seen:
+            seen.append(str(p.device))
+    return seen
+
+
+def input_device(model) -> torch.device:
+    """The device a batch's token ids go to: where the input embedding computes. Under an accelerate device map
+    that is its execution device (weights offloaded to the CPU or disk are brought to it), else its weight's."""
+    emb = model.get_input_embeddings()
+    for m in (emb, model):
+        hook = getattr(m, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", (hook,))  # a SequentialHook holds several
+        for h in hooks:
+            dev = getattr(h, "execution_device", None)
+            if dev is not None and not isinstance(dev, dict):
+                return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    devices = [d for d in weight_devices(model) if d not in ("cpu", "disk", "meta")]
+    return torch.device(devices[0] if devices else "cpu")
+
+
+def model_dtype(model) -> torch.dtype:
+    """The dtype a model computes in: that of its first floating-point weight (offloaded weights keep theirs)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -276,15 +425,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return _endpoint_answers(url.hostname, url.port or (80 if url.scheme == "http" else 443), timeout)
 
 
-def model_source(name: str, *, convert: bool = True) -> tuple[str, bool]:
+def model_source(name: str, *, convert: bool = True, revision: str | None = None) -> tuple[str, bool]:
     """Where `name`'s files are (a folder, or a hub id) and whether only local files may be used.
 
     The default model's source is its converted folder (converted now when `convert`; otherwise "" until it
-    is). Raises a RateQError for a path that is not a model folder.
+    is). Raises a RateQError for a path that is not a model folder, and for a `revision` of a model that does
+    not come from the hub.
     """
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise RateQError(f"a revision is a branch, tag or commit of a hub model, got {revision!r}")
     if not isinstance(name, str) or not name.strip():
         raise RateQError("give a model: an alias (smollm2-135m, qwen3-8b, …), a hub id or a local folder")
     if name == DEFAULT_MODEL:
+        if revision is not None:
+            raise RateQError(f"{DEFAULT_MODEL} ships with rateq and has no revisions; --revision is for hub models")
         try:
             target = cache_dir() / "models" / _CONVERTED_NAME
         except OSError as exc:
@@ -295,6 +449,8 @@ def model_source(name: str, *, convert: bool = True) -> tuple[str, bool]:
         return (str(converted_default_path()), True) if convert else ("", True)
     path = Path(name).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise RateQError(f"model {name} is a local folder, which has no revisions; --revision is for hub models")
         if not (path / "config.json").is_file():
             raise RateQError(f"model folder {name} has no config.json; pass a folder written by save_pretrained "
                              "or downloaded from the hub")
@@ -324,20 +480,31 @@ def _load_error(name: str, source: str, local_only: bool, what: str, exc: Except
     return RateQError(f"cannot load the {what} of model {where}: {first}")
 
 
-def load_config(name: str = DEFAULT_MODEL):
+def _hub_kwargs(revision: str | None, trust_remote_code: bool) -> dict:
+    """What transformers' `from_pretrained` gets beyond the source: the revision only when one was asked for,
+    and remote code only when the caller trusts it. Tokens come from `HF_TOKEN` or the login, as in
+    transformers."""
+    kw = {"trust_remote_code": bool(trust_remote_code)}
+    if revision is not None:
+        kw["revision"] = revision
+    return kw
+
+
+def load_config(name: str = DEFAULT_MODEL, *, revision: str | None = None, trust_remote_code: bool = False):
     """The transformers config of `name` (alias, hub id or local folder) without loading any weights: what rateq
     checks inputs against before the model loads. Fails fast with a RateQError for an unknown or unreachable
     model, or one rateq cannot run (no decoder layers and KV heads it can read)."""
     from transformers import AutoConfig
 
-    source, local_only = model_source(name, convert=False)
+    source, local_only = model_source(name, convert=False, revision=revision)
     if not source:  # the default model before its one-time conversion: its config ships with rateq
         cfg = dict(known_models()[DEFAULT_MODEL]["config"])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     else:
         try:
             with quiet_loading():
-                config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+                config = AutoConfig.from_pretrained(source, local_files_only=local_only,
+                                                    **_hub_kwargs(revision, trust_remote_code))
         except Exception as exc:  # noqa: BLE001 — hub and config errors come in many types; all mean "cannot load"
             raise _load_error(name, source, local_only, "config", exc) from exc
     try:
@@ -356,17 +523,29 @@ def _has_vocabulary(tokenizer) -> bool:
         return True
 
 
-def load_tokenizer(name: str = DEFAULT_MODEL):
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                    "tokenizer.model.v3", "vocab.txt")
+
+
+def _lacks_tokenizer_files(source: str) -> bool:
+    """A local folder with none of the files a tokenizer is read from (some architectures' tokenizer classes fail
+    on such a folder instead of coming back empty)."""
+    path = Path(source)
+    return path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, *, revision: str | None = None, trust_remote_code: bool = False):
     """The tokenizer of `name` (fast: no weights), for checking data before the model loads."""
     from transformers import AutoTokenizer
 
-    source, local_only = model_source(name, convert=False)
+    source, local_only = model_source(name, convert=False, revision=revision)
     try:
         with quiet_loading():
             if not source:  # the default model before its one-time conversion: read the GGUF file's tokenizer
                 gguf = default_gguf_path()
                 return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only,
+                                                      **_hub_kwargs(revision, trust_remote_code))
     except RateQError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -377,12 +556,124 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return tokenizer
 
 
-def random_model(name: str, *, dtype="auto", device: str = "cpu", seed: int = 0, **overrides):
-    """An alias's architecture with random weights (no download): for speed and memory measurements."""
+def _offload_folder(model, folder) -> str:
+    """The folder accelerate offloads weights to when a device map puts layers on `disk`: the given one, or a
+    fresh one under the rateq cache that is removed when the model is."""
+    import weakref
+
+    if folder is not None:
+        return str(folder)
+    try:
+        root = cache_dir() / "offload"
+        root.mkdir(parents=True, exist_ok=True)
+        path = tempfile.mkdtemp(prefix="offload-", dir=root)
+    except OSError as exc:
+        raise RateQError(f"cannot create an offload folder under rateq's cache ({exc.strerror or exc}); pass "
+                         "offload_folder or set RATEQ_CACHE to a folder you can write to") from None
+    if model is not None:
+        weakref.finalize(model, shutil.rmtree, path, True)
+    return path
+
+
+def check_placement(device: str, device_map, max_memory):
+    """`(device_map, max_memory)` checked (see `check_device_map`, `parse_max_memory`): one of `device` and
+    `device_map` places the model, and `max_memory` only bounds a device map."""
+    device_map = check_device_map(device_map)
+    max_memory = parse_max_memory(max_memory)
+    if device_map is not None and str(device) != "cpu":
+        raise RateQError(f"give a device ({device}) or a device map ({device_map if isinstance(device_map, str) else 'a mapping'}), "
+                         "not both: a device map places every layer itself")
+    if max_memory is not None and device_map is None:
+        raise RateQError("max memory bounds what a device map puts on each device; give a device map too "
+                         "(e.g. auto)")
+    if isinstance(device_map, dict) and max_memory is not None:
+        raise RateQError("max memory applies to a device-map strategy (auto, balanced, sequential), not to a "
+                         "mapping that already names every module's device")
+    return device_map, max_memory
+
+
+def _module_device(device_map: dict, name: str):
+    """The device a `{module: device}` map gives the parameter `name` (longest matching module prefix)."""
+    best, where = -1, None
+    for module, dev in device_map.items():
+        if module == "" or name == module or name.startswith(module + "."):
+            if len(module) > best:
+                best, where = len(module), dev
+    if where is None:
+        raise RateQError(f"the device map places no module holding {name}")
+    return where
+
+
+@contextlib.contextmanager
+def _quiet_accelerate():
+    """accelerate logs a warning whenever weights are offloaded (which is what was asked for): errors only."""
+    import logging
+
+    logger = logging.getLogger("accelerate")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _random_dispatched(config, torch_dtype, device_map, max_memory, offload_folder, seed: int):
+    """A random-weight model spread by accelerate over `device_map`: built without memory (meta), each weight
+    drawn on the device it will live on (N(0, initializer_range) for matrices, 1 for norms, 0 for biases), so a
+    model larger than any one device never exists whole anywhere."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.tie_weights()
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=torch_dtype, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           dtype=torch_dtype)
+    std = float(getattr(text_config(config), "initializer_range", 0.02))
+    generators: dict[str, torch.Generator] = {}
+    for name, param in list(model.named_parameters()):
+        where = _module_device(device_map, name)
+        dev = "cpu" if where in ("cpu", "disk") else (f"cuda:{where}" if isinstance(where, int) else str(where))
+        gen = generators.get(dev)
+        if gen is None:
+            gen = generators[dev] = torch.Generator(device=dev).manual_seed(seed)
+        value = torch.empty(param.shape, dtype=param.dtype, device=dev)
+        if param.dim() >= 2:
+            value.normal_(0.0, std, generator=gen)
+        elif name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2]:  # layer norms scale by 1
+            value.fill_(1.0)
+        else:
+            value.zero_()
+        set_module_tensor_to_device(model, name, dev, value=value)
+    model.tie_weights()
+    folder = _offload_folder(model, offload_folder) if "disk" in device_map.values() else None
+    try:
+        with _quiet_accelerate():
+            model = dispatch_model(model, device_map, offload_dir=folder)
+    except (ValueError, RuntimeError) as exc:
+        raise RateQError(f"cannot place the model on the device map: {exc}") from exc
+    model.hf_device_map = dict(device_map)
+    return model
+
+
+def random_model(name: str, *, dtype="auto", device: str = "cpu", seed: int = 0, device_map=None, max_memory=None,
+                 offload_folder=None, **overrides):
+    """An alias's architecture with random weights (no download): for speed and memory measurements.
+
+    With a `device_map` (and `max_memory`, `offload_folder`) the model is spread by accelerate as `load_model`
+    spreads real weights; its weights are then drawn per tensor on their devices, not by transformers' init."""
     models = known_models()
     if name not in models:
         raise RateQError(f"no built-in config for {name!r}; random weights need one of: {', '.join(models)}")
     check_device(device)
+    device_map, max_memory = check_placement(device, device_map, max_memory)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(models[name]["config"])
@@ -390,46 +681,70 @@ def random_model(name: str, *, dtype="auto", device: str = "cpu", seed: int = 0,
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
-    torch_dtype = _resolve_dtype(dtype, device)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    torch_dtype = _resolve_dtype(dtype, compute_device(device, device_map))
+    if device_map is not None:
+        model = _random_dispatched(config, torch_dtype, device_map, max_memory, offload_folder, seed)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.eval()
     model.rateq_name = name
     return model
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype="auto", device: str = "cpu", random_weights: bool = False,
-               attn_implementation: str = "sdpa", tokenizer=None):
+               attn_implementation: str = "sdpa", tokenizer=None, device_map=None, max_memory=None,
+               offload_folder=None, revision: str | None = None, trust_remote_code: bool = False):
     """Load `(model, tokenizer)` by alias, hub id or local folder.
 
     - `smollm2-135m` (default): the bundled GGUF, converted once and cached (see module docstring).
-    - other aliases (`qwen3-8b`, `llama-3.1-8b`, `mistral-7b`, …, see `known_models()`): their hub ids.
+    - other aliases (`qwen3-8b`, `llama-3.1-8b`, `mistral-7b`, …, see `known_models()`): their hub ids, loaded
+      as transformers loads them (`HF_TOKEN` for gated models; `revision`; `trust_remote_code` only when asked).
     - `random_weights=True`: the alias's architecture with random weights and no tokenizer (`None`).
     - a folder without tokenizer files: the tokenizer is `None` (the model runs on token ids).
-    `dtype="auto"` is fp32 on CPU and bf16 on CUDA. The device and dtype are checked before anything loads;
-    `tokenizer`, when given (from `load_tokenizer`), is used instead of loading it again. transformers'
-    progress bars and warnings are silenced while loading.
+    - `device_map` (`auto`, `balanced`, `balanced_low_0`, `sequential`, or `{module: device}`) instead of `device`:
+      accelerate spreads the layers over the GPUs, the CPU and disk, each device filled up to `max_memory`
+      (`{0: "70GiB", "cpu": "200GiB"}` or `0=70GiB,cpu=200GiB`); weights put on `disk` go to `offload_folder`
+      (default: a temporary folder under the rateq cache, removed with the model).
+    `dtype="auto"` is fp32 on CPU and bf16 on CUDA (or when the device map uses a GPU). The device, the device
+    map and the dtype are checked before anything loads; `tokenizer`, when given (from `load_tokenizer`), is used
+    instead of loading it again. transformers' progress bars and warnings are silenced while loading.
     """
     check_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
+    device_map, max_memory = check_placement(device, device_map, max_memory)
+    torch_dtype = _resolve_dtype(dtype, compute_device(device, device_map))
     if random_weights:
-        return random_model(name, dtype=dtype, device=device), None
+        return random_model(name, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                            offload_folder=offload_folder), None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     models = known_models()
-    with quiet_loading():
-        source, local_only = model_source(name)
+    hub = _hub_kwargs(revision, trust_remote_code)
+    placement = {}
+    folder = None
+    if device_map is not None:
+        folder = _offload_folder(None, offload_folder)
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": folder}
+    with quiet_loading(), _quiet_accelerate():
+        source, local_only = model_source(name, revision=revision)
         try:
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            if tokenizer is None and not _lacks_tokenizer_files(source):
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **hub)
                 if not _has_vocabulary(tokenizer):
                     tokenizer = None  # a folder with weights and no tokenizer files: token ids only
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                          attn_implementation=attn_implementation,
-                                                         local_files_only=local_only)
+                                                         local_files_only=local_only, **hub, **placement)
         except (OSError, ValueError) as exc:
+            if folder is not None and offload_folder is None:
+                shutil.rmtree(folder, ignore_errors=True)
             raise _load_error(name, source, local_only, "weights", exc) from exc
-    model.to(device)
+    if device_map is None:
+        model.to(device)
+    elif offload_folder is None:
+        import weakref
+
+        weakref.finalize(model, shutil.rmtree, folder, True)
     model.eval()
     model.rateq_name = name if (name in models or not Path(name).exists()) else Path(name).name
     return model, tokenizer

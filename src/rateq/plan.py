@@ -15,7 +15,7 @@ from .errors import RateQError
 from .models import ModelFingerprint
 from .policy import CachePolicy
 from .quant.spec import KIVI, QuantSpec, is_bits
-from .quant.static import learned_params, scale_key
+from .quant.params import check_params, unit_param, wanted_params
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Plan:
     calibration: dict = field(default_factory=dict)  # data, tokens, metric, seed, … of the curves behind it
     solver: dict = field(default_factory=dict)  # method, predicted distortion, gap, seconds
     weights: torch.Tensor | None = None  # (L, H, 2) elements per unit (counts); None = all equal
-    params: dict = field(default_factory=dict)  # learned parameters of its quantizers (static scales (L, H, 2))
+    params: dict = field(default_factory=dict)  # learned parameters of its quantizers (rateq.quant.params)
 
     def __post_init__(self):
         if not isinstance(self.model, ModelFingerprint):
@@ -76,7 +76,8 @@ class Plan:
             if not bool(torch.isfinite(w64).all()) or bool((w64 < 0).any()) or not float(w64.sum()) > 0:
                 raise RateQError("plan weights (elements per unit) must be finite, non-negative and not all zero")
             self.weights = w
-        self.params = learned_params(self.quantizers, self.params, (L, H, 2), "the plan's quantizers")
+        self.params = check_params(self.params, wanted_params(self.pairs(), L, H, self.model.head_dim),
+                                   "the plan's quantizers")
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -106,11 +107,37 @@ class Plan:
     def spec(self, layer: int, head: int, role: str) -> QuantSpec:
         return self.quantizers[int(self.quantizer_ids(role)[layer, head])]
 
-    def scale(self, layer: int, heads, role: str, spec: QuantSpec) -> torch.Tensor | None:
-        """The static scales `(h,)` of `heads` of `layer`'s `role` under `spec`; None for formats without one."""
-        if not spec.static_scale:
-            return None
-        return self.params[scale_key(spec)][layer, :, "kv".index(role)][torch.as_tensor(heads, dtype=torch.long)]
+    def pairs(self) -> list[tuple[QuantSpec, int]]:
+        """Every (quantizer, bits) some unit is stored with."""
+        seen = set()
+        for role in ("k", "v"):
+            seen |= set(zip(self.quantizer_ids(role).flatten().tolist(), self.bits(role).flatten().tolist()))
+        return [(self.quantizers[q], b) for q, b in sorted(seen)]
+
+    def param(self, layer: int, heads, role: str, spec: QuantSpec, bits: int) -> torch.Tensor | None:
+        """What the codec of `heads` of `layer`'s `role` under (`spec`, `bits`) learned in calibration (static
+        scales, codebooks: `rateq.quant.params.unit_param`); None for quantizers that learn nothing."""
+        return unit_param(self.params, spec, int(bits), layer, role, heads)
+
+    def learned_nbytes(self) -> int:
+        """Bytes of the learned parameters the plan's units use — a codebook (fp16 centroids) or a static scale
+        (fp32) per unit and width, per layer and role for per-layer scales — a fixed cost per model, like the
+        weights, not per cached token (`effective_bits` leaves it out)."""
+        total = 0
+        for r, role in enumerate(("k", "v")):
+            for (qi, b), n in zip(*torch.unique(torch.stack([self.quantizer_ids(role), self.bits(role)], -1)
+                                               .reshape(-1, 2), dim=0, return_counts=True)):
+                spec, b, n = self.quantizers[int(qi)], int(b), int(n)
+                if b >= 16 or not spec.learned:
+                    continue
+                if spec.static_scale == "tensor":  # one scale per layer holding the format
+                    layers = ((self.quantizer_ids(role) == qi) & (self.bits(role) == b)).any(1)
+                    total += 4 * int(layers.sum())
+                elif spec.static_scale:
+                    total += 4 * n
+                else:
+                    total += 2 * n * self.model.head_dim * (1 << (b * spec.group_size))
+        return total
 
     def unit_bits_per_element(self) -> torch.Tensor:
         """`(L, H, 2)` effective bits per element of every unit (code + metadata)."""

@@ -69,7 +69,7 @@ def save_profile(plan: Plan, path: str | os.PathLike, *, curves: Curves | None =
     tensors = {name: getattr(plan, name).to(torch.int64) for name in _PLAN_TENSORS}
     if plan.weights is not None:
         tensors["weights"] = plan.weights.to(torch.float64)
-    tensors.update({f"param.{k}": v for k, v in plan.params.items()})
+    tensors.update({f"param.{k}": _stored_param(k, v) for k, v in plan.params.items()})
     meta = {
         "format": PROFILE_FORMAT,
         "version": PROFILE_VERSION,
@@ -90,7 +90,7 @@ def save_profile(plan: Plan, path: str | os.PathLike, *, curves: Curves | None =
                              + "; ".join(curves.model.mismatches(plan.model)))
         tensors["curves.distortion"] = curves.distortion
         tensors["curves.counts"] = curves.counts
-        tensors.update({f"curves.param.{k}": v for k, v in curves.params.items()})
+        tensors.update({f"curves.param.{k}": _stored_param(k, v) for k, v in curves.params.items()})
         meta["curves"] = json.dumps({"bits": list(curves.bits), "quantizers": [q.to_dict() for q in curves.quantizers],
                                      "metric": curves.metric, "calibration": curves.calibration}, default=str)
     return write_safetensors(path, tensors, meta)
@@ -119,6 +119,11 @@ def _plan_tensor(tensors: dict, name: str) -> torch.Tensor:
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise ValueError(f"tensor {name!r} holds {str(t.dtype).replace('torch.', '')}, not integers")
     return t
+
+
+def _stored_param(key: str, t: torch.Tensor) -> torch.Tensor:
+    """Codebooks are kept in fp16 (calibration rounds their centroids to it); scales in fp32."""
+    return t.to(torch.float16) if ".codebook" in key else t
 
 
 def _params(tensors: dict, prefix: str) -> dict:
@@ -282,6 +287,7 @@ def plan_summary(plan: Plan) -> dict:
         "layers": [{"layer": l, "k_bits": float(plan.k_bits[l].double().mean()),
                     "v_bits": float(plan.v_bits[l].double().mean())} for l in range(plan.num_layers)],
         "quantizers": use,
+        "learned_bytes": plan.learned_nbytes(),
         "policy": plan.policy.to_dict(),
         "solver": plan.solver,
         "calibration": plan.calibration,

@@ -67,8 +67,8 @@ def plan_transform(plan: Plan, policy: CachePolicy, rope: RopeTables | None = No
                     raise RateQError(f"{spec.id} quantizes keys before RoPE: build the transform with the model's rotary "
                                      "tables (rateq.simulate_plan does)")
                 tables = slice_rope(rope.for_layer(layer), start, end)
-            scale = plan.scale(layer, heads, role, spec) if b < FULL_PRECISION_BITS else None
-            out[:, heads, start:end] = fake_quantize(seg, int(b), spec, role, rope=tables, scale=scale)
+            param = plan.param(layer, heads, role, spec, b)
+            out[:, heads, start:end] = fake_quantize(seg, int(b), spec, role, rope=tables, param=param)
         return out
 
     return transform

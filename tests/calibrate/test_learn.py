@@ -42,7 +42,7 @@ def test_held_out_windows_share_no_token_with_the_priced_ones(stream):
 
 def test_scales_are_learned_on_held_out_windows_and_kept_with_the_curves(model, stream, curves, tmp_path):
     assert set(curves.params) == {"fp8_tensor.scale", "int8_head.scale", "int4_head.scale"}
-    facts = curves.calibration["static_scales"]
+    facts = curves.calibration["learned"]
     assert facts["windows"] == "held out" and facts["tokens"] == 96
     # the same scales as a ScaleStats fed the held-out windows' keys and values directly
     ids, _ = calibration_ids(None, stream, 2, 48, seed=0, held_out=True)
@@ -71,7 +71,7 @@ def _observer(stats):
 def test_windows_given_as_ids_are_both_learned_and_priced_and_say_so(model, stream):
     ids, _ = calibration_ids(None, stream, 2, 48, seed=0)
     c = calibrate(model, None, ids, bits=(8,), quantizers=["fp8_tensor", "minmax-g16-fp16"], metric="mse", policy=POLICY)
-    assert c.calibration["static_scales"]["windows"].startswith("the priced windows")
+    assert c.calibration["learned"]["windows"].startswith("the priced windows")
 
 
 def test_static_formats_are_priced_at_their_width_only_and_rank_as_expected(curves):

@@ -104,7 +104,7 @@ def test_each_format_holds_the_bytes_it_counts_and_decodes_as_it_simulates(kind)
         codec = codec.bind(scale)
     enc = codec.encode(x, b, "k")
     assert codec.nbytes(enc) == spec.bits_per_element(b) * x.numel() / 8
-    assert torch.equal(codec.decode(enc, b, "k", x.shape), fake_quantize(x, b, spec, "v", scale=scale))
+    assert torch.equal(codec.decode(enc, b, "k", x.shape), fake_quantize(x, b, spec, "v", param=scale))
     others = [w for w in (1, 2, 3, 4, 5, 6, 8) if w != b]
     assert not any(spec.allows_bits(w) for w in others) and spec.allows_bits(16)
     with pytest.raises(RateQError, match=f"{kind} is stored at {b} bits only"):

@@ -9,7 +9,8 @@ import torch
 from rateq import CachePolicy, ModelFingerprint, Plan, RateQError, parse_spec
 from rateq.quant.codec import fake_quantize
 from rateq.quant.engine_formats import static_qmax
-from rateq.quant.static import ScaleStats, check_scales, learned_params, scale_key
+from rateq.quant.params import check_params, wanted_params
+from rateq.quant.static import ScaleStats, scale_key
 
 STATIC = ["fp8_tensor", "fp8_head", "int8_tensor", "int8_head", "int4_head"]
 
@@ -46,7 +47,7 @@ def test_fitted_scales_are_positive_tied_per_layer_and_beat_the_plain_maximum(ki
     if spec.static_scale == "tensor":
         plain = plain.amax(1, keepdim=True).expand_as(plain)
     plain = plain / static_qmax(kind)
-    err = lambda s: float(((fake_quantize(x, spec.fixed_bits, spec, "k", scale=s[0, :, 0]) - x) ** 2).sum())  # noqa: E731
+    err = lambda s: float(((fake_quantize(x, spec.fixed_bits, spec, "k", param=s[0, :, 0]) - x) ** 2).sum())  # noqa: E731
     assert err(scale) <= err(plain) * 1.0001
     if kind == "int4_head":  # 4 bits gain from clipping the rare extremes
         assert err(scale) < 0.9 * err(plain)
@@ -80,16 +81,17 @@ def test_a_unit_never_seen_cannot_be_fitted_and_other_formats_have_nothing_to_fi
 def test_scales_are_checked_wherever_they_are_stored():
     spec = parse_spec("fp8_tensor")
     good = torch.full((2, 3, 2), 0.1)
-    assert torch.equal(check_scales(spec, good, (2, 3, 2), "x"), good)
+    want = wanted_params([(spec, 8)], 2, 3, 32)
+    assert torch.equal(check_params({"fp8_tensor.scale": good}, want, "x")["fp8_tensor.scale"], good)
     for bad, msg in ((torch.full((2, 3), 0.1), "shape"), (torch.zeros(2, 3, 2), "positive"),
-                     (torch.full((2, 3, 2), float("nan")), "positive"), (torch.ones(2, 3, 2, dtype=torch.int64), "real"),
+                     (torch.full((2, 3, 2), float("nan")), "NaN"), (torch.ones(2, 3, 2, dtype=torch.int64), "real"),
                      (torch.rand(2, 3, 2) + 0.1, "heads differ")):
         with pytest.raises(RateQError, match=msg):
-            check_scales(spec, bad, (2, 3, 2), "x")
+            check_params({"fp8_tensor.scale": bad}, want, "x")
     with pytest.raises(RateQError, match="lack the calibrated fp8_tensor.scale"):
-        learned_params([spec], {}, (2, 3, 2), "the plan")
+        check_params({}, want, "the plan")
     with pytest.raises(RateQError, match="hold parameters for no quantizer of theirs: int8_head.scale"):
-        learned_params([spec], {"fp8_tensor.scale": good, "int8_head.scale": good}, (2, 3, 2), "the plan")
+        check_params({"fp8_tensor.scale": good, "int8_head.scale": good}, want, "the plan")
 
 
 def static_plan(kind="int8_head"):
@@ -112,7 +114,7 @@ def test_plans_need_their_scales_and_round_trip_them_through_profiles_and_json(t
     doc = plan_to_json(plan)
     assert doc["scales"]["int8_head"]["k"][1] == pytest.approx([0.04, 0.05, 0.06])
     assert torch.equal(plan_from_json(doc).params["int8_head.scale"], plan.params["int8_head.scale"])
-    assert plan.scale(1, [0, 2], "v", parse_spec("int8_head")).tolist() == pytest.approx([0.08, 0.12])
+    assert plan.param(1, [0, 2], "v", parse_spec("int8_head"), 8).tolist() == pytest.approx([0.08, 0.12])
     assert plan.effective_bits == 8.0  # no per-token metadata
 
 

@@ -31,13 +31,14 @@ from ..errors import RateQError
 from ..curves import Curves
 from ..hooks import attention_hook
 from ..quant.rope import capture_rope
-from ..models import fingerprint, head_dim_of, text_config
+from ..memory import PeakMemory
+from ..models import fingerprint, head_dim_of, input_device, model_dtype, text_config, weight_devices
 from ..plan import Plan
 from ..policy import CachePolicy
 from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, holds_role, is_bits, parse_spec
 from ..text import BUNDLED_TEXT, DATASET_ALIASES, DEFAULT_CALIBRATION_TEXT, load_text, token_windows, tokenize
 from .capture import Calibrator
-from .learn import learn_scales
+from .learn import learn_params
 from .metrics import METRICS
 
 __all__ = ["DEFAULT_BITS", "DEFAULT_METRIC", "DEFAULT_QUANTIZERS", "METRICS", "calibrate", "calibrate_metrics", "calibration_ids",
@@ -58,6 +59,14 @@ DEFAULT_QUANTIZERS = ("minmax-g32-fp16-prerope", "minmax-g64-fp16-prerope", "min
 DEFAULT_METRIC = "fisher"
 DEFAULT_SAMPLES = 2  # 2 × 1024 tokens: enough for stable curves on the default model (README "Results")
 DEFAULT_SEQ_LEN = 1024
+# On a GPU: 16 × 2048 tokens, the data a GPU calibrates in seconds (the CPU defaults above take minutes).
+CUDA_SAMPLES = 16
+CUDA_SEQ_LEN = 2048
+
+
+def default_windows(device) -> tuple[int, int]:
+    """`(n_samples, seq_len)` drawn from text when none are given: 16 × 2048 on CUDA, else 2 × 1024."""
+    return (CUDA_SAMPLES, CUDA_SEQ_LEN) if str(device).startswith("cuda") else (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN)
 
 ProgressFn = Callable[[dict], None]
 
@@ -186,6 +195,7 @@ def check_quantizers(quantizers, policy: CachePolicy, head_dim: int, *, model: s
 
 def _nll_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL (nats): gradients are per-token contributions to the total loss."""
+    ids = ids.to(logits.device)  # a device map may put the LM head on another device than the embedding
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                              reduction="sum")
 
@@ -217,20 +227,25 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
         diff = reference.model.mismatches(fp)
         if diff:
             raise RateQError(f"reference plan was made for another model ({'; '.join(diff)})")
+    # Batches go where the input embedding computes (under an accelerate device map, layers may sit elsewhere).
+    device, dtype = input_device(model), model_dtype(model)
+    peak = PeakMemory([*weight_devices(model), str(device)])
+    if not (isinstance(texts, torch.Tensor) and texts.dim() == 2):
+        n_samples, seq_len = (n_samples or default_windows(device)[0]), (seq_len or default_windows(device)[1])
     ids, data_name = calibration_ids(tokenizer, texts, n_samples, seq_len, seed)
     n, T = ids.shape
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
     if chunk_elements is None:
         # Largest temporary of the candidate scores: ~32 MiB of fp32 on CPU, ~1 GiB on a GPU.
         chunk_elements = (1 << 28) if device.type == "cuda" else (1 << 23)
     if matmul_dtype is None:
         # GPUs: bf16 tensor cores for the candidate deltas (see metrics.candidate_errors); CPUs: fp32 is fastest.
         matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # Static scales are fitted first, on windows held out from the priced ones (rateq.calibrate.learn).
-    params, learned = learn_scales(
-        model, specs, lambda: calibration_ids(tokenizer, texts, n_samples, seq_len, seed, held_out=True)[0], ids,
-        num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads, batch_size=batch_size)
+    # Static scales and codebooks are fitted first, on windows held out from the priced ones (rateq.calibrate.learn).
+    with _frozen(model):
+        params, learned = learn_params(
+            model, specs, lambda: calibration_ids(tokenizer, texts, n_samples, seq_len, seed, held_out=True)[0],
+            ids, bits=bits, num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads, batch_size=batch_size,
+            seed=seed)
     cal = Calibrator(fp.num_layers, fp.num_kv_heads, bits, specs, metrics, policy, reference=reference,
                      chunk_elements=chunk_elements, matmul_dtype=matmul_dtype, params=params)
     needs_grad = cal.needs_grad
@@ -280,9 +295,12 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "seconds": round(seconds, 3),
             "policy": policy.to_dict(), "batch_size": batch_size,
             "matmul_dtype": str(matmul_dtype).replace("torch.", ""),
+            "peak_bytes": peak.read(),  # per device, the whole pass (rateq.memory)
         }
+        if getattr(model, "hf_device_map", None):
+            calibration["devices"] = weight_devices(model)
         if learned:
-            calibration["static_scales"] = learned
+            calibration["learned"] = learned
         if reference is not None:
             calibration["reference"] = {"nominal_bits": reference.nominal_bits,
                                         "effective_bits": reference.effective_bits,
@@ -326,7 +344,7 @@ def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=Non
       strings, or token ids `(n, seq_len)` (then `tokenizer` may be None). Default: the bundled Emma.
     - `metric`: `mse`, `score`, `output` or `fisher` (see `rateq.calibrate.metrics`); the default is the one
       that best predicts measured ΔNLL of mixed plans.
-    - `n_samples` × `seq_len` tokens (default 2 × 1024 from text), windows drawn with `seed`; `batch_size`
+    - `n_samples` × `seq_len` tokens (default 2 × 1024 from text, 16 × 2048 on CUDA), windows drawn with `seed`; `batch_size`
       sequences per forward.
     - `quantizers`: candidate `QuantSpec`s or ids (default `DEFAULT_QUANTIZERS`); `bits`: candidate code widths.
     - `policy`: which positions the runtime stores quantized (sinks, residual window, key blocks); default: no

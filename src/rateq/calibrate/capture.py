@@ -14,23 +14,23 @@ from ..hooks import plain_attention
 from ..plan import Plan
 from ..policy import CachePolicy
 from ..errors import RateQError
-from ..quant.codec import fake_quantize_multi
+from ..quant.codec import fake_quantize, fake_quantize_multi
 from ..quant.rope import slice_rope
 from ..quant.spec import QuantSpec, holds_role
-from ..quant.static import scale_key
+from ..quant.params import unit_param
 from ..simulate import plan_transform
 from .metrics import LayerInputs, allowed_pairs, candidate_errors
 
 
 def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSpec], policy: CachePolicy,
-                      rope=None, scales: dict | None = None) -> torch.Tensor:
+                      rope=None, params: dict | None = None, layer: int = 0) -> torch.Tensor:
     """`(B, H, T, D)` → `(Q·NB, B, H, T, D)`: the stored form of `x` under every (quantizer, bits).
 
     Which positions are stored quantized follows the runtime exactly (as `plan_transform` + the one-pass
     evaluation): keys over whole `policy.block` blocks from `policy.sinks` out of the residual window, values
     per token from `policy.sinks` out of the residual window; the rest stays full precision. `rope`: this
-    layer's `(cos, sin)` over all positions (pre-RoPE key quantizers only); `scales`: `{candidate index: (H,)}`
-    static scales of the static-scale candidates.
+    layer's `(cos, sin)` over all positions (pre-RoPE key quantizers only); `params`: the learned parameters of
+    the candidates that have them (`rateq.quant.params`), of which this `layer`'s are used.
     """
     T = x.shape[2]
     start = policy.sinks
@@ -49,8 +49,13 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
             tables = slice_rope(rope, start, end)
         widths = [j for j, b in enumerate(bits) if spec.allows_bits(b)]  # engine formats: their own width only
         if widths:
-            scale = None if scales is None else scales.get(i)
-            stored = fake_quantize_multi(seg, [bits[j] for j in widths], spec, role, rope=tables, scale=scale)
+            if spec.learned:  # one learned parameter per width
+                heads = range(x.shape[1])
+                stored = [fake_quantize(seg, bits[j], spec, role, rope=tables,
+                                        param=unit_param(params or {}, spec, bits[j], layer, role, heads))
+                          for j in widths]
+            else:
+                stored = fake_quantize_multi(seg, [bits[j] for j in widths], spec, role, rope=tables)
             for k, j in enumerate(widths):
                 out[i * len(bits) + j, :, :, start:end] = stored[k]
     return out
@@ -81,7 +86,7 @@ class Calibrator:
         self.chunk_elements = chunk_elements
         self.matmul_dtype = matmul_dtype
         self.reference = reference
-        self.params = params or {}  # static scales (L, H, 2) of static-scale candidates, by scale_key
+        self.params = params or {}  # learned parameters of the candidates that have them (rateq.quant.params)
         self.transform = None if reference is None else plan_transform(reference, policy)
         self.rope = None  # rope.RopeTables of the current forward, when a quantizer works before RoPE
         C = len(self.quantizers) * len(self.bits)
@@ -149,16 +154,12 @@ class Calibrator:
             self._accumulate(layer, inp, None)
         return attn_output, weights
 
-    def _scales(self, layer: int, r: int) -> dict:
-        """`{candidate index: (Hkv,) scales}` of this layer's role r for the static-scale candidates."""
-        return {i: self.params[scale_key(q)][layer, :, r] for i, q in enumerate(self.quantizers) if q.static_scale}
-
     @torch.no_grad()
     def _accumulate(self, layer: int, inp: LayerInputs, grad):
         k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, inp.rope,
-                                  self._scales(layer, 0))  # (C, B, Hkv, S, D)
-        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy,
-                                  scales=self._scales(layer, 1))
+                                  self.params, layer)  # (C, B, Hkv, S, D)
+        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy, params=self.params,
+                                  layer=layer)
         metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
         sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements,
                                 matmul_dtype=self.matmul_dtype)

@@ -45,7 +45,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import RateQError
-from . import engine_formats, hadamard, lloydmax, outliers, qjl
+from . import codebook, engine_formats, hadamard, lloydmax, outliers, qjl
 from .affine import QuantizedGroups, dequantize_groups, from_groups, quantize_groups, storage_dtype, to_groups
 from .pack import lookup, pack, packed_nbytes, unpack, unpack_levels
 from .rope import Rope, apply_rope, invert_rope
@@ -121,6 +121,8 @@ def _layout(s: QuantSpec, bits: int, role: str, D: int) -> tuple[Part, ...]:
     G = s.group_size
     if s.static_scale:  # codes only: the scale is one per layer or KV head, fixed in calibration
         return (Part("codes", D, bits),)
+    if s.kind == "codebook":  # one code of b·c bits per group of c channels; the codebooks are per model
+        return (Part("codes", D // G, bits * G),)
     if s.kind in ENGINE_FORMATS:  # codes, and the engine's own metadata per group of G channels of a token
         meta = {"fp8": (), "nvfp4": (("scale", torch.float8_e4m3fn),), "q4_1": (("scale", torch.float16),
                 ("zero", torch.float16))}.get(s.kind, (("scale", torch.float16),))
@@ -152,30 +154,45 @@ def _layout(s: QuantSpec, bits: int, role: str, D: int) -> tuple[Part, ...]:
 class Codec:
     """Encoder/decoder of one `QuantSpec`; stateless (codebooks, signs and sketches are cached by value).
 
-    Formats with a static scale (`QuantSpec.static_scale`) need the calibrated scale of each head they encode:
-    `codec.bind(scale)` with `scale (h,)` for the `h` heads of the tensors it is given."""
+    Quantizers with learned parameters (`QuantSpec.learned`) need those of the heads they encode, at the width
+    they encode: `codec.bind(param)` with the static scales `(h,)` or the codebooks `(h, D/c, 2^(b·c), c)` of the
+    `h` heads of the tensors it is given (`rateq.quant.params.unit_param`)."""
 
     spec: QuantSpec
-    scale: torch.Tensor | None = field(default=None, compare=False)
+    param: torch.Tensor | None = field(default=None, compare=False)
 
-    def bind(self, scale) -> "Codec":
-        """This codec with the static scale `(h,)` of the heads it will encode and decode (one per head)."""
-        if not self.spec.static_scale:
-            raise RateQError(f"{self.spec.id} has no static scale to bind")
-        scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
-        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-            raise RateQError(f"{self.spec.id} scales must be positive finite numbers, got {scale.tolist()}")
-        return Codec(self.spec, scale)
+    def bind(self, param) -> "Codec":
+        """This codec with the learned parameter of the heads it will encode and decode."""
+        if not self.spec.learned:
+            raise RateQError(f"{self.spec.id} learns no parameter to bind")
+        param = torch.as_tensor(param, dtype=torch.float32)
+        if self.spec.static_scale:
+            param = param.flatten()
+            if not bool(torch.isfinite(param).all()) or not bool((param > 0).all()):
+                raise RateQError(f"{self.spec.id} scales must be positive finite numbers, got {param.tolist()}")
+        elif param.dim() != 4 or param.shape[-1] != self.spec.group_size or not bool(torch.isfinite(param).all()):
+            raise RateQError(f"{self.spec.id} codebooks are finite (heads, groups, centroids, "
+                             f"{self.spec.group_size}), got {tuple(param.shape)}")
+        return Codec(self.spec, param)
 
-    def _scale_of(self, shape, device) -> torch.Tensor:
-        """The bound scale as `(1, h, 1, 1)` for tensors of `shape (B, h, T, D)`."""
-        if self.scale is None:
-            raise RateQError(f"{self.spec.id} stores codes against a calibrated scale per "
-                             f"{'layer' if self.spec.static_scale == 'tensor' else 'KV head'}: bind it first "
-                             "(plans and curves carry it; calibrate the format to learn it)")
-        if self.scale.numel() != shape[1]:
-            raise RateQError(f"{self.spec.id} holds {self.scale.numel()} scales for {shape[1]} heads")
-        return self.scale.to(device).view(1, -1, 1, 1)
+    def _param_of(self, bits: int, shape, device) -> torch.Tensor:
+        """The bound parameter for tensors of `shape (B, h, T, D)` at `bits`: a scale `(1, h, 1, 1)`, or codebooks
+        `(h, D/c, 2^(b·c), c)`."""
+        s = self.spec
+        if self.param is None:
+            what = (f"a calibrated scale per {'layer' if s.static_scale == 'tensor' else 'KV head'}"
+                    if s.static_scale else "codebooks learned per unit")
+            raise RateQError(f"{s.id} stores codes against {what}: bind them first (plans and curves carry "
+                             "them; calibrate the quantizer to learn them)")
+        h = shape[1]
+        if s.static_scale:
+            if self.param.numel() != h:
+                raise RateQError(f"{s.id} holds {self.param.numel()} scales for {h} heads")
+            return self.param.to(device).view(1, -1, 1, 1)
+        want = (h, shape[-1] // s.group_size, 1 << (bits * s.group_size), s.group_size)
+        if tuple(self.param.shape) != want:
+            raise RateQError(f"{s.id} at {bits} bits needs codebooks of shape {want}, got {tuple(self.param.shape)}")
+        return self.param
 
     # -- the stored form -------------------------------------------------------------------------------
     def layout(self, bits: int, role: str, head_dim: int) -> tuple[Part, ...]:
@@ -212,8 +229,10 @@ class Codec:
             raise RateQError(f"{self.spec.id} is stored at {self.spec.fixed_bits} bits only, not {bits}")
         if self.spec.kind in ENGINE_FORMATS and shape[-1] % self.spec.group_size:
             raise RateQError(f"head_dim {shape[-1]} does not split into {self.spec.id} blocks of {self.spec.group_size}")
-        if self.spec.static_scale and bits < FULL_PRECISION_BITS:
-            self._scale_of(shape, "cpu")
+        if self.spec.learned and bits < FULL_PRECISION_BITS:
+            self._param_of(bits, shape, "cpu")
+        if self.spec.kind == "codebook" and shape[-1] % self.spec.group_size:
+            raise RateQError(f"head_dim {shape[-1]} does not split into codebook groups of {self.spec.group_size}")
         if self._uses_rope(role) and rope is None:
             raise RateQError(f"{self.spec.id} quantizes keys before RoPE and needs the rotary tables of their positions: "
                              "pass rope=(cos, sin) (rateq.simulate_plan and the runtime do this)")
@@ -249,7 +268,11 @@ class Codec:
         B, h, T, D = x.shape
         G = s.group_size
         if s.static_scale:
-            return {"codes": engine_formats.quantize_static(s.kind, y, self._scale_of(x.shape, y.device))}
+            return {"codes": engine_formats.quantize_static(s.kind, y, self._param_of(bits, x.shape, y.device))}
+        if s.kind == "codebook":
+            y = self.rotate(y)
+            codes = codebook.encode(y.reshape(B, h, T, D // G, G), self._param_of(bits, x.shape, y.device))
+            return {"codes": codes}
         if s.kind in ENGINE_FORMATS:
             q = engine_formats.quantize(s.kind, y.reshape(B, h, T, D // G, G))
             return {name: t.reshape(B, h, T, -1) for name, t in q.items()}
@@ -314,7 +337,12 @@ class Codec:
         G = s.group_size
         if s.static_scale:
             codes = parts["codes"]
-            y = engine_formats.dequantize_static(s.kind, codes, self._scale_of(shape, codes.device)).reshape(shape)
+            y = engine_formats.dequantize_static(s.kind, codes, self._param_of(bits, shape, codes.device)).reshape(shape)
+            return y if out is None else out.copy_(y)
+        if s.kind == "codebook":
+            codes = parts["codes"].reshape(B, h, T, D // G)
+            y = self.rotate(codebook.decode(codes, self._param_of(bits, shape, codes.device)).reshape(shape), inverse=True)
+            y = apply_rope(y, rope) if self._uses_rope(role) else y
             return y if out is None else out.copy_(y)
         if s.kind in ENGINE_FORMATS:
             groups = {name: t.reshape(B, h, T, D // G, -1).to(torch.float32 if name != "codes" else t.dtype)
@@ -376,39 +404,39 @@ def codec_for(spec: QuantSpec) -> Codec:
     return Codec(spec)
 
 
-def bound_codec(spec: QuantSpec, scale=None) -> Codec:
-    """`codec_for(spec)`, bound to the static scale `(h,)` of the heads it will see when one is given."""
+def bound_codec(spec: QuantSpec, param=None) -> Codec:
+    """`codec_for(spec)`, bound to the learned parameter of the heads it will see when one is given."""
     codec = codec_for(spec)
-    return codec if scale is None else codec.bind(scale)
+    return codec if param is None else codec.bind(param)
 
 
 def encode(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope: Rope | None = None,
-           scale=None) -> Encoding:
-    return bound_codec(spec, scale).encode(x, bits, role, rope=rope)
+           param=None) -> Encoding:
+    return bound_codec(spec, param).encode(x, bits, role, rope=rope)
 
 
 def decode(enc: Encoding, bits: int, spec: QuantSpec, role: str, shape, dtype=torch.float32, *,
-           rope: Rope | None = None, scale=None) -> torch.Tensor:
-    return bound_codec(spec, scale).decode(enc, bits, role, shape, dtype, rope=rope)
+           rope: Rope | None = None, param=None) -> torch.Tensor:
+    return bound_codec(spec, param).decode(enc, bits, role, shape, dtype, rope=rope)
 
 
 def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rope: Rope | None = None,
-                  scale=None) -> torch.Tensor:
+                  param=None) -> torch.Tensor:
     """Quantize and dequantize `(B, H, T, D)` K or V (role 'k'/'v') at one bit width; same dtype out.
 
     Along tokens, T must be a multiple of the group size (callers quantize only complete key blocks). Specs that
-    store keys before RoPE need `rope=(cos, sin)` of the positions; static-scale formats the scale `(H,)` of
-    each head (`scale`)."""
-    return bound_codec(spec, scale).fake_quantize(x, bits, role, rope=rope)
+    store keys before RoPE need `rope=(cos, sin)` of the positions; quantizers with learned parameters those of
+    each head at `bits` (`param`, see `Codec.bind`)."""
+    return bound_codec(spec, param).fake_quantize(x, bits, role, rope=rope)
 
 
 def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
-                        rope: Rope | None = None, scale=None) -> torch.Tensor:
+                        rope: Rope | None = None) -> torch.Tensor:
     """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)` in `x.dtype`, so
     calibration scores all bit widths of a unit in one call. For plain grids the groups are formed once and each
     width is dequantized in group layout: the same values as `fake_quantize`, without a regrouping per width."""
     if not spec.is_uniform_plain:
-        return torch.stack([fake_quantize(x, b, spec, role, rope=rope, scale=scale) for b in bits])
+        return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])
     axis, G = spec.axis_for(role), spec.group_size
     groups = to_groups(x, axis, G).to(torch.float32)
     outs = []

@@ -350,6 +350,28 @@ def learn_vector_codebook(x: torch.Tensor, bits: int, c: int, weights: torch.Ten
     return C
 
 
+def learn_unit_codebooks(x: torch.Tensor, bits: int, c: int, weights: torch.Tensor | None = None, *, seed: int = 0,
+                         iters: int = 40, tol: float = 1e-4) -> torch.Tensor:
+    """`learn_vector_codebook` for P units at once: `x (P, n, D)` → `(P, D/c, 2^(bits·c), c)` fp32, every group of c
+    consecutive channels of every unit its own problem (one batched Lloyd run). `weights` `(P, n)` per token or
+    `(P, n, D)` per element. Scalar codebooks (c = 1) start from the weighted quantiles, others from k-means++."""
+    if x.dim() != 3:
+        raise ValueError(f"learn_unit_codebooks takes units × tokens × channels (P, n, D), got {tuple(x.shape)}")
+    P, n, D = x.shape
+    if bits < 1 or c < 1 or D % c or bits * c > 16:
+        raise ValueError(f"cannot learn {c}-channel codebooks at {bits} bits for {D} channels")
+    G = D // c
+    xb = x.to(torch.float32).reshape(P, n, G, c).permute(0, 2, 1, 3).reshape(P * G, n, c).contiguous()
+    wb = None
+    if weights is not None:
+        w = weights.to(torch.float32)
+        w = w.reshape(P, 1, n, 1).expand(P, G, n, 1) if w.dim() == 2 else w.reshape(P, n, G, c).permute(0, 2, 1, 3)
+        wb = _prepare_weights(w.reshape(P * G, n, -1), xb.shape)
+    C, *_ = _run(xb, wb, 1 << (bits * c), init="quantiles" if c == 1 else "kmeans++", seed=seed, gen=None,
+                 iters=iters, tol=tol)
+    return C.reshape(P, G, 1 << (bits * c), c)
+
+
 def _check_groups(groups, D: int, device) -> torch.Tensor:
     if groups is None:
         return torch.arange(D, device=device)

@@ -26,7 +26,9 @@ ENGINE_GROUP = {"fp8": 1, "nvfp4": 16, "q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0
 # or one per KV head (`head`: compressed-tensors' `attn_head` strategy).
 STATIC_SCALE = {"fp8_tensor": "tensor", "fp8_head": "head", "int8_tensor": "tensor", "int8_head": "head",
                 "int4_head": "head"}
-KINDS = ("minmax", "symmetric", "lloydmax", *ENGINE_FORMATS)
+KINDS = ("minmax", "symmetric", "lloydmax", "codebook", *ENGINE_FORMATS)
+CODE_BITS_MAX = 8  # codebook codes (b bits × c channels) are packed like any code: at most 8 bits each
+CODEBOOK_BITS_MAX = 4  # beyond 4 bits per element a uniform grid with its metadata costs little more
 ROTATIONS = ("none", "hadamard", "rhadamard")
 OUTLIER_VALUE_BITS = 16  # sparse outliers are kept in fp16
 ZERO_FORMATS = ("float", "code")
@@ -65,6 +67,11 @@ class QuantSpec:
       group's norm in `scale_dtype` and its unit direction coordinate-wise with the Lloyd–Max codebook of a
       random unit vector's coordinate (TurboQuant-MSE; `group_size = head_dim` is one norm per vector).
       Groups always run along channels. Needs a rotation.
+    - `kind="codebook"`: every token's head vector cut into groups of `group_size` = c channels (1, 2, 4 or 8),
+      each group stored as the index of the nearest of 2^(b·c) centroids — b bits per element, no per-token
+      metadata — from a codebook learned per unit, per group and per width in calibration (Coupled
+      Quantization's channel-coupled codebooks; c = 1 is a non-uniform scalar datatype per channel, KVQuant's).
+      b·c ≤ 8 and b ≤ 4. Takes `rotation` and `prerope` (keys coded before RoPE); no scales, zero-points or outliers.
     - `qjl`: (lloydmax only) TurboQuant-prod: at `b` bits, `b − 1` bits of Lloyd–Max plus a 1-bit QJL sketch
       (one sign per channel) of each group's residual and the residual norm in `scale_dtype`; inner products
       with the reconstruction are unbiased.
@@ -134,6 +141,12 @@ class QuantSpec:
                 raise RateQError("lloydmax stores a norm per group, not a zero-point: leave zero='float'")
             if self.group_size < 2:
                 raise RateQError("lloydmax needs groups of at least 2 channels")
+        if self.kind == "codebook":
+            if self.group_size not in (1, 2, 4, 8):
+                raise RateQError(f"codebook groups code 1, 2, 4 or 8 channels jointly, got {self.group_size}")
+            if self.group_along == "tokens" or self.zero != "float" or self.scale_dtype != "fp16" or self.outlier_frac:
+                raise RateQError("codebook quantizers store one code per group of channels and nothing else: they "
+                                 "take no group_along='tokens', zero, scale_dtype or outliers")
         if not isinstance(self.qjl, bool) or not isinstance(self.prerope, bool):
             raise RateQError("qjl and prerope must be true or false")
         if self.qjl and self.kind != "lloydmax":
@@ -158,7 +171,8 @@ class QuantSpec:
             parts.append(self.group_along)
         if self.rotation != "none":
             parts.append(self.rotation)
-        parts.append(self.scale_dtype)
+        if self.kind != "codebook":  # no scales: nothing stored in a scale dtype
+            parts.append(self.scale_dtype)
         if self.kind == "minmax" and self.zero != "float":
             parts.append(f"z{self.zero}")
         if self.outlier_frac:
@@ -194,7 +208,7 @@ class QuantSpec:
         """`tokens` or `channels`: the direction groups run in for `role` ('k' or 'v')."""
         if role not in ("k", "v"):
             raise ValueError(f"role must be 'k' or 'v', got {role!r}")
-        if self.kind == "lloydmax" or self.kind in ENGINE_FORMATS:
+        if self.kind in ("lloydmax", "codebook") or self.kind in ENGINE_FORMATS:
             return "channels"
         if self.group_along != "auto":
             return self.group_along
@@ -218,10 +232,18 @@ class QuantSpec:
         (kept with the curves and plans, see `rateq.quant.static`); None for formats with no learned scale."""
         return STATIC_SCALE.get(self.kind)
 
+    @property
+    def learned(self) -> bool:
+        """Whether calibration learns a parameter of this quantizer per unit (static scales, codebooks), kept
+        with curves and plans (`rateq.quant.params`)."""
+        return bool(self.static_scale) or self.kind == "codebook"
+
     def allows_bits(self, bits: int) -> bool:
         """Whether a unit can be stored at `bits` with this spec (16 = unquantized is always possible)."""
         if bits == FULL_PRECISION_BITS:
             return True
+        if self.kind == "codebook" and (bits * self.group_size > CODE_BITS_MAX or bits > CODEBOOK_BITS_MAX):
+            return False
         return is_bits(bits) and (self.fixed_bits is None or bits == self.fixed_bits)
 
     def base_bits(self, bits: int) -> int:
@@ -246,6 +268,8 @@ class QuantSpec:
             if self.static_scale:
                 return 0  # one scale per layer or head, calibrated offline: a fixed cost, not per token
             return {"fp8": 0, "nvfp4": 8, "q4_1": 32}.get(self.kind, 16)
+        if self.kind == "codebook":
+            return 0  # codebooks are a fixed per-model cost, not per token
         scale = SCALE_DTYPE_BITS[self.scale_dtype]
         sparse = self.outliers_per_group() * (OUTLIER_VALUE_BITS + self.outlier_index_bits())
         if self.kind == "lloydmax":

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import RateQError
 from .engine_formats import dequantize_static, quantize_static, static_qmax
+from .params import param_key
 from .spec import QuantSpec
 
 CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(29))  # 1.0 down to 0.3
@@ -27,8 +28,8 @@ TOP_PER_BATCH = 16  # each batch's largest magnitudes per unit, always kept (the
 
 
 def scale_key(spec: QuantSpec) -> str:
-    """The name a spec's static scales are kept under in curves, plans and profiles."""
-    return f"{spec.id}.scale"
+    """The name a static-scale format's scales are kept under in curves, plans and profiles."""
+    return param_key(spec, spec.fixed_bits)
 
 
 class ScaleStats:
@@ -80,32 +81,3 @@ class ScaleStats:
             out[l, :, r] = scales.squeeze(-1).gather(0, best.view(1, H)).squeeze(0)
         return out
 
-
-def check_scales(spec: QuantSpec, scale, shape, where: str) -> torch.Tensor:
-    """`scale` as an `(L, H, 2)` fp32 tensor of positive finite numbers, equal across a layer's heads for a
-    per-layer format; else a RateQError naming `where`."""
-    t = torch.as_tensor(scale)
-    if not t.is_floating_point() or tuple(t.shape) != tuple(shape):
-        raise RateQError(f"{where}: {spec.id} scales must be real numbers of shape {tuple(shape)}, got "
-                         f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}")
-    t = t.to(torch.float32)
-    if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
-        raise RateQError(f"{where}: {spec.id} scales must be positive finite numbers")
-    if spec.static_scale == "tensor" and not bool((t == t[:, :1]).all()):
-        raise RateQError(f"{where}: {spec.id} keeps one scale per layer and role, but a layer's heads differ")
-    return t
-
-
-def learned_params(quantizers, params, shape, where: str) -> dict:
-    """`params` checked against `quantizers`: every static-scale format's scales present, of `shape`, positive
-    (`rateq.quant.static.check_scales`), and nothing else; a RateQError naming `where` otherwise."""
-    if not isinstance(params, dict):
-        raise RateQError(f"{where}: learned parameters are a dict of tensors, got {type(params).__name__}")
-    want = {scale_key(q): q for q in quantizers if q.static_scale}
-    unknown = sorted(set(params) - set(want))
-    if unknown:
-        raise RateQError(f"{where} hold parameters for no quantizer of theirs: {', '.join(unknown)}")
-    missing = sorted(set(want) - set(params))
-    if missing:
-        raise RateQError(f"{where} lack the calibrated {', '.join(missing)} of their static-scale formats")
-    return {k: check_scales(q, params[k], shape, where) for k, q in want.items()}

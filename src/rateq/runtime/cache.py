@@ -101,7 +101,7 @@ class RateQCache(Cache):
         for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
             args = dict(layer_idx=i, k_bits=plan.k_bits[i], k_quantizer=plan.k_quantizer[i], v_bits=plan.v_bits[i],
                         v_quantizer=plan.v_quantizer[i], quantizers=plan.quantizers, policy=policy, head_dim=head_dim,
-                        rotary=rotary, scales=_layer_scales(plan, i))
+                        rotary=rotary, params=plan.params)
             if kind == "full_attention":
                 layers.append(RateQLayer(**args))
             elif kind in _SLIDING:
@@ -215,8 +215,3 @@ class RateQCache(Cache):
         """Per layer and role: how many tokens are held as sinks, quantized, and in the full-precision tail."""
         return [layer.held_positions() for layer in self.layers]
 
-
-def _layer_scales(plan: Plan, layer: int) -> dict:
-    """`{role: {quantizer index: (H,) scales}}` of `layer`'s static-scale formats (see `rateq.quant.static`)."""
-    return {role: {qi: plan.scale(layer, range(plan.num_kv_heads), role, q) for qi, q in enumerate(plan.quantizers)
-                   if q.static_scale} for role in ("k", "v")}

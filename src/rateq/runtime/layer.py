@@ -55,17 +55,15 @@ class RateQLayer(DynamicLayer):
 
     def __init__(self, *, layer_idx: int, k_bits: torch.Tensor, k_quantizer: torch.Tensor, v_bits: torch.Tensor,
                  v_quantizer: torch.Tensor, quantizers: list[QuantSpec], policy: CachePolicy, head_dim: int,
-                 rotary=None, scales: dict | None = None):
+                 rotary=None, params: dict | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.policy = policy
         self.num_heads = int(k_bits.numel())
         self.head_dim = head_dim
         self.cumulative_length = 0
-        scales = scales or {}
-        self._k = _Role(RoleStore("k", k_bits, k_quantizer, quantizers, head_dim, layer_idx, rotary,
-                                  scales=scales.get("k")))
-        self._v = _Role(RoleStore("v", v_bits, v_quantizer, quantizers, head_dim, layer_idx, scales=scales.get("v")))
+        self._k = _Role(RoleStore("k", k_bits, k_quantizer, quantizers, head_dim, layer_idx, rotary, params=params))
+        self._v = _Role(RoleStore("v", v_bits, v_quantizer, quantizers, head_dim, layer_idx, params=params))
         self._pad: torch.Tensor | None = None  # (B,) leading padding tokens per row; None: no row is padded
         self.packed = False  # decode steps attend from the codes (`rateq.runtime.attention`): set by the cache
         self._visible_from = 0  # first position the current step's query sees

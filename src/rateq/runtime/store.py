@@ -26,6 +26,7 @@ from ..errors import RateQError
 from ..quant import attend
 from ..quant.codec import Part, bound_codec, codec_for
 from ..quant.pack import unpack
+from ..quant.params import unit_param
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec, role_problem
 from . import kernels
 from .kernels import triton_decode
@@ -152,11 +153,11 @@ class Bucket:
     """The heads of one role of one layer that share (bits, quantizer)."""
 
     def __init__(self, bits: int, spec: QuantSpec, heads: list[int], role: str, num_heads: int, head_dim: int,
-                 scale: torch.Tensor | None = None):
+                 param: torch.Tensor | None = None):
         self.bits, self.spec, self.role = int(bits), spec, role
         self.head_list = heads
         self.head_dim = head_dim
-        self.codec = bound_codec(spec, scale if bits < FULL_PRECISION_BITS else None)
+        self.codec = bound_codec(spec, param)
         self.parts = {p.name: Rows(p) for p in self.codec.layout(self.bits, role, head_dim)}
         # A run of consecutive heads is written into the output through a slice view (no gather, no copy).
         contiguous = heads == list(range(heads[0], heads[0] + len(heads)))
@@ -297,7 +298,7 @@ class RoleStore:
     first real token (left-padded batches whose position ids start at the padding)."""
 
     def __init__(self, role: str, bits: torch.Tensor, qids: torch.Tensor, quantizers: list[QuantSpec],
-                 head_dim: int, layer: int, rotary=None, scales: dict | None = None):
+                 head_dim: int, layer: int, rotary=None, params: dict | None = None):
         self.role = role
         self.layer = layer
         self.rotary = rotary
@@ -311,13 +312,7 @@ class RoleStore:
             spec = quantizers[q]
             if b < FULL_PRECISION_BITS:
                 _check_spec(spec, role, head_dim, layer)
-            scale = None
-            if spec.static_scale and b < FULL_PRECISION_BITS:
-                if not scales or q not in scales:
-                    raise RateQError(f"layer {layer} {'keys' if role == 'k' else 'values'} use {spec.id}, whose "
-                                     "calibrated scales the cache was not given (build it from the plan)")
-                scale = scales[q][heads]
-            bucket = Bucket(b, spec, heads, role, H, head_dim, scale)
+            bucket = Bucket(b, spec, heads, role, H, head_dim, unit_param(params or {}, spec, b, layer, role, heads))
             if bucket.prerope and rotary is not None:
                 bucket.rotary, bucket.span = self._rope, self.span
             self.buckets.append(bucket)

@@ -39,7 +39,7 @@ from ..plan import Plan, policy_from_dict
 from ..plan import check_budget as check_budget_value  # build_problem's `check_budget` flag shadows the name
 from ..policy import CachePolicy
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
-from ..quant.static import scale_key
+from ..quant.params import param_key
 
 ROLES = ("k", "v")
 FP16 = -1  # slot quantizer index of the unquantized candidate
@@ -347,6 +347,11 @@ class Problem:
         return vstack(rows, format="csr"), np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64), n
 
     # -- result ----------------------------------------------------------------------------------------
+    def _param_keys(self, choice: np.ndarray) -> set:
+        """The learned parameters the units' chosen (quantizer, bits) need."""
+        q, b = self.slot_q[choice], self.slot_bits[choice]
+        return {param_key(self.curves.quantizers[int(qi)], int(bi)) for qi, bi in zip(q, b) if qi >= 0} - {None}
+
     def to_plan(self, choice: np.ndarray, solver: dict) -> Plan:
         """The plan of a choice `(N,)` of slots; quantizers are renumbered to those the plan uses."""
         choice = np.asarray(choice, dtype=np.int64)
@@ -376,8 +381,7 @@ class Problem:
             quantizers=[self.curves.quantizers[i] for i in used], model=self.curves.model, budget_bits=self.budget,
             policy=self.policy, calibration={"metric": self.curves.metric, **self.curves.calibration},
             solver=info, weights=self.curves.counts.clone(),
-            params={k: v for k, v in self.curves.params.items()
-                    if any(k == scale_key(self.curves.quantizers[i]) for i in used)},
+            params={k: v for k, v in self.curves.params.items() if k in self._param_keys(choice)},
         )
 
 

@@ -1,0 +1,132 @@
+"""Codebook quantizers: codes of the nearest learned centroid per group of channels, no per-token metadata —
+exact codes whatever the batch shape, bytes that match the bits, codebooks that beat uniform grids, and profiles
+that keep them (and refuse damaged ones)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rateq import CachePolicy, ModelFingerprint, Plan, RateQError, load_profile, parse_spec, save_profile
+from rateq.quant import codebook
+from rateq.quant.codec import codec_for, fake_quantize
+from rateq.quant.kmeans import learn_unit_codebooks
+from rateq.quant.params import param_key
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_ids_widths_and_options():
+    spec = parse_spec("codebook-g2-prerope")
+    assert spec.id == "codebook-g2-prerope" and parse_spec(spec.to_json()) == spec and spec.learned
+    assert parse_spec("codebook-g4-rhadamard").id == "codebook-g4-rhadamard"
+    assert [b for b in range(1, 9) if spec.allows_bits(b)] == [1, 2, 3, 4]
+    assert [b for b in range(1, 9) if parse_spec("codebook-g4").allows_bits(b)] == [1, 2]
+    assert [b for b in range(1, 9) if parse_spec("codebook-g8").allows_bits(b)] == [1]
+    assert spec.bits_per_element(2) == 2.0  # no per-token metadata
+    for bad, msg in (("codebook-g3", "1, 2, 4 or 8"), ("codebook-g2-bf16", "scale_dtype"),
+                     ("codebook-g2-o0.1", "outliers")):
+        with pytest.raises(RateQError, match=msg):
+            parse_spec(bad)
+
+
+def test_codes_are_the_exact_nearest_centroid_whatever_the_batch_shape():
+    g = torch.randn(2, 3, 40, 8, 2, generator=gen(0))
+    C = torch.randn(3, 8, 16, 2, generator=gen(1))
+    codes = codebook.encode(g, C)
+    brute = ((g.unsqueeze(-2) - C.view(1, 3, 1, 8, 16, 2)) ** 2).sum(-1).argmin(-1)
+    assert torch.equal(codes, brute)
+    one_by_one = torch.cat([codebook.encode(g[:, :, t:t + 1], C) for t in range(40)], 2)
+    assert torch.equal(one_by_one, codes)  # the cache codes a token at a time, the evaluation a whole window
+    got = codebook.decode(codes, C)
+    assert torch.equal(got[1, 2, 5, 3], C[2, 3, codes[1, 2, 5, 3]])
+
+
+@pytest.mark.parametrize("name, bits", [("codebook-g1", 3), ("codebook-g2", 2), ("codebook-g4-hadamard", 1),
+                                        ("codebook-g8", 1)])
+def test_an_encoding_holds_the_bits_it_counts_and_decodes_as_it_simulates(name, bits):
+    spec = parse_spec(name)
+    x = torch.randn(2, 3, 24, 64, generator=gen(2))
+    c = spec.group_size
+    books = learn_unit_codebooks(codec_for(spec).rotate(x).transpose(0, 1).reshape(3, -1, 64), bits, c)
+    codec = codec_for(spec).bind(books)
+    enc = codec.encode(x, bits, "v")
+    assert codec.nbytes(enc) == bits * x.numel() / 8
+    assert torch.equal(codec.decode(enc, bits, "v", x.shape), fake_quantize(x, bits, spec, "v", param=books))
+    with pytest.raises(RateQError, match="codebooks learned per unit: bind them first"):
+        codec_for(spec).encode(x, bits, "v")
+    with pytest.raises(RateQError, match="needs codebooks of shape"):
+        codec.encode(x[:, :2], bits, "v")
+
+
+def uniform_error(x, w, bits):
+    """Weighted error of the best plain grid without per-token metadata: 2^bits levels spread evenly over each
+    channel's calibrated range (per channel, like a codebook of c = 1)."""
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    step = (hi - lo) / ((1 << bits) - 1)
+    q = ((x - lo) / step).round().clamp(0, (1 << bits) - 1) * step + lo
+    return float((w * (x - q) ** 2).sum())
+
+
+def codebook_error(x, w, books):
+    P, n, D = x.shape
+    G, K, c = books.shape[1:]
+    g = x.reshape(P, n, G, c).unsqueeze(0)  # (B=1, h=P, T=n, G, c)
+    rec = codebook.decode(codebook.encode(g, books), books).reshape(P, n, D)
+    return float((w * (x - rec) ** 2).sum())
+
+
+@pytest.mark.parametrize("data", ["gaussian", "heavy"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_weighted_kmeans_beats_uniform_grids_at_every_width(data, bits):
+    n, D = 1024, 16
+    x = torch.randn(2, n, D, generator=gen(bits))
+    if data == "heavy":  # rare large values: a grid spread over the range wastes its levels on them
+        x = x * (1 + torch.rand(2, n, D, generator=gen(9)) ** 6 * 8)
+    w = torch.rand(2, n, D, generator=gen(5)) ** 2  # Fisher weights: uneven across elements
+    books = learn_unit_codebooks(x, bits, 1, w)
+    assert codebook_error(x, w, books) < uniform_error(x, w, bits)
+    # and coupling channels at the same bits per element does not lose on correlated data
+    if bits <= 2:
+        y = torch.randn(2, n, D // 2, generator=gen(7)).repeat_interleave(2, -1) + 0.1 * x
+        pair = learn_unit_codebooks(y, bits, 2)
+        assert codebook_error(y, torch.ones_like(y), pair) < codebook_error(y, torch.ones_like(y), learn_unit_codebooks(y, bits, 1))
+
+
+def test_the_same_seed_gives_the_same_codebooks():
+    x = torch.randn(3, 512, 8, generator=gen(0))
+    assert torch.equal(learn_unit_codebooks(x, 2, 2, seed=4), learn_unit_codebooks(x, 2, 2, seed=4))
+
+
+def codebook_plan():
+    spec = parse_spec("codebook-g2")
+    fp = ModelFingerprint("tiny", "llama", 2, 3, 16)
+    books = torch.randn(2, 3, 2, 8, 16, 2, generator=gen(3))
+    return Plan.uniform(fp, 2, spec=spec, params={param_key(spec, 2): books}, policy=CachePolicy())
+
+
+def test_profiles_keep_codebooks_in_fp16_and_refuse_foreign_or_truncated_ones(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    plan = codebook_plan()
+    path = save_profile(plan, tmp_path / "p.safetensors")
+    back = load_profile(path)
+    assert torch.equal(back.params["codebook-g2.codebook2"], plan.params["codebook-g2.codebook2"].half().float())
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("param.codebook-g2.codebook2").dtype == torch.float16
+    tensors = load_file(str(path))
+    for change, msg in (
+            (lambda t: t.update({"param.codebook-g2.codebook2": t["param.codebook-g2.codebook2"][..., :8, :].contiguous()}), "shape"),
+            (lambda t: t.pop("param.codebook-g2.codebook2"), "lack the calibrated codebook-g2.codebook2"),
+            (lambda t: t.update({"param.codebook-g2.codebook3": torch.ones(2, 3, 2, 8, 64, 2)}), "no quantizer"),
+            (lambda t: t["param.codebook-g2.codebook2"].view(-1).__setitem__(0, float("nan")), "NaN")):
+        t = {k: v.clone() for k, v in tensors.items()}
+        change(t)
+        save_file(t, str(tmp_path / "bad.safetensors"), metadata=meta)
+        with pytest.raises(RateQError, match=f"damaged profile.*{msg}") as exc:
+            load_profile(tmp_path / "bad.safetensors")
+        assert "\n" not in str(exc.value)
