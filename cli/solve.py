@@ -44,6 +44,7 @@ def solve_command(
     tie: Annotated[Optional[str], typer.Option("--tie", help="layer: every KV head of a layer takes one (quantizer, bits) for K and one for V (per-layer engines); layer-kv: K and V too; model: one for every layer's K and one for every layer's V (llama.cpp).")] = None,
     devices: Annotated[Optional[str], typer.Option("--devices", help="Per-device caps for a model split across GPUs, FIRST-LAST:BITS,… (layers inclusive, effective bits per element of those layers), e.g. 0-14:3,15-29:2.5.")] = None,
     engine: Annotated[Optional[str], typer.Option("--engine", help="Solve for a serving engine: modelopt, vllm, sglang, trtllm or llamacpp. Only its formats in the curves, its ties and K/V rules, so that rateq export P --format ENGINE writes the plan; --tie and --devices only where the engine keeps to them.")] = None,
+    learned_tokens: Annotated[Optional[int], typer.Option("--learned-tokens", help="Charge learned parameters (codebooks, static scales) against the budget as if spread over this many cached tokens per sequence (a 2-bit codebook of 2 channels adds 256/T bits per element). Default: not charged; the plan reports their bytes beside the budget.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Solve stored curves at --budget into a profile (--out), and/or print the frontier over --sweep budgets;
@@ -69,6 +70,8 @@ def solve_command(
             raise RateQError(f"{name} must be a code bit width between 1 and 16, got {v}")
     if tie is not None and tie not in TIES:
         raise RateQError(f"unknown --tie {tie!r}; use one of {', '.join(TIES)}")
+    if learned_tokens is not None and learned_tokens < 1:
+        raise RateQError(f"--learned-tokens must be a positive number of cached tokens, got {learned_tokens}")
     device_caps = parse_devices(devices) if devices is not None else None
     budgets = parse_sweep(sweep) if sweep is not None else None
     target = None
@@ -89,7 +92,8 @@ def solve_command(
         cv = rateq.Curves.load(curves)
         policy = calibration_policy(cv)
         constraints = dict(min_bits=min_bits, max_bits=max_bits, keys_at_least_values=keys_at_least_values,
-                           quantizers=parse_list(quantizers), tie=tie, devices=device_caps)
+                           quantizers=parse_list(quantizers), tie=tie, devices=device_caps,
+                           learned_tokens=learned_tokens)
         sink.add(curves=str(curves))
         plan = None
         if target is not None:

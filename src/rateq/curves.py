@@ -67,9 +67,14 @@ class Curves:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.distortion.shape)
 
-    def cost(self) -> torch.Tensor:
-        """`(Q, NB)` effective bits per element of every candidate."""
-        return torch.tensor([[q.bits_per_element(b) for b in self.bits] for q in self.quantizers], dtype=torch.float64)
+    def cost(self, learned_tokens: int | None = None) -> torch.Tensor:
+        """`(Q, NB)` effective bits per element of every candidate; with `learned_tokens`, learned parameters
+        (codebooks, static scales) charged as if spread over that many cached tokens
+        (`QuantSpec.learned_bits_per_element`)."""
+        D = self.model.head_dim
+        extra = (lambda q, b: q.learned_bits_per_element(b, learned_tokens, D)) if learned_tokens else (lambda q, b: 0.0)
+        return torch.tensor([[q.bits_per_element(b) + extra(q, b) for b in self.bits] for q in self.quantizers],
+                            dtype=torch.float64)
 
     def nonmonotone(self, rtol: float = 1e-9) -> list[tuple[int, int, int, int, int]]:
         """Points where more bits gave more distortion than the previous width: (l, h, r, q, i) indices."""

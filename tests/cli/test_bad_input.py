@@ -173,6 +173,12 @@ def test_bad_budgets_in_solve(run_cli, work, inputs, tmp_path, budget, phrase):
             folders=[work, out])
 
 
+def test_bad_learned_tokens_in_solve(run_cli, work, inputs, tmp_path):
+    out = tmp_path / "out"
+    refused(run_cli("solve", inputs.curves, "--budget", "3", "--learned-tokens", "0", "--out", out / "p.safetensors"),
+            match="--learned-tokens must be a positive number of cached tokens", folders=[work, out])
+
+
 @pytest.mark.parametrize("budget, phrase", BUDGETS)
 def test_bad_budgets_in_calibrate(run_cli, work, budget, phrase):
     refused(run_cli("calibrate", "--budget", budget), match=phrase, folders=[work])

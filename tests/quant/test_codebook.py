@@ -130,3 +130,32 @@ def test_profiles_keep_codebooks_in_fp16_and_refuse_foreign_or_truncated_ones(tm
         with pytest.raises(RateQError, match=f"damaged profile.*{msg}") as exc:
             load_profile(tmp_path / "bad.safetensors")
         assert "\n" not in str(exc.value)
+
+
+def synthetic_curves(L=2, H=2, D=16):
+    import rateq
+
+    specs = [parse_spec("codebook-g2"), parse_spec("minmax-g16-fp16")]
+    bits = (1, 2, 3, 4)
+    d = torch.tensor([[0.5, 0.2, 0.1, 0.05], [2.0, 0.6, 0.2, 0.08]], dtype=torch.float64)
+    dist = d.expand(L, H, 2, 2, 4).clone()
+    fp = ModelFingerprint("tiny", "llama", L, H, D)
+    params = {param_key(specs[0], b): torch.randn(L, H, 2, D // 2, 1 << (2 * b), 2, generator=gen(b)) for b in bits}
+    return rateq.Curves(dist, bits, specs, torch.full((L, H, 2), 100.0), "mse", fp, {}, params=params)
+
+
+def test_learned_parameters_can_be_charged_against_the_budget():
+    import rateq
+
+    curves = synthetic_curves()
+    cost = curves.cost(learned_tokens=1024)
+    assert cost[0].tolist() == pytest.approx([b + 16 * 4 ** b / 1024 for b in (1, 2, 3, 4)])
+    assert torch.equal(curves.cost()[1], cost[1])  # per-token metadata only: nothing to charge
+    free = rateq.solve(curves, 2.0)
+    assert {q.id for q in free.quantizers} == {"codebook-g2"} and free.learned_nbytes() > 0
+    charged = rateq.solve(curves, 2.0, learned_tokens=256)  # 2-bit codebooks cost 1 bit more at 256 tokens
+    assert charged.solver["learned_tokens"] == 256
+    assert charged.solver["predicted_distortion"] > free.solver["predicted_distortion"]
+    assert charged.learned_nbytes() < free.learned_nbytes()
+    with pytest.raises(RateQError, match="learned_tokens must be a positive whole number"):
+        rateq.solve(curves, 2.0, learned_tokens=0)

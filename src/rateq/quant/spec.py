@@ -279,6 +279,17 @@ class QuantSpec:
             return scale + sparse
         return scale + (scale if self.zero == "float" else bits) + sparse
 
+    def learned_bits_per_element(self, bits: int, tokens: int, head_dim: int) -> float:
+        """A unit's learned parameter spread over `tokens` cached tokens of `head_dim` channels, in bits per cached
+        element: codebooks of 2^(b·c) fp16 centroids of c channels, one per group of c channels, cost
+        16·2^(b·c) / tokens; a static scale (fp32, counted once per head: an upper bound for per-layer scales)
+        32 / (tokens · head_dim). 0 for quantizers that learn nothing."""
+        if bits >= FULL_PRECISION_BITS or not (self.static_scale or self.kind == "codebook"):
+            return 0.0
+        if self.static_scale:
+            return 32.0 / (tokens * head_dim)
+        return 16.0 * (1 << (bits * self.group_size)) / tokens
+
     def bits_per_element(self, bits: int) -> float:
         """Effective stored bits per element at `bits` code bits: code bits + metadata bits / group size."""
         if check_bits(bits) == FULL_PRECISION_BITS:

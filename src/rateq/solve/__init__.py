@@ -59,7 +59,8 @@ def _solve_problem(problem: Problem, method: str, time_limit: float, backend: st
 def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int | None = None,
           max_bits: int | None = None, keys_at_least_values: bool = False, fixed: dict | None = None,
           per_layer_budget=None, quantizers=None, allow_fp16: bool = False, policy: CachePolicy | None = None,
-          tie: str | None = None, devices=None, time_limit: float = 60.0, backend: str = "auto") -> Plan:
+          tie: str | None = None, devices=None, time_limit: float = 60.0, backend: str = "auto",
+          learned_tokens: int | None = None) -> Plan:
     """The plan minimising predicted distortion at `budget` effective bits per cached element.
 
     - `min_bits` / `max_bits`: range of code bits every free unit may take.
@@ -77,6 +78,9 @@ def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int
       its cap in effective bits per element of those layers' units. A memory cap of M bytes for a device whose
       layers cache E elements (tokens × KV heads × head dim × 2, K and V) is `cap = 8·M / E`, since
       bytes = bits / 8 × elements.
+    - `learned_tokens`: charge learned parameters (codebooks, static scales) against the budget as if spread over
+      that many cached tokens (a 2-bit codebook of 2 channels adds 16·16/T bits per element); without it they are
+      a fixed per-model cost outside the budget, reported beside it (`Plan.learned_nbytes`).
     - `backend`: for exact, `auto` (Pareto DP; HiGHS MILP for per-layer budgets or devices), `dp` or `milp`;
       for convex, `auto` (MILP where HiGHS is installed, else the rounded relaxation), `milp` or `round`.
       `time_limit` bounds the MILP.
@@ -88,7 +92,8 @@ def solve(curves: Curves, budget: float, *, method: str = "exact", min_bits: int
     t0 = time.perf_counter()
     problem = build_problem(curves, budget, min_bits=min_bits, max_bits=max_bits,
                             keys_at_least_values=keys_at_least_values, fixed=fixed, per_layer_budget=per_layer_budget,
-                            quantizers=quantizers, allow_fp16=allow_fp16, policy=policy, tie=tie, devices=devices)
+                            quantizers=quantizers, allow_fp16=allow_fp16, policy=policy, tie=tie, devices=devices,
+                            learned_tokens=learned_tokens)
     choice, info = _solve_problem(problem, method, time_limit, backend)
     if not problem.within_budget(choice):
         raise AssertionError(f"{method} returned a plan over budget")  # a solver bug, never a user error

@@ -66,6 +66,7 @@ class Problem:
     tie: str | None = None  # the rule the groups come from (`TIES`), for the plan's record
     device_layers: np.ndarray | None = None  # (P, 2) first and last layer (inclusive) of each device
     device_budget: np.ndarray | None = None  # (P,) effective bits per element cap of each device's units
+    learned_tokens: int | None = None  # learned parameters charged in slot_cost as if over this many tokens
 
     # -- shape -----------------------------------------------------------------------------------------
     @property
@@ -374,6 +375,8 @@ class Problem:
             info["per_layer_budget"] = [float(b) for b in self.layer_budget]
         if self.tie is not None:
             info["tie"] = self.tie
+        if self.learned_tokens is not None:
+            info["learned_tokens"] = self.learned_tokens
         if self.device_layers is not None:
             info["devices"] = [[int(a), int(b), float(c)] for (a, b), c in zip(self.device_layers, self.device_budget)]
         return Plan(
@@ -462,13 +465,16 @@ def check_feasible_budget(budget, quantizers: list[QuantSpec], bits, *, min_bits
 def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None, max_bits: int | None = None,
                   keys_at_least_values: bool = False, fixed: dict | None = None, per_layer_budget=None,
                   quantizers=None, allow_fp16: bool = False, policy: CachePolicy | None = None,
-                  tie: str | None = None, devices=None, check_budget: bool = True) -> Problem:
+                  tie: str | None = None, devices=None, check_budget: bool = True,
+                  learned_tokens: int | None = None) -> Problem:
     """Flatten curves and constraints into a `Problem`, validating every input and the budget's feasibility.
 
     `tie`: `"layer"` ties every KV head of a layer (its K units take one slot, its V units one slot),
     `"layer-kv"` ties K and V too (one slot per layer), `"model"` ties every K unit of the model and every V unit
     (one slot each; no per-layer budgets or devices with it). `devices`: `[(first layer, last layer, cap), …]`, the
     layers each device holds (inclusive, disjoint) and the cap in effective bits per element of their units.
+    `learned_tokens`: charge learned parameters (codebooks, static scales) against the budget as if spread over
+    that many cached tokens per sequence.
     """
     if not isinstance(curves, Curves):
         raise RateQError(f"solve needs a rateq.Curves, got {type(curves).__name__}")
@@ -491,7 +497,10 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
     bits = np.array(curves.bits, dtype=np.int64)
     slot_q = np.repeat(np.arange(Q), NB)
     slot_bits = np.tile(bits, Q)
-    slot_cost = curves.cost().reshape(-1).numpy()
+    if learned_tokens is not None and (isinstance(learned_tokens, bool) or not isinstance(learned_tokens, int)
+                                       or learned_tokens < 1):
+        raise RateQError(f"learned_tokens must be a positive whole number of cached tokens, got {learned_tokens!r}")
+    slot_cost = curves.cost(learned_tokens).reshape(-1).numpy()
     dist = curves.distortion.reshape(N, Q * NB).numpy().copy()  # (N, C)
     if np.isnan(dist).any() or (dist < 0).any() or np.isneginf(dist).any():
         raise RateQError("curves contain negative or NaN distortion; recalibrate")
@@ -576,7 +585,8 @@ def build_problem(curves: Curves, budget: float, *, min_bits: int | None = None,
     problem = Problem(curves=curves, weight=weight, slot_q=slot_q, slot_bits=slot_bits, slot_cost=slot_cost,
                       dist=dist, valid=valid, budget=budget, layer_budget=layer_budget,
                       keys_at_least_values=bool(keys_at_least_values), policy=policy or calibration_policy(curves),
-                      group=group, tie=tie, device_layers=device_layers, device_budget=device_budget)
+                      group=group, tie=tie, device_layers=device_layers, device_budget=device_budget,
+                      learned_tokens=learned_tokens)
     problem.check_feasible(budget=check_budget)
     return problem
 
