@@ -153,3 +153,18 @@ def test_an_unknown_suffix_or_an_unwritable_path_is_one_error_leaving_nothing(tm
     with pytest.raises(rateq.RateQError, match="cannot write image"):
         make(tmp_path / "file" / "x.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no temporary file left behind
+
+
+def test_retrieval_heatmap_prints_every_cell_and_marks_lost_ones(tmp_path, png_size):
+    from rateq.plots import plot_passkey_heatmap
+
+    cell = lambda c, d, a: {"context": c, "depth": d, "accuracy": a}  # noqa: E731
+    ref = [cell(c, d, 1.0 if (c, d) != (2048, 1.0) else 0.0) for c in (1024, 2048) for d in (0.0, 0.5, 1.0)]
+    ours = [cell(c, d, 0.5 if (c, d) == (1024, 0.5) else r["accuracy"]) for r in ref for c, d in [(r["context"], r["depth"])]]
+    w, h = png_size(plot_passkey_heatmap(ours, tmp_path / "map.png", title="mine", reference=ref))
+    assert w > h > 0
+    texts = _svg_texts(lambda: plot_passkey_heatmap(ours, tmp_path / "map.svg", title="mine", reference=ref))
+    assert "mine: accuracy 75%" in texts and {"1,024", "2,048", "0%", "50%", "100%"} <= set(texts)
+    assert "0.5 ×" in texts and "0 ·" in texts and texts.count("1") == 4  # lost, missed by both, kept
+    with pytest.raises(rateq.RateQError, match="no cells"):
+        plot_passkey_heatmap([], tmp_path / "none.png")

@@ -1,5 +1,5 @@
 """Every plot rateq draws: a plan's layer × KV-head bit map, perplexity vs effective bits of an evaluation's
-rows, and distortion curves of a few heads.
+rows, distortion curves of a few heads, and retrieval accuracy per (context, depth) cell.
 
 Figures are built on matplotlib's object API (`Figure` with its own Agg canvas): nothing here imports pyplot
 or switches matplotlib's global backend, so plotting is safe inside any application (a notebook, a GUI, a
@@ -148,4 +148,41 @@ def plot_curves(curves, path: str | os.PathLike, *, units: list[tuple[int, int, 
     return _save(fig, path)
 
 
-__all__ = ["plot_curves", "plot_plan", "plot_ppl_vs_bits"]
+def plot_passkey_heatmap(cells: list[dict], path: str | os.PathLike, *, title: str = "",
+                         reference: list[dict] | None = None) -> Path:
+    """A depth × context heatmap of retrieval accuracy (passkey or needle cells of `rateq.evaluate.tasks`: each
+    with `context`, `depth` and `accuracy`), the accuracy printed in every cell. With `reference` (full
+    precision's cells), a cell full precision solves and this one does not is marked with a cross, one full
+    precision misses too with a dot."""
+    import numpy as np
+
+    if not cells:
+        raise RateQError("no cells to plot")
+    contexts = sorted({int(c["context"]) for c in cells})
+    depths = sorted({float(c["depth"]) for c in cells})
+    acc = np.full((len(depths), len(contexts)), np.nan)
+    for c in cells:
+        acc[depths.index(float(c["depth"])), contexts.index(int(c["context"]))] = float(c["accuracy"])
+    solved = {(int(c["context"]), float(c["depth"])): float(c["accuracy"]) == 1.0 for c in reference or []}
+    fig = _figure((max(4.5, 1.6 + 0.9 * len(contexts)), max(3.0, 1.4 + 0.45 * len(depths))))
+    ax = fig.subplots()
+    im = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    for (i, j), a in np.ndenumerate(acc):
+        if np.isnan(a):
+            continue
+        mark = ""
+        if reference is not None:
+            ref = solved.get((contexts[j], depths[i]))
+            mark = " ×" if ref and a < 1.0 else (" ·" if ref is False else "")
+        ax.text(j, i, f"{a:.2g}{mark}", ha="center", va="center", fontsize=8, color="black")
+    ax.set_xticks(np.arange(len(contexts)), [f"{c:,}" for c in contexts])
+    ax.set_yticks(np.arange(len(depths)), [f"{100 * d:g}%" for d in depths])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("needle depth")
+    mean = float(np.nanmean(acc))
+    ax.set_title(f"{title + ': ' if title else ''}accuracy {100 * mean:.0f}%", fontsize=10)
+    fig.colorbar(im, ax=ax, label="accuracy", shrink=0.8)
+    return _save(fig, path)
+
+
+__all__ = ["plot_curves", "plot_passkey_heatmap", "plot_plan", "plot_ppl_vs_bits"]

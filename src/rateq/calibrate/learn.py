@@ -33,7 +33,7 @@ from ..quant.spec import FULL_PRECISION_BITS, QuantSpec
 from ..quant.static import ScaleStats
 
 CODEBOOK_TOKENS = 2048  # tokens kept per unit for codebook learning
-CODEBOOK_ITERS = 25  # Lloyd steps at most (each problem stops earlier once it gains < 1e-4 of its error)
+CODEBOOK_ITERS = 15  # Lloyd steps at most (each problem stops earlier once it gains < 1e-4 of its error)
 
 
 class VectorSamples:

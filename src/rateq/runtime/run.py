@@ -76,6 +76,17 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
 
     With the same plan, policy and prefill, `rateq.simulate_plan` computes the same numbers in one pass.
     """
+    cache = RateQCache(plan, model, policy=policy, packed=packed)
+    out = decode_perplexity(model, ids, cache, prefill=prefill, progress=progress)
+    return {**out, "policy": cache.policy.to_dict(), **memory_summary(cache, _model_dtype(model))}
+
+
+@torch.no_grad()
+def decode_perplexity(model, ids: torch.Tensor, cache, *, prefill: int | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """Perplexity of `ids (B, T)` predicted through `cache` (any transformers cache, empty): one forward over the
+    first `prefill` tokens (default T // 2), then one token at a time; `ppl`, `nll`, `predictions`, `prefill`,
+    `seq_len`, `sequences`, `seconds`."""
     if ids.dim() == 1:
         ids = ids[None]
     B, T = ids.shape
@@ -83,7 +94,6 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     if not 1 <= prefill <= T:
         raise RateQError(f"prefill must be between 1 and the sequence length {T}, got {prefill}")
     ids = ids.to(_model_device(model))
-    cache = RateQCache(plan, model, policy=policy, packed=packed)
     nll = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
 
@@ -107,7 +117,7 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     count = B * (T - 1)
     mean = float(nll) / count
     return {"ppl": math.exp(mean), "nll": mean, "predictions": count, "prefill": prefill, "seq_len": T,
-            "sequences": B, "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache, _model_dtype(model))}
+            "sequences": B, "seconds": seconds}
 
 
 def peak_allocated(fn) -> int:
