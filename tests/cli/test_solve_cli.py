@@ -215,11 +215,13 @@ def test_calibrate_for_an_engine_writes_a_plan_it_runs(tmp_path, smol):
     assert {"fp8", "nvfp4"} <= {q.id for q in curves.quantizers} and set(curves.bits) == {2, 4, 8}
     plan = rateq.load_profile(out)
     assert plan.solver["engine"] == "modelopt" and plan.effective_bits <= 6 + 1e-9
-    assert {q.id for q in plan.quantizers} <= {"fp8", "nvfp4"}
+    assert {q.id for q in plan.quantizers} <= {"fp8", "fp8_tensor", "nvfp4"}
+    assert "fp8_tensor.scale" in curves.params  # calibrated on windows held out from the priced ones
     for role in ("k", "v"):  # one format per layer, keys at least values
         assert (plan.bits(role) == plan.bits(role)[:, :1]).all()
     assert (plan.k_bits >= plan.v_bits).all()
-    res = runner.invoke(app, ["export", str(out), "--format", "modelopt"])
+    scales = ["--scales", str(tmp_path / "kv_scales.safetensors")] if plan.params else []
+    res = runner.invoke(app, ["export", str(out), "--format", "modelopt", *scales])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)["quantization"]
     assert doc["kv_cache_schema_version"] == 1 and len(doc["kv_cache_quantized_layers"]) == 30
