@@ -8,6 +8,8 @@ its output, for `fisher`), so memory is one layer's K/V and one chunk of scores,
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..hooks import plain_attention
@@ -105,8 +107,6 @@ class Calibrator:
         """The `(B, T, S)` allowed pairs of this mask, made once per mask and device: the layers of a forward share
         one mask, and fisher keeps each layer's inputs until its gradient arrives, so a copy per layer would grow
         with the depth."""
-        import weakref
-
         key = (None if attention_mask is None else id(attention_mask), T, S, B, str(device))
         held = self._masks.get(key)
         if held is not None and (attention_mask is None or held[0]() is attention_mask):

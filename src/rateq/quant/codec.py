@@ -175,9 +175,9 @@ class Codec:
                              f"{self.spec.group_size}), got {tuple(param.shape)}")
         return Codec(self.spec, param)
 
-    def _param_of(self, bits: int, shape, device) -> torch.Tensor:
-        """The bound parameter for tensors of `shape (B, h, T, D)` at `bits`: a scale `(1, h, 1, 1)`, or codebooks
-        `(h, D/c, 2^(b·c), c)`."""
+    def _param_of(self, bits: int, shape, device=None) -> torch.Tensor:
+        """The bound parameter for tensors of `shape (B, h, T, D)` at `bits`: a scale `(1, h, 1, 1)` (on `device`
+        when given), or codebooks `(h, D/c, 2^(b·c), c)`; checked against the shape either way."""
         s = self.spec
         if self.param is None:
             what = (f"a calibrated scale per {'layer' if s.static_scale == 'tensor' else 'KV head'}"
@@ -188,7 +188,8 @@ class Codec:
         if s.static_scale:
             if self.param.numel() != h:
                 raise RateQError(f"{s.id} holds {self.param.numel()} scales for {h} heads")
-            return self.param.to(device).view(1, -1, 1, 1)
+            scale = self.param if device is None else self.param.to(device)
+            return scale.view(1, -1, 1, 1)
         want = (h, shape[-1] // s.group_size, 1 << (bits * s.group_size), s.group_size)
         if tuple(self.param.shape) != want:
             raise RateQError(f"{s.id} at {bits} bits needs codebooks of shape {want}, got {tuple(self.param.shape)}")
@@ -230,7 +231,7 @@ class Codec:
         if self.spec.kind in ENGINE_FORMATS and shape[-1] % self.spec.group_size:
             raise RateQError(f"head_dim {shape[-1]} does not split into {self.spec.id} blocks of {self.spec.group_size}")
         if self.spec.learned and bits < FULL_PRECISION_BITS:
-            self._param_of(bits, shape, "cpu")
+            self._param_of(bits, shape)  # checked only: no copy on the decode path
         if self.spec.kind == "codebook" and shape[-1] % self.spec.group_size:
             raise RateQError(f"head_dim {shape[-1]} does not split into codebook groups of {self.spec.group_size}")
         if self._uses_rope(role) and rope is None:
