@@ -217,9 +217,8 @@ def plan_to_json(plan: Plan) -> dict:
         "nominal_bits": plan.nominal_bits,
         "quantizers": {q.id: q.to_dict() for q in plan.quantizers},
         "layers": layers,
-        # static scales of formats that store none per token: per quantizer id, each layer's K and V scales by head
-        **({"scales": {key.rsplit(".", 1)[0]: {"k": t[..., 0].tolist(), "v": t[..., 1].tolist()}
-                       for key, t in plan.params.items()}} if plan.params else {}),
+        # learned parameters (static scales, codebooks) by name (rateq.quant.params), as nested lists
+        **({"params": {key: t.tolist() for key, t in plan.params.items()}} if plan.params else {}),
         "calibration": plan.calibration,
         "policy": plan.policy.to_dict(),
         "solver": plan.solver,
@@ -251,10 +250,8 @@ def plan_from_json(doc: dict | str) -> Plan:
                     model=ModelFingerprint.from_dict(doc["model"]), budget_bits=doc.get("budget_bits"),
                     policy=policy_from_dict(doc.get("policy", {})), calibration=doc.get("calibration", {}),
                     solver=doc.get("solver", {}),
-                    params={f"{q}.scale": torch.tensor([doc["scales"][q]["k"], doc["scales"][q]["v"]],
-                                                       dtype=torch.float32).permute(1, 2, 0)
-                            for q in doc.get("scales", {})})
-    except _PARSE_ERRORS as exc:
+                    params={k: torch.tensor(v, dtype=torch.float32) for k, v in doc.get("params", {}).items()})
+    except (*_PARSE_ERRORS, RuntimeError) as exc:
         raise RateQError(f"plan JSON is damaged (missing or bad {exc})") from None
 
 

@@ -111,7 +111,10 @@ def test_profiles_keep_codebooks_in_fp16_and_refuse_foreign_or_truncated_ones(tm
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from rateq import plan_from_json, plan_to_json
+
     plan = codebook_plan()
+    assert torch.equal(plan_from_json(plan_to_json(plan)).params["codebook-g2.codebook2"], plan.params["codebook-g2.codebook2"])
     path = save_profile(plan, tmp_path / "p.safetensors")
     back = load_profile(path)
     assert torch.equal(back.params["codebook-g2.codebook2"], plan.params["codebook-g2.codebook2"].half().float())

@@ -112,7 +112,7 @@ def test_plans_need_their_scales_and_round_trip_them_through_profiles_and_json(t
     back = load_profile(tmp_path / "p.safetensors")
     assert torch.equal(back.params["int8_head.scale"], plan.params["int8_head.scale"])
     doc = plan_to_json(plan)
-    assert doc["scales"]["int8_head"]["k"][1] == pytest.approx([0.04, 0.05, 0.06])
+    assert [row[0] for row in doc["params"]["int8_head.scale"][1]] == pytest.approx([0.04, 0.05, 0.06])  # layer 1, K
     assert torch.equal(plan_from_json(doc).params["int8_head.scale"], plan.params["int8_head.scale"])
     assert plan.param(1, [0, 2], "v", parse_spec("int8_head"), 8).tolist() == pytest.approx([0.08, 0.12])
     assert plan.effective_bits == 8.0  # no per-token metadata
