@@ -16,6 +16,7 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def print_summary(sink: Output, plan, *, title: str | None = None) -> None:
     """The short summary every command that makes or reads a plan prints."""
+    from rateq.plan import learned_text
     from rateq.profile import plan_summary
 
     s = plan_summary(plan)
@@ -41,8 +42,8 @@ def print_summary(sink: Output, plan, *, title: str | None = None) -> None:
     if len(s["quantizers"]) > 1 or plan.quantizers[0].id != "minmax-g32-fp16":
         sink.line("quantizers: " + "; ".join(f"{q} (K {n['k']}, V {n['v']} heads)" for q, n in s["quantizers"].items()))
     if s["learned_bytes"]:
-        sink.line(f"learned parameters (codebooks, static scales): {s['learned_bytes'] / 1024:,.1f} KiB, "
-                  "a fixed cost per model, not per token")
+        learned = learned_text(s["learned_bytes"], s["learned_share"])
+        sink.line(f"learned parameters (codebooks, static scales): {learned}; a fixed cost per model, not per token")
 
 
 def bit_map(plan) -> Table:

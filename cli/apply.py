@@ -67,13 +67,15 @@ def apply_command(
 ) -> None:
     """Run the model through a cache that holds each KV head packed at its planned bits: generate from
     --prompt, or measure perplexity on --data (prefill, then token by token). Prints bytes held against a
-    DynamicCache holding the same tokens in the model's dtype (fp32 on CPU) and in fp16. Keys are quantized a
-    whole key block at a time: until the first block fills (a short prompt), nothing of them is."""
+    DynamicCache holding the same tokens in the model's dtype (fp32 on CPU) and in fp16, and beside them the
+    learned parameters (codebooks, static scales) with their share of the model's fp16 weights. Keys are
+    quantized a whole key block at a time: until the first block fills (a short prompt), nothing of them is."""
     import dataclasses
 
     import rateq
     from rateq.errors import RateQError
     from rateq.models import check_device, fingerprint, load_config, load_tokenizer, resolve_dtype
+    from rateq.plan import learned_text
     from rateq.profile import load_profile
     from rateq.runtime.run import cache_perplexity, generate
 
@@ -149,5 +151,9 @@ def apply_command(
                   f"(codes {_mib(result['nbytes_codes'])}, metadata {_mib(result['nbytes_metadata'])}, "
                   f"full precision {_mib(result['nbytes_full_precision'])}); {dense}an fp16 DynamicCache would hold "
                   f"{_mib(result['fp16_dynamic_nbytes'])}: {result['ratio_to_fp16']:.3f}×")
+        if result["learned_bytes"]:
+            sink.line(f"learned parameters (codebooks, static scales): "
+                      f"{learned_text(result['learned_bytes'], result['learned_share'])}; held once per model, "
+                      "beside the cache's bytes above")
         if note:
             sink.line(f"note: {note}")

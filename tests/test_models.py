@@ -50,6 +50,30 @@ def test_fingerprint_mismatches(tiny):
     assert rateq.ModelFingerprint.from_dict(a.to_dict()) == a
 
 
+def llama_parameters(config) -> int:
+    """A Llama's parameters from its config: embedding, per layer q/k/v/o projections, gated MLP and two norms,
+    the final norm, and the output head unless it is the embedding."""
+    d, f, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
+    return V * d + L * layer + d + (0 if config.tie_word_embeddings else d * V)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_models_fingerprint_counts_its_parameters(tiny, tied):
+    model = tiny("llama", tie_word_embeddings=tied)
+    fp = rateq.fingerprint(model)
+    assert fp.num_parameters == llama_parameters(model.config) == (127_424 if tied else 143_808)
+    assert fp.fp16_weight_nbytes == 2 * fp.num_parameters
+    assert rateq.ModelFingerprint.from_dict(fp.to_dict()) == fp
+    # from a config alone the count is unknown, and the fingerprint's JSON is what it was before counts existed
+    shape = rateq.fingerprint(model.config, name=fp.name)
+    assert shape.num_parameters is None and shape.fp16_weight_nbytes is None
+    assert set(shape.to_dict()) == {"name", "architecture", "num_layers", "num_kv_heads", "head_dim"}
+    assert fp.mismatches(shape) == [] and shape == rateq.ModelFingerprint.from_dict(shape.to_dict())
+
+
 def test_default_model_loads_offline(smol):
     model, tok = smol
     fp = rateq.fingerprint(model)
@@ -85,8 +109,11 @@ def test_devices_are_checked_before_anything_loads():
 def test_fingerprints_from_files_are_checked():
     good = {"name": "m", "architecture": "llama", "num_layers": 2, "num_kv_heads": 1, "head_dim": 8}
     assert rateq.ModelFingerprint.from_dict(good).head_dim == 8
+    assert rateq.ModelFingerprint.from_dict({**good, "num_parameters": 1000}).num_parameters == 1000
+    assert rateq.ModelFingerprint.from_dict({**good, "num_parameters": None}).num_parameters is None
     for change in ({"num_layers": "2"}, {"num_layers": 0}, {"head_dim": 2.5}, {"num_kv_heads": True},
-                   {"name": 5}, {"head_dim": None}):
+                   {"name": 5}, {"head_dim": None}, {"num_parameters": 0}, {"num_parameters": "135M"},
+                   {"num_parameters": 1.5e8}, {"num_parameters": True}):
         with pytest.raises(rateq.RateQError):
             rateq.ModelFingerprint.from_dict({**good, **change})
     with pytest.raises(rateq.RateQError, match="lacks head_dim"):

@@ -207,3 +207,53 @@ def test_summary_and_heatmap(tmp_path, plan_and_curves, png_size):
     assert sum(n["k"] for n in s["quantizers"].values()) == 3 * 2
     png = plot_plan(plan, tmp_path / "map.png")
     assert png_size(png) == (840, 360)  # 3 layers × 2 heads: the bit map's least size, 7 × 3 inches at 120 dpi
+
+
+def _codebook_plan(model) -> rateq.Plan:
+    """2-bit codebooks of two channels for every unit of `model`, fingerprinted from the model itself."""
+    from rateq.quant.params import param_key
+
+    spec = rateq.parse_spec("codebook-g2")
+    fp = fingerprint(model)
+    books = torch.randn(fp.num_layers, fp.num_kv_heads, 2, fp.head_dim // 2, 16, 2,
+                        generator=torch.Generator().manual_seed(0))
+    return rateq.Plan.uniform(fp, 2, spec=spec, params={param_key(spec, 2): books})
+
+
+def test_learned_bytes_are_a_share_of_the_models_fp16_weights_and_the_count_round_trips(tmp_path, tiny):
+    model = tiny("llama")  # 3 layers, 2 KV heads of 16 channels
+    n = sum(p.numel() for p in model.parameters())
+    plan = _codebook_plan(model)
+    s = rateq.plan_summary(plan)
+    assert s["learned_bytes"] == plan.learned_nbytes() == 3 * 2 * 2 * 8 * 16 * 2 * 2  # units × groups × 16 × c, fp16
+    assert s["fp16_weight_bytes"] == 2 * n and s["model"]["num_parameters"] == n
+    assert s["learned_share"] == pytest.approx(s["learned_bytes"] / (2 * n)) == plan.learned_share()
+    assert json.loads(json.dumps(s))["learned_share"] == s["learned_share"]
+    back = rateq.load_profile(rateq.save_profile(plan, tmp_path / "p.safetensors"), model=model)
+    assert back.model == plan.model and back.model.num_parameters == n
+    assert rateq.plan_summary(back)["learned_share"] == s["learned_share"]
+    doc = plan_to_json(plan)
+    assert doc["model"]["num_parameters"] == n and rateq.plan_from_json(json.dumps(doc)).model == plan.model
+    assert rateq.plan_summary(rateq.Plan.uniform(plan.model, 4))["learned_bytes"] == 0  # nothing learned
+
+
+def test_profiles_without_the_parameter_count_load_and_omit_the_share(tmp_path, tiny):
+    model = tiny("llama")
+    plan = _codebook_plan(model)
+    path = rateq.save_profile(plan, tmp_path / "p.safetensors")
+    tensors, meta = read_safetensors(path, "profile")
+    shape = {k: v for k, v in json.loads(meta["model"]).items() if k != "num_parameters"}
+    write_safetensors(path, tensors, {**meta, "model": json.dumps(shape)})  # as profiles were written before
+    old = rateq.load_profile(path, model=model)
+    assert old.model.num_parameters is None and old.learned_share() is None
+    s = rateq.plan_summary(old)
+    assert s["learned_bytes"] == plan.learned_nbytes() and s["fp16_weight_bytes"] is None and s["learned_share"] is None
+    assert old.learned_share(num_parameters=plan.model.num_parameters) == plan.learned_share()
+    assert "num_parameters" not in plan_to_json(old)["model"]
+    shipped = rateq.load_profile(os.path.join(os.path.dirname(__file__), "..", "profiles",
+                                              "smollm2-135m-b2.5.safetensors"))
+    assert shipped.model.num_parameters is None and rateq.plan_summary(shipped)["learned_share"] is None
+    for bad in (-5, "135M", 2.5):  # a damaged count is refused like any other damaged field
+        write_safetensors(path, tensors, {**meta, "model": json.dumps({**shape, "num_parameters": bad})})
+        with pytest.raises(rateq.RateQError, match="damaged profile.*num_parameters must be a positive whole"):
+            rateq.load_profile(path)

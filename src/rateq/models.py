@@ -52,16 +52,28 @@ def known_models() -> dict[str, dict]:
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """What a plan must agree on with the model it runs on."""
+    """What a plan must agree on with the model it runs on.
+
+    `num_parameters` (tied weights once; None when made from a config) is informative, like the name: it prices
+    the plan's learned parameters against the model's fp16 weights and is not compared."""
 
     name: str
     architecture: str
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    num_parameters: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.num_parameters is None:
+            del out["num_parameters"]
+        return out
+
+    @property
+    def fp16_weight_nbytes(self) -> int | None:
+        """Bytes of the model's weights in fp16 (2 per parameter); None when the parameter count is unknown."""
+        return None if self.num_parameters is None else 2 * self.num_parameters
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelFingerprint":
@@ -79,10 +91,15 @@ class ModelFingerprint:
         for k in ("name", "architecture"):
             if not isinstance(data[k], str):
                 raise RateQError(f"model fingerprint {k} must be text, got {data[k]!r}")
-        return cls(name=data["name"], architecture=data["architecture"], **sizes)
+        count = data.get("num_parameters")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, Integral) or count < 1):
+            raise RateQError(f"model fingerprint num_parameters must be a positive whole number, got {count!r}")
+        return cls(name=data["name"], architecture=data["architecture"], **sizes,
+                   num_parameters=None if count is None else int(count))
 
     def mismatches(self, other: "ModelFingerprint") -> list[str]:
-        """Human-readable differences in shape (the name is informative only and not compared)."""
+        """Human-readable differences in shape (the name and the parameter count are informative only and not
+        compared)."""
         out = []
         for field in ("architecture", "num_layers", "num_kv_heads", "head_dim"):
             a, b = getattr(self, field), getattr(other, field)
@@ -102,8 +119,17 @@ def head_dim_of(config) -> int:
     return int(head_dim or config.hidden_size // config.num_attention_heads)
 
 
+def count_parameters(model) -> int:
+    """Parameters of `model`, tied ones once (transformers' count where it has one: 4-bit weights as unpacked)."""
+    count = getattr(model, "num_parameters", None)
+    if callable(count):
+        return int(count())
+    return sum(p.numel() for p in model.parameters())
+
+
 def fingerprint(model_or_config, name: str | None = None) -> ModelFingerprint:
-    """The fingerprint of a model (or its config). `name` defaults to the alias rateq loaded it under."""
+    """The fingerprint of a model (or its config: no parameter count). `name` defaults to the alias rateq loaded
+    it under."""
     config = getattr(model_or_config, "config", model_or_config)
     if name is None:
         name = getattr(model_or_config, "rateq_name", None) or getattr(config, "name_or_path", "") or "unknown"
@@ -114,6 +140,7 @@ def fingerprint(model_or_config, name: str | None = None) -> ModelFingerprint:
         num_layers=int(tc.num_hidden_layers),
         num_kv_heads=int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads),
         head_dim=head_dim_of(tc),
+        num_parameters=count_parameters(model_or_config) if isinstance(model_or_config, torch.nn.Module) else None,
     )
 
 

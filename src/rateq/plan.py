@@ -139,6 +139,11 @@ class Plan:
                     total += 2 * n * self.model.head_dim * (1 << (b * spec.group_size))
         return total
 
+    def learned_share(self, num_parameters: int | None = None) -> float | None:
+        """`learned_nbytes()` as a share of the model's fp16 weights (2 bytes per parameter: `num_parameters`, by
+        default the fingerprint's); None when the parameter count is unknown."""
+        return learned_facts(self.learned_nbytes(), num_parameters or self.model.num_parameters)["learned_share"]
+
     def unit_bits_per_element(self) -> torch.Tensor:
         """`(L, H, 2)` effective bits per element of every unit (code + metadata)."""
         out = torch.empty(self.num_layers, self.num_kv_heads, 2, dtype=torch.float64)
@@ -173,6 +178,30 @@ class Plan:
     def describe(self) -> str:
         return (f"{self.model.name}: {self.effective_bits:.3f} effective bits ({self.nominal_bits:.3f} nominal), "
                 f"K {self.mean_bits('k'):.2f} / V {self.mean_bits('v'):.2f} mean code bits")
+
+
+def learned_facts(nbytes: int, num_parameters: int | None) -> dict:
+    """What every summary, evaluation row and cache report says of learned parameters: `learned_bytes`, the
+    model's `fp16_weight_bytes` (2 per parameter) and the `learned_share` of them; those two are None where the
+    parameter count is unknown (a plan made without the model, an old profile)."""
+    weights = 2 * int(num_parameters) if num_parameters else None
+    return {"learned_bytes": int(nbytes), "fp16_weight_bytes": weights,
+            "learned_share": nbytes / weights if weights else None}
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    return f"{nbytes / 1024:,.1f} KiB" if nbytes < 2**20 else f"{nbytes / 2**20:,.2f} MiB"
+
+
+def learned_text(nbytes: int, share: float | None, *, short: bool = False) -> str:
+    """`1.00 MiB, 0.39% of the model's fp16 weights` (`short`: `1.00 MiB (0.39%)`); the bytes alone when the
+    share is unknown."""
+    if share is None:
+        return _size(nbytes)
+    pct = "<0.01%" if 0 < share < 5e-5 else f"{100 * share:.2f}%"
+    return f"{_size(nbytes)} ({pct})" if short else f"{_size(nbytes)}, {pct} of the model's fp16 weights"
 
 
 def check_budget(value, what: str = "budget", *, optional: bool = False) -> float | None:

@@ -3,9 +3,10 @@
 Tensors: `k_bits`, `v_bits`, `k_quantizer`, `v_quantizer` `(L, H)` int64, `weights` `(L, H, 2)` float64 (elements
 per unit, which the effective bits are averaged over), and optionally the curves the plan was solved from
 (`curves.distortion`, `curves.counts`). Metadata (string → string): `format` "rateq.profile", `version`, the
-model fingerprint, quantizer specs, budget, nominal and effective bits, policy, calibration and solver facts
-(JSON), and the rateq version that wrote it. Writing is atomic; loading checks format, version, shapes and
-the stored bit figures, and — given a model — the fingerprint, naming each difference.
+model fingerprint (with the model's parameter count when calibration had the model; older profiles lack it),
+quantizer specs, budget, nominal and effective bits, policy, calibration and solver facts (JSON), and the rateq
+version that wrote it. Writing is atomic; loading checks format, version, shapes and the stored bit figures,
+and — given a model — the fingerprint, naming each difference.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .curves import Curves, curves_from_metadata
 from .errors import RateQError
 from .io import atomic_write, meta_json, read_safetensors, write_safetensors
 from .models import ModelFingerprint, fingerprint
-from .plan import Plan, policy_from_dict
+from .plan import Plan, learned_facts, policy_from_dict
 from .quant.spec import QuantSpec
 
 # What a damaged file's metadata can make the parsers raise; every one becomes a RateQError naming the file.
@@ -268,7 +269,8 @@ def write_plan_json(plan: Plan, path: str | os.PathLike) -> Path:
 
 def plan_summary(plan: Plan) -> dict:
     """What `rateq show` prints: budget, effective and nominal bits, K vs V mean code bits, per-layer means,
-    quantizer use, and the solver's and calibration's facts."""
+    quantizer use, the learned parameters' bytes and share of the model's fp16 weights (`rateq.plan.learned_facts`:
+    no share when the plan's fingerprint has no parameter count), and the solver's and calibration's facts."""
     use: dict[str, dict[str, int]] = {}
     for role in ("k", "v"):
         counts = torch.bincount(plan.quantizer_ids(role).flatten(), minlength=len(plan.quantizers))
@@ -284,7 +286,7 @@ def plan_summary(plan: Plan) -> dict:
         "layers": [{"layer": l, "k_bits": float(plan.k_bits[l].double().mean()),
                     "v_bits": float(plan.v_bits[l].double().mean())} for l in range(plan.num_layers)],
         "quantizers": use,
-        "learned_bytes": plan.learned_nbytes(),
+        **learned_facts(plan.learned_nbytes(), plan.model.num_parameters),
         "policy": plan.policy.to_dict(),
         "solver": plan.solver,
         "calibration": plan.calibration,

@@ -55,3 +55,21 @@ def test_nothing_quantized_within_the_residual_window(model_and_plan):
     note = unquantized_note(result)
     assert note.startswith("nothing quantized yet") and "beyond the 64-token residual window" in note
     assert result["ratio_to_dynamic"] == 1 and "as much as a float32 DynamicCache" in note
+
+
+def test_the_report_gives_learned_bytes_beside_the_cache_and_their_share_of_the_weights(model_and_plan):
+    from rateq.quant.params import param_key
+
+    model, _ = model_and_plan
+    spec = rateq.parse_spec("codebook-g2")
+    books = torch.randn(3, 2, 2, 8, 16, 2, generator=torch.Generator().manual_seed(1))
+    plan = rateq.Plan.uniform(rateq.fingerprint(model), 2, spec=spec, params={param_key(spec, 2): books},
+                              policy=rateq.CachePolicy(block=32))
+    result = _run(model, plan, 40)
+    n = sum(p.numel() for p in model.parameters())
+    assert result["learned_bytes"] == plan.learned_nbytes() == 3 * 2 * 2 * 8 * 16 * 2 * 2
+    assert result["fp16_weight_bytes"] == 2 * n
+    assert result["learned_share"] == pytest.approx(result["learned_bytes"] / (2 * n))
+    assert result["nbytes"] == result["nbytes_codes"] + result["nbytes_metadata"] + result["nbytes_full_precision"]
+    plain = _run(model, model_and_plan[1], 40)
+    assert plain["learned_bytes"] == 0 and plain["learned_share"] == 0.0

@@ -253,3 +253,34 @@ def test_solve_refuses_bad_ties_and_devices_in_one_line(curves_file, tmp_path, a
     assert code == 2 and not stdout
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_solve_and_show_report_learned_bytes_as_a_share_of_the_models_fp16_weights(tmp_path, tiny):
+    from rateq.plan import learned_text
+    from rateq.quant.params import param_key
+
+    model = tiny("llama")  # curves fingerprinted from the model, as calibration makes them: with its parameters
+    fp = rateq.fingerprint(model)
+    n = sum(p.numel() for p in model.parameters())
+    assert fp.num_parameters == n
+    specs, bits = [rateq.parse_spec("codebook-g2"), QuantSpec(group_size=16)], (1, 2, 3, 4)
+    g = torch.Generator().manual_seed(0)
+    d = torch.tensor([[0.5, 0.2, 0.1, 0.05], [2.0, 0.6, 0.2, 0.08]], dtype=torch.float64).expand(3, 2, 2, 2, 4)
+    params = {param_key(specs[0], b): torch.randn(3, 2, 2, 8, 4 ** b, 2, generator=g) for b in bits}
+    Curves(d.clone(), bits, specs, torch.full((3, 2, 2), 100.0), "mse", fp, {}, params=params).save(
+        tmp_path / "c.curves.safetensors")
+    out = tmp_path / "p.safetensors"
+    res = runner.invoke(app, ["solve", str(tmp_path / "c.curves.safetensors"), "--budget", "2", "--out", str(out),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    plan = rateq.load_profile(out)
+    assert plan.model.num_parameters == n and doc["model"]["num_parameters"] == n
+    assert doc["learned_bytes"] == plan.learned_nbytes() > 0 and doc["fp16_weight_bytes"] == 2 * n
+    assert doc["learned_share"] == pytest.approx(doc["learned_bytes"] / (2 * n))
+    shown = runner.invoke(app, ["show", str(out), "--json"])
+    assert {k: json.loads(shown.stdout)[k] for k in ("learned_bytes", "learned_share")} == \
+        {k: doc[k] for k in ("learned_bytes", "learned_share")}
+    text = runner.invoke(app, ["show", str(out)]).stdout
+    line = f"learned parameters (codebooks, static scales): {learned_text(doc['learned_bytes'], doc['learned_share'])}"
+    assert line in text and "% of the model's fp16 weights; a fixed cost per model" in text

@@ -122,3 +122,34 @@ def test_markdown_lists_unmatched_rows_apart():
     # One policy for every row: no policy column.
     same = [dict(r, policy=R32 if r["family"] != "fp" else None) for r in rows]
     assert "policy" not in to_markdown(same).splitlines()[0]
+
+
+def test_rows_report_learned_bytes_and_their_share_of_the_models_fp16_weights(tiny):
+    from rateq import parse_spec
+    from rateq.evaluate.task_report import summary_table
+    from rateq.plan import learned_text
+    from rateq.quant.params import param_key
+
+    model = tiny("llama")  # 3 layers, 2 KV heads of 16 channels
+    fp = rateq.fingerprint(model)
+    spec = parse_spec("codebook-g2")
+    books = torch.randn(3, 2, 2, 8, 16, 2, generator=torch.Generator().manual_seed(0))
+    plan = Plan.uniform(fp, 2, spec=spec, params={param_key(spec, 2): books})
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
+    res = evaluate(model, ids, ["fp", Method.from_plan(plan, "books"),
+                                Method.from_plan(Plan.uniform(fp, 2, spec=QuantSpec(group_size=8)), "u2")], flips=False)
+    n = sum(p.numel() for p in model.parameters())
+    row = json.loads(json.dumps(res.to_dict()))["rows"][1]
+    assert row["learned_bytes"] == plan.learned_nbytes() == 6144 and row["fp16_weight_bytes"] == 2 * n
+    assert row["learned_share"] == pytest.approx(6144 / (2 * n))
+    assert res["fp"]["learned_bytes"] == res["u2"]["learned_bytes"] == 0
+    cell = learned_text(6144, row["learned_share"], short=True)
+    assert cell == f"6.0 KiB ({100 * 6144 / (2 * n):.2f}%)"
+    table = _table_rows(to_markdown(res))
+    assert [t["learned"] for t in table] == ["–", cell, "–"]
+    assert list(table[0])[:5] == ["method", "what", "nominal bits", "effective bits", "learned"]
+    tasks = _table_rows(summary_table(list(res)))
+    assert [t["learned"] for t in tasks] == ["–", cell, "–"]
+    # rows without learned parameters keep their tables as they were
+    plain = [r for r in res if r["name"] != "books"]
+    assert "learned" not in _table_rows(to_markdown(plain))[0] and "learned" not in _table_rows(summary_table(plain))[0]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache, Gemma3TextConfig, LlamaConfig
 
-from rateq import CachePolicy, ModelFingerprint, Plan, QuantSpec, RateQCache
+from rateq import CachePolicy, ModelFingerprint, Plan, QuantSpec, RateQCache, parse_spec
+from rateq.quant.params import param_key
 from rateq.quant.spec import SCALE_DTYPE_BITS
 
 CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -101,3 +102,30 @@ def test_dense_nbytes_is_what_a_dynamic_cache_would_hold():
             ref.update(K, K, layer)
     held = sum(t.numel() * t.element_size() for layer in ref.layers for t in (layer.keys, layer.values))
     assert ours.dense_nbytes(torch.float16) == held
+
+
+def test_learned_bytes_are_the_plans_and_stay_out_of_nbytes():
+    """Codebooks (fp16) and static scales (fp32; a per-layer format's once per layer and role) are counted once
+    per bucket of heads, as `Plan.learned_nbytes` counts them from the plan, and never in the per-token bytes."""
+    config = LlamaConfig(**CONFIG)  # 2 layers, 4 KV heads of 16 channels
+    specs = [QuantSpec(group_size=8), parse_spec("codebook-g2"), parse_spec("fp8_tensor"), parse_spec("int8_head")]
+    k_bits, k_q = torch.tensor([[2, 2, 1, 8], [8, 8, 4, 16]]), torch.tensor([[1, 1, 1, 2], [2, 2, 0, 0]])
+    v_bits, v_q = torch.tensor([[8, 8, 2, 2], [1, 8, 16, 3]]), torch.tensor([[3, 3, 0, 1], [1, 3, 0, 0]])
+    g = torch.Generator().manual_seed(0)
+    params = {param_key(specs[1], b): torch.randn(2, 4, 2, 8, 4 ** b, 2, generator=g) for b in (1, 2)}
+    params[param_key(specs[2], 8)] = torch.rand(2, 1, 2, generator=g).add(0.1).expand(2, 4, 2).clone()
+    params[param_key(specs[3], 8)] = torch.rand(2, 4, 2, generator=g).add(0.1)
+    plan = Plan(k_bits, v_bits, k_q, v_q, specs, ModelFingerprint("tiny", "llama", 2, 4, 16), params=params)
+    cache = RateQCache(plan, config, policy=CachePolicy(residual=0, block=16))
+    book = lambda heads, b: heads * 8 * 4 ** b * 2 * 2  # noqa: E731 — groups × centroids × channels, fp16
+    # K: layer 0 two heads of 2-bit and one of 1-bit codebooks, fp8_tensor in both layers (one scale each);
+    # V: int8_head on three heads, a 2-bit codebook on one head of layer 0, a 1-bit one on one of layer 1
+    expected = book(2, 2) + book(1, 1) + 4 + 4 + 3 * 4 + book(1, 2) + book(1, 1)
+    assert cache.learned_nbytes() == plan.learned_nbytes() == expected
+    assert cache.nbytes() == 0  # nothing cached yet: the learned parameters are not per-token storage
+    K = torch.randn(2, 4, 40, 16, generator=g)
+    for layer in range(2):
+        cache.update(K, K, layer)
+    assert cache.nbytes() == sum(cache.nbytes_by_kind().values()) > 0
+    assert cache.learned_nbytes() == expected
+    assert RateQCache(Plan.uniform(plan.model, 4, spec=specs[0]), config).learned_nbytes() == 0

@@ -91,6 +91,29 @@ def test_apply_packed_decodes_from_the_codes_to_the_same_perplexity(tiny_folder,
     assert docs["--packed"]["nbytes"] == docs["--dense"]["nbytes"]
 
 
+def test_apply_prints_learned_bytes_and_their_share_of_the_weights(tiny_folder, tmp_path):
+    from rateq.plan import learned_text
+    from rateq.quant.params import param_key
+
+    model, _ = rateq.load_model(str(tiny_folder))
+    spec = rateq.parse_spec("codebook-g2")
+    books = torch.randn(2, 2, 2, 8, 16, 2, generator=torch.Generator().manual_seed(0))
+    plan = Plan.uniform(fingerprint(model), 2, spec=spec, params={param_key(spec, 2): books},
+                        policy=CachePolicy(residual=4, block=8))
+    path = rateq.save_profile(plan, tmp_path / "books.safetensors")
+    args = ["apply", str(path), "--model", str(tiny_folder), "--prompt", "Hello", "--max-new-tokens", "2"]
+    doc = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
+    n = sum(p.numel() for p in model.parameters())
+    assert doc["learned_bytes"] == plan.learned_nbytes() == 2 * 2 * 2 * 8 * 16 * 2 * 2
+    assert doc["fp16_weight_bytes"] == 2 * n and doc["learned_share"] == pytest.approx(doc["learned_bytes"] / (2 * n))
+    assert doc["nbytes"] == doc["nbytes_codes"] + doc["nbytes_metadata"] + doc["nbytes_full_precision"]
+    text = CliRunner().invoke(app, args)
+    assert text.exit_code == 0, text.output
+    shown = learned_text(doc["learned_bytes"], doc["learned_share"])
+    assert shown.startswith("4.0 KiB, ") and shown.endswith("% of the model's fp16 weights")
+    assert f"learned parameters (codebooks, static scales): {shown}; held once per model" in text.stdout
+
+
 def test_apply_refuses_what_does_not_fit(tiny_folder, tiny_profile, tmp_path):
     other = Plan.uniform(rateq.ModelFingerprint("other", "llama", 2, 4, 16), 4)
     path = tmp_path / "other.safetensors"

@@ -21,6 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import RateQError
 from ..hooks import attention_hook, plain_attention
+from ..models import count_parameters
 from ..plan import Plan
 from ..quant.rope import capture_rope
 from ..policy import CachePolicy
@@ -172,8 +173,9 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
     - `flips`: measure routing flips (an extra `(B, Hq, T, T)` score product per probed layer; `flip_layers`
       restricts it to some layers).
 
-    Returns an `Evaluation` whose rows hold name, family, nominal and effective bits, compared_at, policy,
-    ppl, nll, kl, flip_rate, key_flip_rate, delta_ppl and seconds.
+    Returns an `Evaluation` whose rows hold name, family, nominal and effective bits, the learned parameters'
+    bytes and share of the model's fp16 weights (learned_bytes, fp16_weight_bytes, learned_share), compared_at,
+    policy, ppl, nll, kl, flip_rate, key_flip_rate, delta_ppl and seconds.
     """
     if isinstance(methods, (str, Plan, Method, Path)):
         methods = [methods]
@@ -246,11 +248,12 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
             del ref_logp
 
     fp_ppl = next((tokens[m.name].ppl for m in resolved if m.is_full_precision), None)
+    n_params = count_parameters(model)
     rows = []
     for m in resolved:
         st = tokens[m.name]
         probe = probes.get(m.name)
-        row = m.row()
+        row = m.row(n_params)
         row.update(ppl=st.ppl, nll=st.nll, kl=st.kl if not m.is_full_precision else 0.0,
                    flip_rate=(probe.stats.flip_rate if probe else (0.0 if m.is_full_precision and flips else None)),
                    key_flip_rate=(probe.stats.key_flip_rate if probe else

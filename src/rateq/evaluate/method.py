@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from ..plan import Plan
+from ..plan import Plan, learned_facts
 from ..policy import CachePolicy
 from ..simulate import KVTransform, plan_transform
 
@@ -46,10 +46,17 @@ class Method:
         block = policy.block * self.key_group // math.gcd(policy.block, self.key_group)
         return policy if block == policy.block else replace(policy, block=block)
 
-    def row(self) -> dict:
+    def row(self, num_parameters: int | None = None) -> dict:
+        """The row's description; with the bytes of its plan's learned parameters (codebooks, static scales: 0
+        without) and their share of the model's fp16 weights (`num_parameters`, by default the plan's
+        fingerprint's; None when unknown) — a per-model cost outside `effective_bits`."""
+        plan = self.plan
+        learned = plan.learned_nbytes() if plan is not None else 0
+        count = num_parameters or (plan.model.num_parameters if plan is not None else None)
         return {
             "name": self.name, "label": self.label or self.name, "family": self.family, "budget": self.budget,
             "nominal_bits": self.nominal_bits, "effective_bits": self.effective_bits, "notes": self.notes,
+            **learned_facts(learned, count),
         }
 
     @classmethod

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from ..plan import learned_text
 from ..plots import plot_curves, plot_plan, plot_ppl_vs_bits
 from .core import Evaluation
 
@@ -54,10 +55,21 @@ def _policies(rows: list[dict]) -> set[str]:
     return {policy_text(r.get("policy")) for r in rows if r.get("family") != "fp" and r.get("policy")}
 
 
+def learned_cell(row: dict) -> str:
+    """A row's learned parameters, `1.00 MiB (0.39%)` of the model's fp16 weights; `–` for rows without."""
+    n = row.get("learned_bytes")
+    return learned_text(n, row.get("learned_share"), short=True) if n else "–"
+
+
+def has_learned(rows: list[dict]) -> bool:
+    return any(r.get("learned_bytes") for r in rows)
+
+
 def _table(rows: list[dict], removed: dict, *, matched_column: bool, kivi_column: bool,
-           policy_column: bool) -> list[str]:
+           policy_column: bool, learned_column: bool) -> list[str]:
     head = ["method", "what"] + (["matched at"] if matched_column else []) + [
-        "nominal bits", "effective bits", "PPL", "ΔPPL", "KL (nats)", "flips", "key flips"]
+        "nominal bits", "effective bits"] + (["learned"] if learned_column else []) + [
+        "PPL", "ΔPPL", "KL (nats)", "flips", "key flips"]
     head += (["KIVI excess removed"] if kivi_column else []) + (["policy"] if policy_column else [])
     align = ["---", "---"] + ["---:"] * (len(head) - 2 - policy_column) + (["---"] if policy_column else [])
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
@@ -67,8 +79,10 @@ def _table(rows: list[dict], removed: dict, *, matched_column: bool, kivi_column
         if matched_column:
             at = r.get("compared_at")
             cells.append("–" if r.get("family") == "fp" else _num(at, "g"))
-        cells += [_num(r["nominal_bits"], ".3f"), _num(r["effective_bits"], ".3f"), _num(r["ppl"], ".2f"),
-                  _num(r.get("delta_ppl"), "+.2f"), _num(r.get("kl"), ".4f"),
+        cells += [_num(r["nominal_bits"], ".3f"), _num(r["effective_bits"], ".3f")]
+        if learned_column:
+            cells.append(learned_cell(r))
+        cells += [_num(r["ppl"], ".2f"), _num(r.get("delta_ppl"), "+.2f"), _num(r.get("kl"), ".4f"),
                   _pct(flips), _pct(kflips)]
         if kivi_column:
             cells.append(_num(None if r["name"] not in removed else 100 * removed[r["name"]], ".0f")
@@ -84,29 +98,31 @@ def to_markdown(result: Evaluation | list[dict], *, title: str | None = None) ->
 
     With compared budgets, the first table holds full precision and the rows matched at a budget (column
     "matched at", grouped by budget); rows at any other storage follow in a second table headed "Not matched",
-    without a KIVI comparison. A "policy" column appears when the rows ran under different cache policies."""
+    without a KIVI comparison. A "policy" column appears when the rows ran under different cache policies, and a
+    "learned" column (bytes of learned parameters and their share of the model's fp16 weights) when a row has
+    learned parameters."""
     rows = list(result)
     budgets = list(result.settings.get("budgets") or []) if isinstance(result, Evaluation) else []
     budgets = budgets or sorted({r["compared_at"] for r in rows if r.get("compared_at") is not None})
     removed = kivi_excess_removed(rows)
-    policy_column = len(_policies(rows)) > 1
+    columns = dict(policy_column=len(_policies(rows)) > 1, learned_column=has_learned(rows))
     lines = []
     if title:
         lines += [f"### {title}", ""]
     if not budgets:  # no comparison at matched storage: one table, rows at their own storage
-        lines += _table(rows, removed, matched_column=False, kivi_column=True, policy_column=policy_column)
+        lines += _table(rows, removed, matched_column=False, kivi_column=True, **columns)
         return "\n".join(lines) + "\n"
     fp = [r for r in rows if r.get("family") == "fp"]
     order = {b: i for i, b in enumerate(budgets)}
     matched = [r for r in rows if r.get("family") != "fp" and r.get("compared_at") is not None]
     matched.sort(key=lambda r: order.get(r["compared_at"], len(order)))  # stable: input order within a budget
     other = [r for r in rows if r.get("family") != "fp" and r.get("compared_at") is None]
-    lines += _table(fp + matched, removed, matched_column=True, kivi_column=True, policy_column=policy_column)
+    lines += _table(fp + matched, removed, matched_column=True, kivi_column=True, **columns)
     if other:
         shown = ", ".join(f"{b:g}" for b in budgets)
         lines += ["", f"Not matched: at other storage than the compared budgets ({shown} effective bits), so "
                       "not comparable at matched bits (no KIVI comparison):", ""]
-        lines += _table(other, removed, matched_column=False, kivi_column=False, policy_column=policy_column)
+        lines += _table(other, removed, matched_column=False, kivi_column=False, **columns)
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +176,9 @@ def write_report(result: Evaluation, out_dir, *, curves=None, title: str = "rate
     md = [f"# {title}", "", describe_settings(result.settings, rows), "", to_markdown(result), ""]
     md += ["Effective bits count code bits plus scales and zero-points per element; rank reduction counts its fp16 "
            "coefficients, its basis being a per-model constant (see notes).", ""]
+    if has_learned(rows):
+        md += ["`learned`: the learned parameters (codebooks in fp16, static scales) a row's plan holds once per "
+               "model, outside its effective bits, with their share of the model's fp16 weights.", ""]
     notes = [(r["name"], r["notes"]) for r in rows if r.get("notes")]
     if notes:
         md += ["Notes:", ""] + [f"- `{n}`: {t}" for n, t in notes] + [""]

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from ..plots import plot_passkey_heatmap
-from .report import policy_text
+from .report import has_learned, learned_cell, policy_text
 from .tasks import TaskEvaluation
 
 _RETRIEVAL = (("passkey", "passkey"), ("needle", "multi-key needle"))
@@ -37,11 +37,13 @@ def per_context(cells: list[dict], reference: list[dict]) -> dict[int, dict]:
 
 
 def summary_table(result: TaskEvaluation | list[dict]) -> str:
-    """One markdown row per method: effective bits, and per task run its headline figures (retrieval accuracy
-    and kept, agreement and the earliest first divergence, decode-mode perplexity)."""
+    """One markdown row per method: effective bits, learned parameters (when a row has any), and per task run its
+    headline figures (retrieval accuracy and kept, agreement and the earliest first divergence, decode-mode
+    perplexity)."""
     rows = list(result)
     tasks = [t for t, _ in _RETRIEVAL if any(t in r for r in rows)]
-    head = ["method", "what", "effective bits", "nominal bits"]
+    learned = has_learned(rows)
+    head = ["method", "what", "effective bits", "nominal bits"] + (["learned"] if learned else [])
     for t, label in _RETRIEVAL:
         if t in tasks:
             head += [f"{label} accuracy", f"{label} kept"]
@@ -57,6 +59,8 @@ def summary_table(result: TaskEvaluation | list[dict]) -> str:
     for r in rows:
         cells = [r["name"], r.get("label", ""), _bits(r),
                  "16" if r.get("family") == "fp" else f"{r['nominal_bits']:.3g}"]
+        if learned:
+            cells.append(learned_cell(r))
         for t in tasks:
             got = r.get(t) or {}
             kept = "reference" if r.get("family") == "fp" and got else _pct(got.get("kept"))

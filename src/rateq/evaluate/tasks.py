@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import RateQError
+from ..models import count_parameters
 from ..text import DEFAULT_EVAL_TEXT, load_text, text_windows, tokenize
 from .core import Evaluation
 
@@ -482,7 +483,8 @@ def run_tasks(model, tokenizer, methods, settings: TaskSettings | None = None, *
     - `policy`: the cache policy of rows without their own (profiles keep theirs); default `CachePolicy()`
       (R = 0, key block 32), each row's key block raised to a multiple of its key groups, as `rateq.evaluate`.
 
-    Each row holds name, label, family, budget, compared_at, nominal and effective bits, policy, seconds and,
+    Each row holds name, label, family, budget, compared_at, nominal and effective bits, the learned parameters'
+    bytes and share of the model's fp16 weights (`Method.row`), policy, seconds and,
     per task: `passkey` / `needle` (`accuracy`, `kept`: the share of the cells full precision solves that this
     row solves too, `reference_solved`, `cells`), `agreement` (mean `agreement`, `first_divergence` per prompt,
     `prompts`), `decode_ppl` (`ppl`, `nll`, `predictions`, …). `progress(done, total, message)` counts tokens
@@ -536,10 +538,11 @@ def run_tasks(model, tokenizer, methods, settings: TaskSettings | None = None, *
 
     reference: dict = {}
     rows = []
+    n_params = count_parameters(model)
     for m in resolved:
         pol = policies[m.name]
         make = _make_cache(m, model, pol)
-        row = m.row()
+        row = m.row(n_params)
         row.update(compared_at=None if m.is_full_precision else matched_budget(m.effective_bits, m.budget, compared),
                    policy=None if pol is None else pol.to_dict())
         start = time.perf_counter()

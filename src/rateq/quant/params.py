@@ -6,7 +6,8 @@ Two families have them (`QuantSpec.learned`):
 - codebooks (`codebook-g{c}`): `"{id}.codebook{b}"` per code width b, `(L, H, 2, D/c, 2^(b·c), c)`: for every
   unit, one codebook of 2^(b·c) centroids per group of c channels (`rateq.quant.codebook`).
 
-`check_params` is the one rule every holder applies; `unit_param` cuts what one bucket of heads needs.
+`check_params` is the one rule every holder applies; `unit_param` cuts what one bucket of heads needs, and
+`param_nbytes` counts its bytes.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def wanted_params(pairs, num_layers: int, num_kv_heads: int, head_dim: int) -> d
         if key is not None:
             out[key] = (spec, param_shape(spec, int(bits), num_layers, num_kv_heads, head_dim))
     return out
+
+
+def param_nbytes(spec: QuantSpec, param: torch.Tensor | None) -> int:
+    """Bytes of one bucket's `param` (from `unit_param`) as profiles keep it: codebooks in fp16, scales in fp32,
+    a per-layer format's one scale once (its heads hold copies)."""
+    if param is None:
+        return 0
+    if spec.static_scale == "tensor":
+        return 4
+    return param.numel() * (4 if spec.static_scale else 2)
 
 
 def unit_param(params: dict, spec: QuantSpec, bits: int, layer: int, role: str, heads) -> torch.Tensor | None:

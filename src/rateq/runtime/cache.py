@@ -4,6 +4,7 @@
 cache = rateq.RateQCache(plan, model)                 # or (plan, model.config) when no key is stored pre-RoPE
 model.generate(**inputs, past_key_values=cache)
 cache.nbytes()                                        # bytes its tensors hold right now
+cache.learned_nbytes()                                # codebooks and static scales: per model, not per token
 ```
 
 One `RateQLayer` (or `RateQSlidingLayer` for sliding-window layers) per model layer, composed like
@@ -171,6 +172,11 @@ class RateQCache(Cache):
     def nbytes(self) -> int:
         """Bytes the cache holds right now: packed codes + metadata + residual tails + sinks (slack excluded)."""
         return sum(self.nbytes_by_kind().values())
+
+    def learned_nbytes(self) -> int:
+        """Bytes of the learned parameters its buckets use (codebooks in fp16, static scales in fp32: as
+        `Plan.learned_nbytes` counts them): a fixed cost per model like the weights, left out of `nbytes()`."""
+        return sum(layer.store(role).learned_nbytes() for layer in self.layers for role in ("k", "v"))
 
     def slack_nbytes(self) -> int:
         """Bytes allocated beyond what is held: the quantized stores' spare capacity (below an eighth of their

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from ..errors import RateQError
-from ..plan import Plan
+from ..models import count_parameters
+from ..plan import Plan, learned_facts
 from ..policy import CachePolicy
 from .cache import RateQCache
 
@@ -28,11 +29,13 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def memory_summary(cache: RateQCache, dtype: torch.dtype | None = None) -> dict:
+def memory_summary(cache: RateQCache, dtype: torch.dtype | None = None, num_parameters: int | None = None) -> dict:
     """Bytes held by kind, against what a `DynamicCache` would hold for the same tokens — in `dtype`, the dtype
     the model runs in and so the one a DynamicCache would store (fp32 on CPU), and in fp16 — and how many
     tokens are stored quantized: keys only once a whole key block has left the residual window, so a short
-    sequence holds more than a DynamicCache."""
+    sequence holds more than a DynamicCache. Beside them, not in `nbytes`: the learned parameters' bytes and
+    share of the model's fp16 weights (`rateq.plan.learned_facts`; `num_parameters` defaults to the plan's
+    fingerprint's)."""
     kinds = cache.nbytes_by_kind()
     held = sum(kinds.values())
     fp16 = cache.dense_nbytes(torch.float16)
@@ -44,7 +47,8 @@ def memory_summary(cache: RateQCache, dtype: torch.dtype | None = None) -> dict:
             "fp16_dynamic_nbytes": fp16, "ratio_to_fp16": held / fp16 if fp16 else float("nan"),
             "dtype": str(dtype).replace("torch.", ""), "dynamic_nbytes": dense,
             "ratio_to_dynamic": held / dense if dense else float("nan"),
-            "quantized_key_tokens": quantized["k"], "quantized_value_tokens": quantized["v"]}
+            "quantized_key_tokens": quantized["k"], "quantized_value_tokens": quantized["v"],
+            **learned_facts(cache.learned_nbytes(), num_parameters or cache.plan.model.num_parameters)}
 
 
 @torch.no_grad()
@@ -64,7 +68,8 @@ def generate(model, tokenizer, plan: Plan, prompt: str, *, max_new_tokens: int =
     new = out[0, inputs["input_ids"].shape[1]:]
     return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
             "prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": int(new.numel()),
-            "seconds": seconds, "policy": cache.policy.to_dict(), **memory_summary(cache, _model_dtype(model))}
+            "seconds": seconds, "policy": cache.policy.to_dict(),
+            **memory_summary(cache, _model_dtype(model), count_parameters(model))}
 
 
 @torch.no_grad()
@@ -78,7 +83,8 @@ def cache_perplexity(model, ids: torch.Tensor, plan: Plan, *, policy: CachePolic
     """
     cache = RateQCache(plan, model, policy=policy, packed=packed)
     out = decode_perplexity(model, ids, cache, prefill=prefill, progress=progress)
-    return {**out, "policy": cache.policy.to_dict(), **memory_summary(cache, _model_dtype(model))}
+    return {**out, "policy": cache.policy.to_dict(),
+            **memory_summary(cache, _model_dtype(model), count_parameters(model))}
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from ..errors import RateQError
 from ..quant import attend
 from ..quant.codec import Part, bound_codec, codec_for
 from ..quant.pack import unpack
-from ..quant.params import unit_param
+from ..quant.params import param_nbytes, unit_param
 from ..quant.spec import FULL_PRECISION_BITS, QuantSpec, role_problem
 from . import kernels
 from .kernels import triton_decode
@@ -158,6 +158,7 @@ class Bucket:
         self.head_list = heads
         self.head_dim = head_dim
         self.codec = bound_codec(spec, param)
+        self.learned_nbytes = param_nbytes(spec, param)  # codebooks or static scales: fixed, not per token
         self.parts = {p.name: Rows(p) for p in self.codec.layout(self.bits, role, head_dim)}
         # A run of consecutive heads is written into the output through a slice view (no gather, no copy).
         contiguous = heads == list(range(heads[0], heads[0] + len(heads)))
@@ -423,6 +424,9 @@ class RoleStore:
 
     def slack_nbytes(self) -> int:
         return sum(b.slack_nbytes() for b in self.buckets)
+
+    def learned_nbytes(self) -> int:
+        return sum(b.learned_nbytes for b in self.buckets)
 
     def buffers(self) -> list[torch.Tensor]:
         return [t for b in self.buckets for t in b.buffers()]
