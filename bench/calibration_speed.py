@@ -1,18 +1,22 @@
 """Calibration cost as a ratio: calibrate() time / one plain pass of the model over the same tokens, in one process.
 
 The baseline for forward-only metrics (mse, score, output) is one no-grad forward with logits; for `fisher` it is
-forward + backward (activation gradients only, as calibration computes them). Target: ≤ 3×. Each line also gives
+forward + backward (activation gradients only, as calibration computes them), over every token calibration reads:
+the priced windows and, when some candidate learns parameters (codebooks, static scales), the windows held out to
+fit them. Target: ≤ 3×. Each line also gives
 the seconds for the N × T tokens and the peak memory per device of the calibration (`peak_bytes` of its summary:
 the process's resident peak for `cpu`, torch's allocator peak for each GPU) and of the plain pass.
 
-    python bench/calibration_speed.py                                  # smollm2-135m, CPU, fp32, 2 × 1024
+    python bench/calibration_speed.py                                  # smollm2-135m, CPU, fp32, 4 × 1024 of mix
+    python bench/calibration_speed.py --quantizers default,codebook-g2-prerope  # + learned codebooks
     python bench/calibration_speed.py --metric all --n 1
     python bench/calibration_speed.py --random-weights --config '{"num_hidden_layers": 2}' --n 1 --seq-len 256
     python bench/calibration_speed.py --device cuda --model qwen3-8b --random-weights     # bf16, 16 × 2048
     python bench/calibration_speed.py --device-map auto --model llama-3.1-70b --random-weights
 
 Defaults follow the device, as `rateq calibrate` does: 16 × 2048 tokens in bf16 on CUDA (or a device map over
-GPUs), 2 × 1024 in fp32 on the CPU; the candidates are rateq's default set (`--quantizers default`).
+GPUs), 4 × 1024 in fp32 on the CPU; the candidates are rateq's default set (`--quantizers default`, which may be
+listed with others: `default,codebook-g2`), scored on every 4th query row (`--query-stride`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from pathlib import Path
 import torch
 
 import rateq
-from rateq.calibrate import DEFAULT_METRIC, DEFAULT_QUANTIZERS, METRICS, calibrate_metrics, default_windows
+from rateq.calibrate import (DEFAULT_METRIC, DEFAULT_QUANTIZERS, DEFAULT_QUERY_STRIDE, METRICS, calibrate_metrics,
+                             calibration_ids, default_windows)
+from rateq.text import DEFAULT_CALIBRATION_TEXT
 from rateq.memory import PeakMemory, format_bytes
 from rateq.models import compute_device, input_device, weight_devices
 
@@ -105,10 +111,13 @@ def main():
     ap.add_argument("--quantizers", default="default",
                     help="candidate quantizer ids, comma-separated, or 'default' (rateq's DEFAULT_QUANTIZERS)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", default=DEFAULT_CALIBRATION_TEXT, help="calibration text (real weights; default mix)")
+    ap.add_argument("--query-stride", type=int, default=None,
+                    help=f"score every N-th query row (default {DEFAULT_QUERY_STRIDE}; 1: every row)")
     args = ap.parse_args()
 
-    specs = [rateq.parse_spec(q) for q in (DEFAULT_QUANTIZERS if args.quantizers == "default"
-                                           else args.quantizers.split(","))]
+    names = [x for q in args.quantizers.split(",") for x in (DEFAULT_QUANTIZERS if q == "default" else [q])]
+    specs = [rateq.parse_spec(q) for q in dict.fromkeys(names)]
     torch.set_num_threads(args.threads)
     overrides = config_overrides(args.config)
     if overrides and not args.random_weights:
@@ -132,11 +141,16 @@ def main():
     print(f"{fp.name}: {fp.num_layers} layers, {fp.num_kv_heads} KV heads, head_dim {fp.head_dim}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {dtype} on {where} "
           f"(loaded in {time.perf_counter() - t0:.1f} s)")
-    if tok is None:  # random weights come without a tokenizer: random token ids, seeded
-        ids = torch.randint(0, model.config.get_text_config().vocab_size, (n, seq_len),
-                            generator=torch.Generator().manual_seed(0))
+    if tok is None:  # random weights come without a tokenizer: a seeded stream of random token ids
+        texts = torch.randint(0, model.config.get_text_config().vocab_size, (2 * n * seq_len,),
+                              generator=torch.Generator().manual_seed(0))
     else:
-        ids = rateq.text_windows(tok, "austen-emma", n, seq_len, seed=0)
+        texts = args.data
+    ids = calibration_ids(tok, texts, n, seq_len, seed=0)[0]
+    # Learned candidates (codebooks, static scales) are fitted on as many windows again, held out from the priced
+    # ones: calibration reads those tokens too.
+    learned = any(q.learned for q in specs)
+    read = torch.cat([ids, calibration_ids(tok, texts, n, seq_len, seed=0, held_out=True)[0]]) if learned else ids
     tokens = ids.numel()
     reference = None
     if args.reference:
@@ -152,22 +166,28 @@ def main():
     for metric in metrics:
         backward = metric == "fisher"
         plain_peak = PeakMemory(cuda_devices(model))
-        base = plain_pass(model, ids, args.batch_size, backward)
+        base = plain_pass(model, read, args.batch_size, backward)
         plain_bytes = plain_peak.read()
         t0 = time.perf_counter()
-        curves = calibrate_metrics(model, None, ids, metrics=(metric,), batch_size=args.batch_size,
-                                   reference=reference, quantizers=specs)[metric]
+        curves = calibrate_metrics(model, tok, texts, n_samples=n, seq_len=seq_len, metrics=(metric,),
+                                   batch_size=args.batch_size, reference=reference, quantizers=specs,
+                                   query_stride=args.query_stride)[metric]
         sync(model)
         cal = time.perf_counter() - t0
-        base2 = plain_pass(model, ids, args.batch_size, backward)  # again after: load on a shared machine drifts
+        base2 = plain_pass(model, read, args.batch_size, backward)  # again after: load on a shared machine drifts
         base = (base + base2) / 2
+        if learned:
+            print(f"        learned candidates fitted on {curves.calibration['learned']['windows']} windows "
+                  f"({curves.calibration['learned']['tokens']} tokens): the plain pass below runs over those and "
+                  f"the {tokens} priced tokens")
         peak = f", peak memory {peaks(curves.calibration['peak_bytes'])}"
         what = "forward+backward" if backward else "forward"
         target = "target <= 3x" + (" and < 30 s" if on_gpu else "")
-        print(f"{metric:7s} {tokens} tokens: calibrate {cal:8.2f} s ({tokens / cal:,.0f} tok/s) | plain {what} "
+        print(f"{metric:7s} {read.numel()} tokens: calibrate {cal:8.2f} s ({tokens / cal:,.0f} tok/s) | plain {what} "
               f"{base:8.2f} s ({tokens / base:,.0f} tok/s) | ratio {cal / base:.2f}x "
               f"({target}){peak}; curves {tuple(curves.shape)} ({len(specs)} quantizers)")
-        print(f"        {n} x {seq_len} tokens, batch {args.batch_size}; plain {what} peak memory {peaks(plain_bytes)}")
+        print(f"        {n} x {seq_len} tokens priced, query stride {curves.calibration['query_stride']}, batch "
+              f"{args.batch_size}; plain {what} peak memory {peaks(plain_bytes)}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ err_console = Console(stderr=True, highlight=False)
 
 # -- options: every command spells them the same way -----------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model alias (smollm2-135m, qwen3-8b, …), hub id or local folder.")]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="Text: austen-emma, austen-pp, jargon, a .txt/.jsonl file, wikitext2, or hf:NAME\\[/CONFIG]:SPLIT\\[:FIELD].")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Text: austen-emma, austen-pp, jargon, kjv, python-docs, python-code, mix (the first and the last three, windows from each in turn), a .txt/.jsonl file, wikitext2, or hf:NAME\\[/CONFIG]:SPLIT\\[:FIELD].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16.")]
@@ -157,8 +157,9 @@ class Output:
 
     @contextlib.contextmanager
     def calibration(self) -> Iterator[Callable[[dict], None]]:
-        """Yields the callback `rateq.calibrate(progress=…)` reports to: a bar of tokens with tokens/s, and its
-        warnings, each shown once (above the bar)."""
+        """Yields the callback `rateq.calibrate(progress=…)` reports to: a bar of tokens with tokens/s (first the
+        held-out tokens and the fitting of learned quantizers, when there are any), and its warnings, each shown
+        once (above the bar)."""
         with _bar(not self.json) as bar:
             task = bar.add_task("calibrating tokens", total=None, rate="")
 
@@ -167,7 +168,14 @@ class Output:
                 if kind in ("start", "batch"):
                     seconds = event.get("seconds") or 0.0
                     rate = f"{event['tokens'] / seconds:,.0f} tok/s" if seconds > 0 and event["tokens"] else "… tok/s"
-                    bar.update(task, completed=event["tokens"], total=event["total"], rate=rate)
+                    bar.update(task, description="calibrating tokens", completed=event["tokens"],
+                               total=event["total"], rate=rate)
+                elif kind == "learn":  # codebooks and static scales, fitted before the priced pass
+                    tokens = event["stage"] == "tokens"
+                    seconds = event.get("seconds") or 0.0
+                    rate = f"{event['done'] / seconds:,.0f} tok/s" if tokens and seconds > 0 and event["done"] else ""
+                    bar.update(task, description="learning: held-out tokens" if tokens else "learning: fitting",
+                               completed=event["done"], total=event["total"], rate=rate)
                 elif kind == "warning":
                     self.warning(event["message"])
 

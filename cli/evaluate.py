@@ -126,7 +126,7 @@ def eval_command(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 1024,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Draw windows at random with this seed (default: consecutive); with --task, the seed of the first prompt of each cell (default 0).")] = None,
     char_start: Annotated[int, typer.Option("--char-start", help="Skip this many characters of the text first (as `rateq apply` does); with --task, where agreement prompts and decode-ppl windows start.")] = 100_000,
-    calib: Annotated[str, typer.Option("--calib", help="Calibration text for PCA bases (rank, hybrid, rot-pca) and for curves when none are at hand.")] = "austen-emma",
+    calib: Annotated[str, typer.Option("--calib", help="Calibration text for PCA bases (rank, hybrid, rot-pca) and for curves when none are at hand.")] = "mix",
     curves: Annotated[Optional[Path], typer.Option("--curves", help="Curves for waterfill / rateq rows (default: those kept with the first profile, P.curves.safetensors; else calibrated on --calib).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 1,
     no_flips: Annotated[bool, typer.Option("--no-flips", help="Skip routing flips (saves one score product per layer).")] = False,

@@ -69,3 +69,37 @@ def test_a_folder_is_not_a_text_file(tmp_path):
 def test_negative_character_offsets_are_refused():
     with pytest.raises(rateq.RateQError, match="0 or more"):
         rateq.text_windows(None, "austen-pp", 1, 16, char_start=-5)
+
+
+@pytest.mark.parametrize("alias, needle", [("kjv", "In the beginning God created"), ("python-docs", "interpreter"),
+                                           ("python-code", "def ")])
+def test_bundled_calibration_texts(alias, needle):
+    text = rateq.load_text(alias)
+    assert len(text) > 400_000 and needle in text
+
+
+class _Bytes:
+    """A tokenizer of one token per UTF-8 byte, as transformers' tokenizers are called."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt", verbose=False):
+        return {"input_ids": torch.tensor([list(text.encode("utf-8"))])}
+
+
+def test_mixed_text_draws_from_each_part_in_turn():
+    from rateq.text import MIXED_TEXT
+
+    tok = _Bytes()
+    parts = MIXED_TEXT["mix"]
+    assert rateq.DEFAULT_CALIBRATION_TEXT == "mix" and len(parts) == 4
+    got = rateq.text_windows(tok, "mix", 6, 64, seed=3)
+    assert got.shape == (6, 64)
+    assert torch.equal(got, rateq.text_windows(tok, "mix", 6, 64, seed=3))
+    # 6 windows over 4 parts: 2, 2, 1, 1, each drawn from its own part as a plain draw of that many would be
+    start = 0
+    for part, k in zip(parts, (2, 2, 1, 1)):
+        assert torch.equal(got[start:start + k], rateq.text_windows(tok, part, k, 64, seed=3))
+        start += k
+    # held-out windows (skip) share no window with the drawn ones
+    held = rateq.text_windows(tok, "mix", 6, 64, seed=3, skip=6)
+    assert not any(torch.equal(h, g) for h in held for g in got)
+    assert rateq.load_text("mix").startswith(rateq.load_text("austen-emma")[:1000])

@@ -1,8 +1,17 @@
 """Text for calibration and evaluation: bundled aliases, local files, and `datasets` specs.
 
-Bundled (public domain, compressed package data, from Debian's r-cran-janeaustenr and jargon-text):
-`austen-emma` (calibration default), `austen-pp` (Pride and Prejudice, evaluation default), `jargon`
-(the Jargon File 4.4.7, a second evaluation domain). Keep calibration and evaluation text apart.
+Bundled (compressed package data):
+- `austen-emma` (Emma), `austen-pp` (Pride and Prejudice, the evaluation default): public domain, from Debian's
+  r-cran-janeaustenr;
+- `jargon` (the Jargon File 4.4.7, from Debian's jargon-text): public domain, a second evaluation domain;
+- `kjv`: seven books of the King James Bible (Genesis, Psalms, Proverbs, Isaiah 40–55, Matthew, Acts, Romans),
+  public domain, from Debian's bible-kjv-text;
+- `python-docs`: the Python 3.11 tutorial and eight HOWTOs (reStructuredText), and `python-code`: 21 modules of
+  the Python 3.11 standard library — both under the PSF License (`data/PYTHON-LICENSE.txt`);
+- `mix`, the calibration default: Emma, `kjv`, `python-docs` and `python-code`, windows drawn from each in turn —
+  four kinds of text (a novel, scripture, technical prose, code), none of them the evaluation texts.
+
+Keep calibration and evaluation text apart.
 """
 
 from __future__ import annotations
@@ -16,14 +25,19 @@ import torch
 
 from .errors import RateQError
 
-DEFAULT_CALIBRATION_TEXT = "austen-emma"
+DEFAULT_CALIBRATION_TEXT = "mix"
 DEFAULT_EVAL_TEXT = "austen-pp"
 
 BUNDLED_TEXT = {
     "austen-emma": "austen_emma.txt.xz",
     "austen-pp": "austen_prideprejudice.txt.xz",
     "jargon": "jargon.txt.xz",
+    "kjv": "kjv.txt.xz",
+    "python-docs": "python_docs.txt.xz",
+    "python-code": "python_code.txt.xz",
 }
+# Texts made of several bundled texts: calibration windows are drawn from each part in turn.
+MIXED_TEXT = {"mix": ("austen-emma", "kjv", "python-docs", "python-code")}
 DATASET_ALIASES = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
     "wikitext2-train": ("wikitext", "wikitext-2-raw-v1", "train", "text"),
@@ -33,10 +47,13 @@ DATASET_ALIASES = {
 def load_text(spec: str) -> str:
     """Return the whole text named by `spec` as one string.
 
-    `spec` is a bundled alias (`austen-emma`, `austen-pp`, `jargon`), a local `.txt` / `.jsonl` file (the
-    `text` field of each JSON line), a dataset alias (`wikitext2`), or `hf:NAME[/CONFIG]:SPLIT[:FIELD]`
-    loaded with `datasets.load_dataset` (needs the hub or a local datasets cache).
+    `spec` is a bundled alias (`austen-emma`, `austen-pp`, `jargon`, `kjv`, `python-docs`, `python-code`, or
+    `mix`: its parts one after another), a local `.txt` / `.jsonl` file (the `text` field of each JSON line), a
+    dataset alias (`wikitext2`), or `hf:NAME[/CONFIG]:SPLIT[:FIELD]` loaded with `datasets.load_dataset`
+    (needs the hub or a local datasets cache).
     """
+    if spec in MIXED_TEXT:
+        return "\n\n".join(load_text(part) for part in MIXED_TEXT[spec])
     if spec in BUNDLED_TEXT:
         data = resources.files("rateq").joinpath("data", BUNDLED_TEXT[spec]).read_bytes()
         return lzma.decompress(data).decode("utf-8")
@@ -65,7 +82,7 @@ def load_text(spec: str) -> str:
         name, _, config = parts[0].partition("/")
         return _load_dataset_text(name, config or None, parts[1], parts[2] if len(parts) == 3 else "text")
     raise RateQError(
-        f"unknown text {spec!r}: use {', '.join(BUNDLED_TEXT)}, a .txt/.jsonl file, "
+        f"unknown text {spec!r}: use {', '.join([*BUNDLED_TEXT, *MIXED_TEXT])}, a .txt/.jsonl file, "
         f"{', '.join(DATASET_ALIASES)}, or hf:NAME[/CONFIG]:SPLIT[:FIELD]"
     )
 
@@ -138,12 +155,27 @@ def token_windows(ids: torch.Tensor, n: int, seq_len: int, *, seed: int | None =
     return torch.stack([ids[int(p) * seq_len:(int(p) + 1) * seq_len] for p in picks])
 
 
+def share(n: int, parts: int) -> list[int]:
+    """`n` split over `parts` as evenly as can be, the first parts taking one more."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
 def text_windows(tokenizer, spec: str, n: int, seq_len: int, *, seed: int | None = 0,
-                 char_start: int = 0) -> torch.Tensor:
-    """Load `spec`, skip `char_start` characters, tokenize, and cut `(n, seq_len)` windows (see token_windows)."""
+                 char_start: int = 0, skip: int = 0) -> torch.Tensor:
+    """Load `spec`, skip `char_start` characters, tokenize, and cut `(n, seq_len)` windows (see token_windows).
+
+    A mixed text (`mix`) gives its parts `n` windows in turn (`share`), each part's drawn from that part alone,
+    in the order of the parts; `skip` is shared out alike."""
+    if spec in MIXED_TEXT:
+        parts = MIXED_TEXT[spec]
+        if n < 1:
+            raise RateQError("the number of sequences and their length must be positive")
+        picked = [text_windows(tokenizer, part, k, seq_len, seed=seed, char_start=char_start, skip=s)
+                  for part, k, s in zip(parts, share(n, len(parts)), share(skip, len(parts))) if k]
+        return torch.cat(picked)
     if char_start < 0:
         raise RateQError(f"the character offset must be 0 or more, got {char_start}")
     text = load_text(spec)
     if char_start >= len(text):
         raise RateQError(f"text {spec!r} has {len(text)} characters; cannot start at {char_start}")
-    return token_windows(tokenize(tokenizer, text[char_start:]), n, seq_len, seed=seed)
+    return token_windows(tokenize(tokenizer, text[char_start:]), n, seq_len, seed=seed, skip=skip)

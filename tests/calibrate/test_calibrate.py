@@ -123,8 +123,9 @@ def test_progress_events_and_bar(tiny, capsys):
 
 def test_bf16_model(tiny):
     model = tiny("llama")
-    ref = rateq.calibrate(model, None, ids(2, 64), metric="output", quantizers=[SPEC16])
-    low = rateq.calibrate(model.to(torch.bfloat16), None, ids(2, 64), metric="output", quantizers=[SPEC16])
+    ref = rateq.calibrate(model, None, ids(2, 64), metric="output", quantizers=[SPEC16], query_stride=1)
+    low = rateq.calibrate(model.to(torch.bfloat16), None, ids(2, 64), metric="output", quantizers=[SPEC16],
+                          query_stride=1)
     assert low.calibration["dtype"] == "bfloat16" and low.distortion.dtype == torch.float64
     # at 1–3 bits quantization error dominates bf16 rounding: the same curves within a few percent
     torch.testing.assert_close(low.distortion[..., :3], ref.distortion[..., :3], rtol=0.1, atol=0)
@@ -188,3 +189,44 @@ def test_low_precision_matmuls_keep_the_curves(tiny):
     assert low["output"].calibration["matmul_dtype"] == "bfloat16"
     for m in metrics:
         torch.testing.assert_close(low[m].distortion, ref[m].distortion, rtol=0.03, atol=0)
+
+
+def test_query_stride_estimates_the_full_sums(tiny):
+    # Every 4th query row, scaled by 4: an unbiased estimate of the sums over every row, close on 2 × 256 tokens
+    # and ranking the units' points like the full sums; every row at stride 1.
+    from scipy.stats import spearmanr
+
+    model = tiny("llama", kv_heads=2)
+    metrics = ("score", "output", "fisher")
+    full = calibrate_metrics(model, None, ids(2, 256), metrics=metrics, quantizers=[SPEC16], query_stride=1)
+    part = calibrate_metrics(model, None, ids(2, 256), metrics=metrics, quantizers=[SPEC16], query_stride=4)
+    assert full["fisher"].calibration["query_stride"] == 1 and part["fisher"].calibration["query_stride"] == 4
+    for m in metrics:
+        a, b = full[m].distortion.flatten(), part[m].distortion.flatten()
+        assert not torch.equal(a, b)
+        assert float((b / a).log().abs().median()) < 0.15, m
+        assert spearmanr(a.numpy(), b.numpy()).correlation > 0.97, m
+    # mse prices every stored position whatever the stride
+    mse = [calibrate_metrics(model, None, ids(1, 64), metrics=("mse",), quantizers=[SPEC16], query_stride=s)
+           for s in (1, 4)]
+    assert torch.equal(mse[0]["mse"].distortion, mse[1]["mse"].distortion)
+
+
+@pytest.mark.parametrize("stride", [0, -1, 1.5, True])
+def test_query_stride_must_be_a_positive_whole_number(tiny, stride):
+    with pytest.raises(rateq.RateQError, match="query_stride"):
+        rateq.calibrate(tiny("llama"), None, ids(1, 64), quantizers=[SPEC16], query_stride=stride)
+
+
+def test_candidates_storing_a_role_alike_are_scored_once_and_priced_alike(tiny):
+    # Pre-RoPE quantizers store values as their post-RoPE twins do: one scoring, the same value curves; keys differ.
+    from rateq.calibrate.capture import role_columns
+
+    pre, post = QuantSpec(group_size=16, prerope=True), SPEC16
+    cols = role_columns(BITS, [pre, post], "v", 16)
+    assert [c[2] for c in cols] == [[b, len(BITS) + b] for b in range(len(BITS))]
+    assert len(role_columns(BITS, [pre, post], "k", 16)) == 2 * len(BITS)
+    curves = rateq.calibrate(tiny("llama", kv_heads=2), None, ids(1, 64), quantizers=[pre, post])
+    d = curves.distortion
+    assert torch.equal(d[:, :, 1, 0], d[:, :, 1, 1])
+    assert not torch.equal(d[:, :, 0, 0], d[:, :, 0, 1])

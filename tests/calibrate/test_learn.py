@@ -108,3 +108,14 @@ def test_a_reference_plan_with_static_scales_calibrates_around_them(model, strea
     c = calibrate(model, None, stream, bits=(8,), quantizers=["int8_head", "minmax-g16-fp16"], metric="mse",
                   policy=POLICY, n_samples=2, seq_len=48, reference=plan)
     assert torch.isfinite(c.distortion).any()
+
+
+def test_learning_reports_its_progress(model, stream):
+    events = []
+    calibrate(model, None, stream, bits=(2, 8), quantizers=["int8_head", "minmax-g16-fp16"], metric="mse",
+              policy=POLICY, n_samples=2, seq_len=48, progress=events.append)
+    learn = [e for e in events if e["event"] == "learn"]
+    tokens = [e for e in learn if e["stage"] == "tokens"]
+    assert [e["done"] for e in tokens] == [0, 48, 96] and all(e["total"] == 96 for e in tokens)
+    assert [(e["done"], e["total"]) for e in learn if e["stage"] == "fit"] == [(0, 1), (1, 1)]
+    assert events.index(learn[-1]) < events.index(next(e for e in events if e["event"] == "start"))

@@ -63,7 +63,8 @@ def unit_output_errors(q, k, v, scaling, head, role, bits):
 def test_output_metric_is_the_heads_attention_error(tiny, arch, kv_heads):
     model = tiny(arch, kv_heads=kv_heads)
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
-    curves = rateq.calibrate(model, None, ids, metric="output", bits=BITS, quantizers=[SPEC16], batch_size=2)
+    curves = rateq.calibrate(model, None, ids, metric="output", bits=BITS, quantizers=[SPEC16], batch_size=2,
+                             query_stride=1)
     layer = 1
     q, k, v, scaling = explicit_qkv(model, ids, layer)
     for head in range(kv_heads):
@@ -76,7 +77,8 @@ def test_output_metric_is_the_heads_attention_error(tiny, arch, kv_heads):
 def test_mse_and_score_metrics_by_hand(tiny):
     model = tiny("llama", kv_heads=2)
     ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(2))
-    by = calibrate_metrics(model, None, ids, metrics=("mse", "score"), bits=BITS, quantizers=[SPEC16])
+    by = calibrate_metrics(model, None, ids, metrics=("mse", "score"), bits=BITS, quantizers=[SPEC16],
+                            query_stride=1)
     layer, head = 2, 1
     q, k, v, scaling = explicit_qkv(model, ids, layer)
     causal = torch.ones(64, 64, dtype=torch.bool).tril()
@@ -99,7 +101,8 @@ def test_mse_and_score_metrics_by_hand(tiny):
 def test_fisher_metric_is_gradient_weighted_output_error(tiny):
     model = tiny("qwen3", kv_heads=2)
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))
-    curves = rateq.calibrate(model, None, ids, metric="fisher", bits=BITS, quantizers=[SPEC16], batch_size=2)
+    curves = rateq.calibrate(model, None, ids, metric="fisher", bits=BITS, quantizers=[SPEC16], batch_size=2,
+                             query_stride=1)
     layer, H = 0, 2
     # g = ∂(summed next-token NLL)/∂(attention output), read at the input of o_proj by a plain module hook.
     seen = {}

@@ -239,9 +239,9 @@ def test_candidate_scoring_runs_the_same_operations_whatever_the_number_of_heads
     assert counts[2] == counts[4], counts
 
 
-def test_gpu_defaults_are_16_by_2048_tokens_and_the_cpu_keeps_2_by_1024():
+def test_gpu_defaults_are_16_by_2048_tokens_and_the_cpu_takes_4_by_1024():
     assert default_windows("cuda:0") == default_windows("cuda") == (16, 2048)
-    assert default_windows("cpu") == (2, 1024)
+    assert default_windows("cpu") == (4, 1024)  # one window of each part of the default text
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------------------

@@ -244,3 +244,29 @@ def test_sample_caps_the_points():
     x = data("gauss", (50000, 2))
     C = learn_vector_codebook(x, 1, 2, sample=1000)
     assert C.shape == (1, 4, 2)
+
+
+@pytest.mark.parametrize("dist", ["gauss", "t3"])
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_grid_start_is_the_product_of_channel_quantiles_and_lloyd_improves_it(dist, bits):
+    x, w = data(dist, (N, 2)), fisher((N, 2))
+    m = 1 << bits
+    start = kmeans._init_grid(x[None], w[None], m * m)[0]
+    levels = [kmeans._init_quantiles(x[None, :, j:j + 1], w[None, :, j:j + 1], m)[0, :, 0] for j in range(2)]
+    assert torch.equal(start, torch.cartesian_prod(*levels))
+    C, got = weighted_kmeans(x, m * m, weights=w, init="grid", iters=30)
+    assert got.error <= weighted_error(x, start, w) * (1 + 1e-6)
+    assert got.error < uniform_grid_error(x, bits, w)
+    with pytest.raises(ValueError, match="m\\^c"):
+        weighted_kmeans(x, 8, weights=w, init="grid")
+
+
+def test_learning_distances_pick_the_nearest_centroid():
+    # The matmul form used while learning agrees with the exact coordinate-by-coordinate distances but on near-ties.
+    x, w = data("t3", (3000, 2)), fisher((3000, 2))
+    C = data("gauss", (64, 2), seed=9)
+    for wb in (None, w[None], w[None, :, :1]):
+        codes, err = kmeans._nearest_learning(x[None], C[None], wb)
+        exact, exact_err = kmeans._nearest(x[None], C[None], wb)
+        assert (codes == exact).float().mean() > 0.999
+        torch.testing.assert_close(err, exact_err, rtol=1e-4, atol=1e-6)

@@ -32,11 +32,12 @@ from ..curves import Curves
 from ..hooks import attention_hook
 from ..quant.rope import capture_rope
 from ..memory import PeakMemory
-from ..models import fingerprint, head_dim_of, input_device, model_dtype, text_config, weight_devices
+from ..models import fingerprint, head_dim_of, input_device, model_dtype, weight_devices
 from ..plan import Plan
 from ..policy import CachePolicy
-from ..quant.spec import FULL_PRECISION_BITS, KIVI, QuantSpec, holds_role, is_bits, parse_spec
-from ..text import BUNDLED_TEXT, DATASET_ALIASES, DEFAULT_CALIBRATION_TEXT, load_text, token_windows, tokenize
+from ..quant.spec import FULL_PRECISION_BITS, QuantSpec, holds_role, is_bits, parse_spec
+from ..text import (BUNDLED_TEXT, DATASET_ALIASES, DEFAULT_CALIBRATION_TEXT, MIXED_TEXT, load_text, text_windows,
+                    token_windows, tokenize)
 from .capture import Calibrator
 from .learn import learn_params
 from .metrics import METRICS
@@ -57,15 +58,18 @@ DEFAULT_QUANTIZERS = ("minmax-g32-fp16-prerope", "minmax-g64-fp16-prerope", "min
 # Chosen by bench/metric_correlation.py: the metric whose predicted Σ_u D_u(plan) ranks measured ΔNLL of
 # mixed plans best on smollm2-135m (Spearman 0.98 over 36 plans, mse 0.92; results/metric_correlation.md).
 DEFAULT_METRIC = "fisher"
-DEFAULT_SAMPLES = 2  # 2 × 1024 tokens: enough for stable curves on the default model (README "Results")
+DEFAULT_SAMPLES = 4  # 4 × 1024 tokens: one window of each part of the default text `mix`
 DEFAULT_SEQ_LEN = 1024
 # On a GPU: 16 × 2048 tokens, the data a GPU calibrates in seconds (the CPU defaults above take minutes).
+# Candidates are scored on every 4th query row (each KV position is still priced by a quarter of the queries that
+# read it): an unbiased estimate of the sums at a quarter of the cost (README "Calibration cost").
+DEFAULT_QUERY_STRIDE = 4
 CUDA_SAMPLES = 16
 CUDA_SEQ_LEN = 2048
 
 
 def default_windows(device) -> tuple[int, int]:
-    """`(n_samples, seq_len)` drawn from text when none are given: 16 × 2048 on CUDA, else 2 × 1024."""
+    """`(n_samples, seq_len)` drawn from text when none are given: 16 × 2048 on CUDA, else 4 × 1024."""
     return (CUDA_SAMPLES, CUDA_SEQ_LEN) if str(device).startswith("cuda") else (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN)
 
 ProgressFn = Callable[[dict], None]
@@ -74,7 +78,7 @@ ProgressFn = Callable[[dict], None]
 # -- calibration tokens --------------------------------------------------------------------------------------
 def _is_text_spec(text: str) -> bool:
     """A text spec names text (alias, dataset, file); anything else containing whitespace is the text itself."""
-    if text in BUNDLED_TEXT or text in DATASET_ALIASES or text.startswith("hf:"):
+    if text in BUNDLED_TEXT or text in MIXED_TEXT or text in DATASET_ALIASES or text.startswith("hf:"):
         return True
     if len(text) < 4096 and "\n" not in text and Path(text).expanduser().exists():
         return True
@@ -110,6 +114,11 @@ def calibration_ids(tokenizer, texts, n_samples: int | None = None, seq_len: int
         if n > ids.shape[0] or t > ids.shape[1]:
             raise RateQError(f"asked for {n} x {t} tokens but the ids given are {tuple(ids.shape)}")
         return ids[:n, :t].long(), "token ids"
+    if isinstance(texts, str) and texts in MIXED_TEXT:  # windows from each part in turn
+        if tokenizer is None:
+            raise RateQError("calibrating on text needs the model's tokenizer; pass one, or pass token ids instead")
+        return text_windows(tokenizer, texts, n_samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN, seed=seed,
+                            skip=skip), texts
     if isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts):
         texts, name = "\n\n".join(texts), f"{len(texts)} texts"
     elif isinstance(texts, str):
@@ -131,6 +140,10 @@ def _print_progress(event: dict) -> None:
         seconds = event["seconds"]
         rate = f"{event['tokens'] / seconds:,.0f} tok/s" if seconds > 0 else "… tok/s"
         print(f"calibrating: {event['tokens']}/{event['total']} tokens, {rate}, {seconds:.1f} s",
+              file=sys.stderr, flush=True)
+    elif event.get("event") == "learn" and event["done"]:
+        what = "tokens read" if event["stage"] == "tokens" else "quantizers fitted"
+        print(f"learning codebooks and scales: {event['done']}/{event['total']} {what}, {event['seconds']:.1f} s",
               file=sys.stderr, flush=True)
 
 
@@ -206,7 +219,8 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
                       seq_len: int | None = None, batch_size: int = 1, seed: int = 0,
                       policy: CachePolicy | None = None, reference: Plan | None = None,
                       progress: bool | ProgressFn = False, chunk_elements: int | None = None,
-                      matmul_dtype: torch.dtype | None = None) -> dict[str, Curves]:
+                      matmul_dtype: torch.dtype | None = None,
+                      query_stride: int | None = None) -> dict[str, Curves]:
     """One streaming pass that measures several metrics at once → `{metric: Curves}` (see `calibrate`)."""
     metrics = tuple(dict.fromkeys(metrics))
     unknown = [m for m in metrics if m not in METRICS]
@@ -222,6 +236,9 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
     specs = check_quantizers(quantizers, policy, head_dim_of(model.config))
     if batch_size < 1:
         raise RateQError("batch_size must be at least 1")
+    query_stride = DEFAULT_QUERY_STRIDE if query_stride is None else query_stride
+    if isinstance(query_stride, bool) or not isinstance(query_stride, int) or query_stride < 1:
+        raise RateQError(f"query_stride must be a whole number of 1 or more, got {query_stride!r}")
     fp = fingerprint(model)
     if reference is not None:
         diff = reference.model.mismatches(fp)
@@ -240,21 +257,22 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
     if matmul_dtype is None:
         # GPUs: bf16 tensor cores for the candidate deltas (see metrics.candidate_errors); CPUs: fp32 is fastest.
         matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report, warnings_to_callback = _progress_sink(progress)
     # Static scales and codebooks are fitted first, on windows held out from the priced ones (rateq.calibrate.learn).
     with _frozen(model):
         params, learned = learn_params(
             model, specs, lambda: calibration_ids(tokenizer, texts, n_samples, seq_len, seed, held_out=True)[0],
             ids, bits=bits, num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads, batch_size=batch_size,
-            seed=seed)
+            seed=seed, report=report)
     cal = Calibrator(fp.num_layers, fp.num_kv_heads, bits, specs, metrics, policy, reference=reference,
-                     chunk_elements=chunk_elements, matmul_dtype=matmul_dtype, params=params)
+                     chunk_elements=chunk_elements, matmul_dtype=matmul_dtype, params=params,
+                     query_stride=query_stride)
     needs_grad = cal.needs_grad
     nll = 0.0
     t_start = time.perf_counter()
     # Pre-RoPE key quantizers (candidates or the reference plan's) need each forward's rotary tables.
     prerope = any(q.prerope for q in specs) or (reference is not None and any(q.prerope for q in reference.quantizers))
     rope_ctx = capture_rope(model) if prerope else contextlib.nullcontext()
-    report, warnings_to_callback = _progress_sink(progress)
     with attention_hook(model, cal.attention), _frozen(model), rope_ctx as rope:
         cal.set_rope(rope)
         report({"event": "start", "tokens": 0, "total": n * T, "seconds": 0.0})
@@ -294,7 +312,7 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
             "data": data_name, "tokens": n * T, "seq_len": T, "n_samples": n, "seed": seed,
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "seconds": round(seconds, 3),
             "policy": policy.to_dict(), "batch_size": batch_size,
-            "matmul_dtype": str(matmul_dtype).replace("torch.", ""),
+            "matmul_dtype": str(matmul_dtype).replace("torch.", ""), "query_stride": query_stride,
             "peak_bytes": peak.read(),  # per device, the whole pass (rateq.memory)
         }
         if getattr(model, "hf_device_map", None):
@@ -337,21 +355,24 @@ def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=Non
               n_samples: int | None = None, seq_len: int | None = None, batch_size: int = 1, seed: int = 0,
               policy: CachePolicy | None = None, reference: Plan | None = None,
               progress: bool | ProgressFn = False, chunk_elements: int | None = None,
-              matmul_dtype: torch.dtype | None = None) -> Curves:
+              matmul_dtype: torch.dtype | None = None, query_stride: int | None = None) -> Curves:
     """Measure `D_u(q, b)` for every unit u = (layer, KV head, K|V), quantizer q and bit width b → `Curves`.
 
     - `texts`: a text spec (`"austen-emma"`, a .txt/.jsonl file, `wikitext2`, `hf:…`), raw text, a list of
-      strings, or token ids `(n, seq_len)` (then `tokenizer` may be None). Default: the bundled Emma.
+      strings, or token ids `(n, seq_len)` (then `tokenizer` may be None). Default: the bundled `mix` (Emma, the
+      King James Bible, Python's docs and code: windows from each in turn).
     - `metric`: `mse`, `score`, `output` or `fisher` (see `rateq.calibrate.metrics`); the default is the one
       that best predicts measured ΔNLL of mixed plans.
-    - `n_samples` × `seq_len` tokens (default 2 × 1024 from text, 16 × 2048 on CUDA), windows drawn with `seed`; `batch_size`
+    - `n_samples` × `seq_len` tokens (default 4 × 1024 from text, 16 × 2048 on CUDA), windows drawn with `seed`; `batch_size`
       sequences per forward.
     - `quantizers`: candidate `QuantSpec`s or ids (default `DEFAULT_QUANTIZERS`); `bits`: candidate code widths.
     - `policy`: which positions the runtime stores quantized (sinks, residual window, key blocks); default: no
       residual window, key blocks that hold whole key groups of every quantizer (`CachePolicy.for_quantizers`).
     - `reference`: measure every unit with the rest of the model running under this plan.
-    - `progress`: a callable receiving event dicts (`event` = `start`, `batch`, `warning`; `tokens`, `total`,
-      `seconds`, `message`), or True for one plain line per batch on stderr. Each warning is reported once:
+    - `query_stride`: candidates are scored on every `query_stride`-th query row, the attention metrics scaled
+      back (`metrics.candidate_errors`): default 4; 1 scores every row.
+    - `progress`: a callable receiving event dicts (`event` = `learn`, `start`, `batch`, `warning`; `tokens`, `total`,
+      `seconds`, `message`; `learn`: `stage` (`tokens` read, quantizers `fit`), `done`, `total`), or True for one plain line per batch on stderr. Each warning is reported once:
       to the callable when there is one, else to the `rateq.calibrate` logger.
 
     Statistics accumulate in float64 whatever the model dtype; the same seed gives the same curves.
@@ -359,4 +380,5 @@ def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=Non
     return calibrate_metrics(model, tokenizer, texts, metrics=(metric,), bits=bits, quantizers=quantizers,
                              n_samples=n_samples, seq_len=seq_len, batch_size=batch_size, seed=seed,
                              policy=policy, reference=reference, progress=progress,
-                             chunk_elements=chunk_elements, matmul_dtype=matmul_dtype)[metric]
+                             chunk_elements=chunk_elements, matmul_dtype=matmul_dtype,
+                             query_stride=query_stride)[metric]

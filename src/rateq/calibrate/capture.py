@@ -9,6 +9,7 @@ its output, for `fisher`), so memory is one layer's K/V and one chunk of scores,
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import torch
 
@@ -24,9 +25,27 @@ from ..simulate import plan_transform
 from .metrics import LayerInputs, allowed_pairs, candidate_errors
 
 
+def role_columns(bits, quantizers: list[QuantSpec], role: str, head_dim: int) -> list[tuple[int, int, list[int]]]:
+    """The candidates of `role` worth scoring: `[(quantizer index, width index, [curve columns it prices])]`.
+
+    A quantizer that cannot hold the role, or a width a format is not stored at, is not scored (the curves price it
+    infinite). Candidates that store the role identically are scored once: a pre-RoPE quantizer's values are its
+    post-RoPE twin's (`prerope` changes keys only). Curve column of (q, b) = q · len(bits) + b."""
+    seen: dict[tuple, tuple[int, int, list[int]]] = {}
+    for qi, spec in enumerate(quantizers):
+        if not holds_role(spec, role, head_dim):
+            continue
+        same = replace(spec, prerope=False) if role == "v" and spec.prerope and not spec.learned else spec
+        for bi, b in enumerate(bits):
+            if spec.allows_bits(b):
+                seen.setdefault((same.id, b), (qi, bi, []))[2].append(qi * len(bits) + bi)
+    return list(seen.values())
+
+
 def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSpec], policy: CachePolicy,
-                      rope=None, params: dict | None = None, layer: int = 0) -> torch.Tensor:
-    """`(B, H, T, D)` → `(Q·NB, B, H, T, D)`: the stored form of `x` under every (quantizer, bits).
+                      columns, rope=None, params: dict | None = None, layer: int = 0) -> torch.Tensor:
+    """`(B, H, T, D)` → `(len(columns), B, H, T, D)`: the stored form of `x` under each candidate `(quantizer
+    index, width index, …)` of `columns` (`role_columns`).
 
     Which positions are stored quantized follows the runtime exactly (as `plan_transform` + the one-pass
     evaluation): keys over whole `policy.block` blocks from `policy.sinks` out of the residual window, values
@@ -37,29 +56,29 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
     T = x.shape[2]
     start = policy.sinks
     end = policy.quantized_keys(T) if role == "k" else policy.quantized_values(T)
-    out = x.unsqueeze(0).repeat(len(quantizers) * len(bits), 1, 1, 1, 1)
+    out = x.unsqueeze(0).repeat(len(columns), 1, 1, 1, 1)
     if end <= start:
         return out
     seg = x[:, :, start:end]
-    for i, spec in enumerate(quantizers):
-        if not holds_role(spec, role, x.shape[-1]):
-            continue  # priced as infinite by the caller; left unquantized here (as are widths a format lacks)
+    by_quantizer: dict[int, list[tuple[int, int]]] = {}
+    for c, (qi, bi, *_) in enumerate(columns):
+        by_quantizer.setdefault(qi, []).append((c, bi))
+    for qi, cols in by_quantizer.items():
+        spec = quantizers[qi]
         tables = None
         if spec.prerope and role == "k":
             if rope is None:
                 raise RateQError(f"{spec.id} quantizes keys before RoPE and needs the layer's rotary tables")
             tables = slice_rope(rope, start, end)
-        widths = [j for j, b in enumerate(bits) if spec.allows_bits(b)]  # engine formats: their own width only
-        if widths:
-            if spec.learned:  # one learned parameter per width
-                heads = range(x.shape[1])
-                stored = [fake_quantize(seg, bits[j], spec, role, rope=tables,
-                                        param=unit_param(params or {}, spec, bits[j], layer, role, heads))
-                          for j in widths]
-            else:
-                stored = fake_quantize_multi(seg, [bits[j] for j in widths], spec, role, rope=tables)
-            for k, j in enumerate(widths):
-                out[i * len(bits) + j, :, :, start:end] = stored[k]
+        if spec.learned:  # one learned parameter per width
+            heads = range(x.shape[1])
+            stored = [fake_quantize(seg, bits[bi], spec, role, rope=tables,
+                                    param=unit_param(params or {}, spec, bits[bi], layer, role, heads))
+                      for _, bi in cols]
+        else:
+            stored = fake_quantize_multi(seg, [bits[bi] for _, bi in cols], spec, role, rope=tables)
+        for (c, _), xs in zip(cols, stored):
+            out[c, :, :, start:end] = xs
     return out
 
 
@@ -79,7 +98,7 @@ class Calibrator:
 
     def __init__(self, num_layers: int, num_kv_heads: int, bits, quantizers: list[QuantSpec], metrics,
                  policy: CachePolicy, *, reference: Plan | None = None, chunk_elements: int = 1 << 23,
-                 matmul_dtype: torch.dtype = torch.float32, params: dict | None = None):
+                 matmul_dtype: torch.dtype = torch.float32, params: dict | None = None, query_stride: int = 1):
         self.bits = tuple(bits)
         self.quantizers = list(quantizers)
         self.metrics = tuple(metrics)
@@ -87,6 +106,9 @@ class Calibrator:
         self.needs_grad = "fisher" in self.metrics
         self.chunk_elements = chunk_elements
         self.matmul_dtype = matmul_dtype
+        self.query_stride = query_stride  # score every n-th query row (metrics.candidate_errors)
+        self.sequences = 0  # sequences before the current forward: each sequence's sampled rows shift by one
+        self._columns: dict[tuple[str, int], list] = {}  # (role, head_dim) → role_columns
         self.reference = reference
         self.params = params or {}  # learned parameters of the candidates that have them (rateq.quant.params)
         self.transform = None if reference is None else plan_transform(reference, policy)
@@ -95,6 +117,7 @@ class Calibrator:
         self.sums = {m: torch.zeros(num_layers, num_kv_heads, 2, C, dtype=torch.float64) for m in self.metrics}
         self.windows: dict[int, int | None] = {}  # layer → sliding window (None: full attention)
         self.pending = 0  # fisher layers of the current batch whose gradient has not arrived yet
+        self._batch = 0  # sequences in the current forward
         self._masks: dict = {}  # (mask id, shape, device) → (weak ref to the mask, allowed pairs)
 
     def set_rope(self, rope) -> None:
@@ -119,6 +142,9 @@ class Calibrator:
     # The function transformers calls in place of its attention implementation.
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = module.layer_idx
+        if layer == 0 and layer in self.windows:  # a new forward (layer 0 again): count the last one's sequences
+            self.sequences += self._batch
+        self._batch = query.shape[0]
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         self.windows[layer] = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
@@ -145,23 +171,37 @@ class Calibrator:
         if self.needs_grad and attn_output.requires_grad:
             self.pending += 1
 
-            def on_grad(grad, inp=inp, layer=layer):  # grad: (B, T, Hq, D), ∂loss/∂attention output
-                self._accumulate(layer, inp, grad)
+            offset = self.sequences + layer
+
+            def on_grad(grad, inp=inp, layer=layer, offset=offset):  # grad: (B, T, Hq, D), ∂loss/∂attention output
+                self._accumulate(layer, inp, grad, offset)
                 self.pending -= 1
 
             attn_output.register_hook(on_grad)
         else:
-            self._accumulate(layer, inp, None)
+            self._accumulate(layer, inp, None, self.sequences + layer)
         return attn_output, weights
 
+    def columns(self, role: str, head_dim: int) -> list:
+        key = (role, head_dim)
+        if key not in self._columns:
+            self._columns[key] = role_columns(self.bits, self.quantizers, role, head_dim)
+        return self._columns[key]
+
     @torch.no_grad()
-    def _accumulate(self, layer: int, inp: LayerInputs, grad):
-        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, inp.rope,
-                                  self.params, layer)  # (C, B, Hkv, S, D)
-        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy, params=self.params,
-                                  layer=layer)
+    def _accumulate(self, layer: int, inp: LayerInputs, grad, offset: int = 0):
+        D = inp.key.shape[-1]
+        cols = {role: self.columns(role, D) for role in ("k", "v")}
+        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, cols["k"], inp.rope,
+                                  self.params, layer)  # (Ck, B, Hkv, S, D)
+        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy, cols["v"],
+                                  params=self.params, layer=layer)
         metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
         sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements,
-                                matmul_dtype=self.matmul_dtype)
-        for m, s in sums.items():  # (2, Hkv, C) → (Hkv, 2, C)
-            self.sums[m][layer] += s.transpose(0, 1).cpu()
+                                matmul_dtype=self.matmul_dtype, query_stride=self.query_stride,
+                                query_offset=offset)
+        for m, per_role in sums.items():  # role r: (Hkv, Cr) → every curve column each candidate prices
+            for r, role in enumerate(("k", "v")):
+                got = per_role[r].cpu()
+                for c, (_, _, priced) in enumerate(cols[role]):
+                    self.sums[m][layer, :, r, priced] += got[:, c:c + 1]

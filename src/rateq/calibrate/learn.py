@@ -19,6 +19,7 @@ data it came from, a codebook sits on its own points); the curves are measured o
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -73,10 +74,13 @@ def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.detach().transpose(0, 1).reshape(H, -1, D)[:, idx.to(x.device)].to(torch.float32).cpu()
 
 
-def fit_codebooks(spec: QuantSpec, bits, samples: VectorSamples, num_layers: int, seed: int) -> dict:
+def fit_codebooks(spec: QuantSpec, bits, samples: VectorSamples, num_layers: int, seed: int,
+                  fitted: dict | None = None) -> dict:
     """`{param_key: (L, H, 2, D/c, 2^(b·c), c)}` for every width of `bits` `spec` is stored at, fitted per unit by
-    Fisher-weighted k-means, centroids rounded to fp16 (what a profile stores)."""
+    Fisher-weighted k-means, centroids rounded to fp16 (what a profile stores). `fitted`: codebooks already
+    learned for other specs, by (layer, view, rotation, c, b) — values of a pre-RoPE spec are its twin's."""
     codec = codec_for(spec)
+    fitted = {} if fitted is None else fitted
     out = {}
     for b in bits:
         if b >= FULL_PRECISION_BITS or not spec.allows_bits(b):
@@ -85,20 +89,26 @@ def fit_codebooks(spec: QuantSpec, bits, samples: VectorSamples, num_layers: int
         for layer in range(num_layers):
             roles = []
             for view in ("kpre" if spec.prerope else "k", "v"):
-                x, w = samples.units(layer, view)
-                if spec.rotation != "none":
-                    x, w = codec.rotate(x), codec.rotate(w.sqrt()).square()
-                roles.append(learn_unit_codebooks(x, b, spec.group_size, w, seed=seed + layer, iters=CODEBOOK_ITERS))
+                key = (layer, view, spec.rotation, spec.seed, spec.group_size, b)
+                if key not in fitted:
+                    x, w = samples.units(layer, view)
+                    if spec.rotation != "none":
+                        x, w = codec.rotate(x), codec.rotate(w.sqrt()).square()
+                    fitted[key] = learn_unit_codebooks(x, b, spec.group_size, w, seed=seed + layer,
+                                                       iters=CODEBOOK_ITERS)
+                roles.append(fitted[key])
             per_layer.append(torch.stack(roles, 1))  # (H, 2, G, K, c)
         out[param_key(spec, b)] = torch.stack(per_layer).to(torch.float16).to(torch.float32)
     return out
 
 
 def learn_params(model, specs: list[QuantSpec], held_out, priced: torch.Tensor, *, bits, num_layers: int,
-                 num_kv_heads: int, batch_size: int = 1, seed: int = 0) -> tuple[dict, dict]:
+                 num_kv_heads: int, batch_size: int = 1, seed: int = 0, report=None) -> tuple[dict, dict]:
     """`({param_key: tensor}, facts)` for the learned candidates among `specs` at `bits`; `({}, {})` when there
     are none. `held_out`: a callable giving the held-out windows `(n, T)` (or raising RateQError when the text has
-    none), `priced`: the windows the curves are measured on, used only then."""
+    none), `priced`: the windows the curves are measured on, used only then. `report`: called with progress
+    events `{"event": "learn", "stage": "tokens" | "fit", "done", "total", "seconds"}`."""
+    report = report or (lambda event: None)
     learned = [q for q in specs if q.learned]
     if not learned:
         return {}, {}
@@ -134,25 +144,36 @@ def learn_params(model, specs: list[QuantSpec], held_out, priced: torch.Tensor, 
                 t.register_hook(on_grad)
         return plain_attention(module, query, key, value, attention_mask, **kwargs)
 
+    t0 = time.perf_counter()
+
+    def progress(stage, done, total):
+        report({"event": "learn", "stage": stage, "done": done, "total": total,
+                "seconds": time.perf_counter() - t0})
+
     emb = model.get_input_embeddings()
     device = input_device(model)  # the embedding's execution device, also when its weights are offloaded
     with attention_hook(model, observe), (capture_rope(model) if prerope else contextlib.nullcontext()) as rope:
+        progress("tokens", 0, ids.numel())
         for i in range(0, ids.shape[0], batch_size):
             batch = ids[i:i + batch_size].to(device)
             if samples is None:
                 with torch.no_grad():
                     model.base_model(input_ids=batch, use_cache=False)
-                continue
-            with torch.enable_grad():  # Fisher weights: gradients of the loss reach every layer's K and V
-                x = emb(batch).detach().requires_grad_(True)
-                logits = model(inputs_embeds=x, use_cache=False).logits
-                torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                  batch[:, 1:].flatten().to(logits.device), reduction="sum").backward()
-    params = {}
-    for q in learned:
+            else:
+                with torch.enable_grad():  # Fisher weights: gradients of the loss reach every layer's K and V
+                    x = emb(batch).detach().requires_grad_(True)
+                    logits = model(inputs_embeds=x, use_cache=False).logits
+                    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                      batch[:, 1:].flatten().to(logits.device),
+                                                      reduction="sum").backward()
+            progress("tokens", min(ids.shape[0], i + batch_size) * ids.shape[1], ids.numel())
+    params, fitted = {}, {}
+    for n, q in enumerate(learned):
+        progress("fit", n, len(learned))
         if q.static_scale:
             params[param_key(q, q.fixed_bits)] = stats.fit(q)
         else:
-            params.update(fit_codebooks(q, bits, samples, num_layers, seed))
+            params.update(fit_codebooks(q, bits, samples, num_layers, seed, fitted))
+    progress("fit", len(learned), len(learned))
     facts = {"windows": windows, "tokens": int(ids.numel()), "quantizers": [q.id for q in learned]}
     return params, facts

@@ -22,7 +22,6 @@ from full precision to the candidate while the rest of the model runs as the pla
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -59,15 +58,31 @@ def allowed_pairs(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, 
     return m > torch.finfo(m.dtype).min / 2
 
 
+def _sum_squares(e: torch.Tensor, dims) -> torch.Tensor:
+    """Σ e² over `dims` in one pass with no temporary (a norm's reduction, squared back)."""
+    return torch.linalg.vector_norm(e, dim=dims).square_().double()
+
+
+def query_rows(T: int, stride: int, offset: int = 0) -> torch.Tensor:
+    """The query rows scored when every `stride`-th is: `offset`, `offset + stride`, … (all rows at stride 1)."""
+    return torch.arange(offset % stride, T, stride)
+
+
 def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor, metrics, *,
                      grad: torch.Tensor | None = None, chunk_elements: int = 1 << 23,
-                     matmul_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Per-metric `(2, Hkv, C)` float64 sums for one layer and batch.
+                     matmul_dtype: torch.dtype = torch.float32, query_stride: int = 1,
+                     query_offset: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per metric, float64 sums `(keys (Hkv, Ck), values (Hkv, Cv))` for one layer and batch.
 
-    `k_hat`, `v_hat`: `(C, B, Hkv, S, D)` stored form of the keys/values under every candidate (positions the
-    policy keeps in full precision equal `key`/`value`). `grad`: `(B, T, Hq, D)` ∂loss/∂attention output,
-    needed for `fisher`. `chunk_elements` bounds the largest temporary (candidates × query heads × query
-    rows × keys), so memory does not grow with the candidates or the sequence.
+    `k_hat` `(Ck, B, Hkv, S, D)`, `v_hat` `(Cv, B, Hkv, S, D)`: the stored form of the keys/values under every
+    candidate of that role (positions the policy keeps in full precision equal `key`/`value`). `grad`:
+    `(B, T, Hq, D)` ∂loss/∂attention output, needed for `fisher`. `chunk_elements` bounds the largest temporary
+    (candidates × query heads × query rows × keys), so memory does not grow with the candidates or the sequence.
+
+    `query_stride` > 1 scores every `query_stride`-th query row (from `query_offset + b` in batch row b, so that a
+    sequence's rows do not depend on the batch it came in) and scales the attention
+    metrics by the rows there are over the rows scored: an unbiased estimate of the full sums at a fraction of
+    the cost (every key and value position is still measured, by the queries sampled). `mse` uses every position.
 
     `matmul_dtype` below fp32 (bf16 on GPUs) switches the candidate matmuls to the difference form: only the
     small deltas (q·δk, (P̂ − P)·V, A·δV) go through the low-precision matmul, so its rounding is relative to the
@@ -79,15 +94,16 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
     q, k, v = inp.query, inp.key, inp.value
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    C = k_hat.shape[0]
+    Ck, Cv = k_hat.shape[0], v_hat.shape[0]
     groups = Hq // Hkv
     dev = q.device
-    out = {m: torch.zeros(2, Hkv, C, dtype=torch.float64, device=dev) for m in metrics}
+    out = {m: (torch.zeros(Hkv, Ck, dtype=torch.float64, device=dev),
+               torch.zeros(Hkv, Cv, dtype=torch.float64, device=dev)) for m in metrics}
 
     if "mse" in metrics:
         for r, (x, xh) in enumerate(((k, k_hat), (v, v_hat))):
-            # (C, B, Hkv, S, D) → (C, Hkv)
-            out["mse"][r] = (xh.float() - x.float()).pow(2).sum((1, 3, 4)).T.double()
+            if xh.shape[0]:  # (C, B, Hkv, S, D) → (Hkv, C)
+                out["mse"][r].add_(_sum_squares(xh.float() - x.float(), (1, 3, 4)).T)
     if not metrics & set(ATTENTION_METRICS):
         return out
 
@@ -96,23 +112,26 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
     vb = v if inp.value_base is None else inp.value_base
     same_base = inp.key_base is None
     lowp = matmul_dtype != torch.float32
-    # Query rows per chunk: bounded by `chunk_elements` for the widest temporary (Hkv, groups·rows, C, keys),
-    # and at most T/16 so that causal chunks skip most of the masked upper triangle.
-    rows = max(1, min(T, chunk_elements // max(1, Hq * C * S), max(32, -(-T // 16))))
-
+    C = max(Ck, Cv, 1)
     for b in range(B):
-        for t0 in range(0, T, rows):
-            t1 = min(T, t0 + rows)
-            ok = inp.allowed[b, t0:t1]  # (Tc, S)
+        sel = query_rows(T, query_stride, query_offset + b).to(dev)
+        n_rows = sel.numel()
+        # Query rows per chunk: bounded by `chunk_elements` for the widest temporary (Hkv, groups·rows, C, keys),
+        # and at most T/16 so that causal chunks skip most of the masked upper triangle.
+        rows = max(1, min(n_rows, chunk_elements // max(1, Hq * C * S), max(32, -(-n_rows // 16))))
+        acc = {m: (torch.zeros_like(sums[0]), torch.zeros_like(sums[1])) for m, sums in out.items() if m != "mse"}
+        for r0 in range(0, n_rows, rows):
+            ts = sel[r0:r0 + rows]
+            ok = inp.allowed[b, ts]  # (Tc, S)
             cols = ok.any(0).nonzero()
             if cols.numel() == 0:
                 continue
             # Causal and sliding-window masks: only a band of keys is visible to this block of queries.
             ks, ke = int(cols[0]), int(cols[-1]) + 1
             ok = ok[:, ks:ke]
-            Tc, Sc = t1 - t0, ke - ks
+            Tc, Sc = ts.numel(), ke - ks
             # Each KV head's query heads stacked along rows: (Hkv, groups·Tc, D), no K/V repetition needed.
-            qg = q[b, :, t0:t1].float().reshape(Hkv, groups * Tc, D)
+            qg = q[b][:, ts].float().reshape(Hkv, groups * Tc, D)
             # Masked pairs sit in a narrow band of columns (the diagonal block for causal masks): only that band
             # is touched, in place. A finite "minus infinity" keeps fully masked rows free of nan.
             banned = (~ok).repeat(groups, 1)  # (groups·Tc, Sc)
@@ -123,9 +142,11 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
             live = None if bool(ok.any(-1).all()) else ok.any(-1).float().repeat(groups)[:, None]
             kc, vc = k[b, :, ks:ke].float(), v[b, :, ks:ke].float()  # (Hkv, Sc, D)
             kbc, vbc = (kc, vc) if same_base else (kb[b, :, ks:ke].float(), vb[b, :, ks:ke].float())
-            g2 = None
+            g = None  # |∂loss/∂output|: its square weights the output error (fisher)
             if "fisher" in metrics:
-                g2 = grad[b, t0:t1].float().permute(1, 0, 2).reshape(Hkv, groups * Tc, D).pow(2)
+                g = grad[b, ts].float().permute(1, 0, 2).reshape(Hkv, groups * Tc, D).abs_()
+                if live is not None:
+                    g = g * live
 
             def logits(keys):  # (Hkv, n, D) → (Hkv, groups·Tc, n) scaled scores, unmasked
                 return (qg * inp.scaling) @ keys.transpose(-1, -2)
@@ -139,55 +160,61 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
                     raw[..., m0:m1].masked_fill_(banned if raw.dim() == 3 else banned[:, None], _NEG)
                 return torch.softmax(raw, dim=-1)
 
+            def add_output(r, e):  # e (Hkv, groups·Tc, C, D) output errors of role r's candidates → sums
+                if "output" in metrics:
+                    acc["output"][r].add_(_sum_squares(e if live is None else e * live[:, :, None], (1, 3)))
+                if g is not None:
+                    acc["fisher"][r].add_(_sum_squares(e.mul_(g[:, :, None]), (1, 3)))
+
             s = logits(kc)  # (Hkv, groups·Tc, Sc)
             a_base = probs(s if same_base else logits(kbc))  # weights the value units are measured under
             if live is not None:
                 a_base = a_base * live
 
             # --- key units: every candidate's scores in one matmul, candidates folded into the key axis
-            kh = k_hat[:, b, :, ks:ke].float().transpose(0, 1).reshape(Hkv, C * Sc, D)
-            if lowp:
-                dk = (kh.view(Hkv, C, Sc, D) - kc[:, None]).view(Hkv, C * Sc, D).to(matmul_dtype)
-                ds = ((qg * inp.scaling).to(matmul_dtype) @ dk.transpose(-1, -2)).float().view(Hkv, groups * Tc, C, Sc)
-                s_hat = ds + s[:, :, None]
-            else:
-                s_hat = logits(kh).view(Hkv, groups * Tc, C, Sc)
-                ds = s_hat - s[:, :, None] if "score" in metrics else None
-            if "score" in metrics:
-                ds[..., m0:m1].masked_fill_(banned[:, None], 0.0)
-                out["score"][0] += ds.square_().sum((1, 3)).double()
-            del ds
-            if want_out:
-                a = a_base if same_base else probs(s)
-                p_hat = probs(s_hat, inplace=True)  # (Hkv, groups·Tc, C, Sc)
-                del s_hat
+            if Ck:
+                kh = k_hat[:, b, :, ks:ke].float().transpose(0, 1).reshape(Hkv, Ck * Sc, D)
                 if lowp:
-                    dp = p_hat.sub_(a[:, :, None]).to(matmul_dtype).view(Hkv, groups * Tc * C, Sc)
-                    e = (dp @ vbc.to(matmul_dtype)).float().view(Hkv, groups * Tc, C, D)
-                    del dp
+                    dk = (kh.view(Hkv, Ck, Sc, D) - kc[:, None]).view(Hkv, Ck * Sc, D).to(matmul_dtype)
+                    ds = ((qg * inp.scaling).to(matmul_dtype) @ dk.transpose(-1, -2)).float().view(
+                        Hkv, groups * Tc, Ck, Sc)
+                    s_hat = ds + s[:, :, None]
                 else:
-                    o_ref = a @ vbc  # (Hkv, groups·Tc, D): key unit at full precision, values as the base has them
-                    e = (p_hat.view(Hkv, groups * Tc * C, Sc) @ vbc).view(Hkv, groups * Tc, C, D) - o_ref[:, :, None]
-                del p_hat
-                e = e.square_() if live is None else e.square_() * live[None, :, :, None]
-                if "output" in metrics:
-                    out["output"][0] += e.sum((1, 3)).double()
-                if g2 is not None:
-                    out["fisher"][0] += (e * g2[:, :, None]).sum((1, 3)).double()
-                del e
-            s_hat = None
+                    s_hat = logits(kh).view(Hkv, groups * Tc, Ck, Sc)
+                    ds = s_hat - s[:, :, None] if "score" in metrics else None
+                if "score" in metrics:
+                    ds[..., m0:m1].masked_fill_(banned[:, None], 0.0)
+                    acc["score"][0].add_(_sum_squares(ds, (1, 3)))
+                del ds
+                if want_out:
+                    a = a_base if same_base else probs(s)
+                    p_hat = probs(s_hat, inplace=True)  # (Hkv, groups·Tc, Ck, Sc)
+                    del s_hat
+                    if lowp:
+                        dp = p_hat.sub_(a[:, :, None]).to(matmul_dtype).view(Hkv, groups * Tc * Ck, Sc)
+                        e = (dp @ vbc.to(matmul_dtype)).float().view(Hkv, groups * Tc, Ck, D)
+                        del dp
+                    else:
+                        o_ref = a @ vbc  # (Hkv, groups·Tc, D): key unit at full precision, values as the base has them
+                        e = (p_hat.view(Hkv, groups * Tc * Ck, Sc) @ vbc).view(Hkv, groups * Tc, Ck, D)
+                        e.sub_(o_ref[:, :, None])
+                    del p_hat
+                    add_output(0, e)
+                    del e
+                s_hat = None
 
             # --- value units: A (V̂ − V) for every candidate, candidates folded into the channel axis
-            dv = v_hat[:, b, :, ks:ke].float() - vc[None]  # (C, Hkv, Sc, D)
-            if "score" in metrics:
-                w = a_base.pow(2).sum(1)  # (Hkv, Sc): Σ over query heads and rows of A²
-                out["score"][1] += (dv.pow(2).sum(-1) * w[None]).sum(-1).T.double()
-            if want_out:
-                dvc = dv.permute(1, 2, 0, 3).reshape(Hkv, Sc, C * D)
-                e = (a_base.to(matmul_dtype) @ dvc.to(matmul_dtype)).float()  # (Hkv, groups·Tc, C·D)
-                e = e.view(Hkv, groups * Tc, C, D).square_()
-                if "output" in metrics:
-                    out["output"][1] += e.sum((1, 3)).double()
-                if g2 is not None:
-                    out["fisher"][1] += (e * g2[:, :, None]).sum((1, 3)).double()
+            if Cv:
+                dv = v_hat[:, b, :, ks:ke].float() - vc[None]  # (Cv, Hkv, Sc, D)
+                if "score" in metrics:
+                    w = a_base.pow(2).sum(1)  # (Hkv, Sc): Σ over query heads and rows of A²
+                    acc["score"][1].add_((dv.pow(2).sum(-1) * w[None]).sum(-1).T.double())
+                if want_out:
+                    dvc = dv.permute(1, 2, 0, 3).reshape(Hkv, Sc, Cv * D)
+                    e = (a_base.to(matmul_dtype) @ dvc.to(matmul_dtype)).float()  # (Hkv, groups·Tc, Cv·D)
+                    add_output(1, e.view(Hkv, groups * Tc, Cv, D))
+                    del e
+        for m in acc:  # this sequence's sums over the rows scored, scaled to all of its rows
+            for r in range(2):
+                out[m][r].add_(acc[m][r], alpha=T / n_rows)
     return out

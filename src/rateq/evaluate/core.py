@@ -168,7 +168,7 @@ def evaluate(model, data, methods: Sequence | str | Plan | Method, *, tokenizer=
       sinks); a policy given applies to every row without a policy of its own (`Method.policy`). Each row's
       key block is raised to a multiple of its key groups (`Method.policy_for`); rows report their policy.
     - `calibration`: token ids or a text name for the baselines that need calibration data (PCA bases,
-      curves); default `austen-emma`, 2 windows of `seq_len`. `curves`: distortion curves for `waterfill`
+      curves); default `mix`, 2 windows of `seq_len`. `curves`: distortion curves for `waterfill`
       and `rateq` rows (calibrated on demand otherwise).
     - `flips`: measure routing flips (an extra `(B, Hq, T, T)` score product per probed layer; `flip_layers`
       restricts it to some layers).

@@ -19,16 +19,18 @@ left with no weight are re-seeded one at a time, each at the point of largest we
 placed so far. Iteration stops when the error improves by less than `tol` of itself.
 
 Deterministic: the only randomness (the subset of calibration points, k-means++ seeding) comes from a
-`torch.Generator` seeded with `seed`, ties go to the lowest centroid index, and the update's sums are accumulated
-in float64 in point order, so a seed gives bit-identical codebooks (on CUDA under
-`torch.use_deterministic_algorithms(True)`, whose scatter-add keeps that order). Codebooks come back sorted:
-scalar levels ascending, vectors lexicographically.
+`torch.Generator` seeded with `seed`, and the update's sums are accumulated in float64 in point order, so a seed
+gives bit-identical codebooks on one machine (on CUDA under `torch.use_deterministic_algorithms(True)`, whose
+scatter-add keeps that order). While learning, the nearest centroids come from one matmul per chunk of whole
+problems (`_nearest_learning`: a near-tie may go either way, by the machine's rounding); the encoder, `assign`,
+sums distances coordinate by coordinate, ties to the lowest index, the same whatever the chunking. Codebooks come
+back sorted: scalar levels ascending, vectors lexicographically.
 
 Memory: the learners copy at most `sample` calibration points (a seeded random subset, drawn before anything is
 copied), and distances are formed in chunks of at most `_CHUNK` (point, centroid) pairs (`_CHUNK_ACCELERATOR` off
-the CPU), so a run holds O(sample · c + _CHUNK) values however large the calibration set (plus the n indices the
-subset is drawn from). One Lloyd step costs O(n · k · c); k-means++ seeding costs as much once, in k sequential
-draws.
+the CPU; while learning, `_LEARN_CHUNK` or one problem's), so a run holds O(sample · (c + k)) values however large
+the calibration set (plus the n indices the subset is drawn from). One Lloyd step costs O(n · k · c); k-means++
+seeding costs as much once, in k sequential draws; the grid start (`init="grid"`) costs one sort per coordinate.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import torch
 MAX_CENTROIDS = 1 << 16  # largest codebook per group: 2^16 centroids, codes of at most 16 bits
 _CHUNK = 1 << 18  # (point, centroid) distances formed at once on the CPU (1 MiB of fp32: stays in cache)
 _CHUNK_ACCELERATOR = 1 << 24  # elsewhere, where each chunk is a kernel launch
-INITS = ("kmeans++", "quantiles", "random")
+_LEARN_CHUNK = 1 << 20  # (point, centroid) scores per matmul while learning (whole problems only)
+INITS = ("kmeans++", "quantiles", "grid", "random")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,30 @@ def _nearest(x: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> tuple[
     return codes, err
 
 
+def _nearest_learning(x: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_nearest` for Lloyd's iteration: the same codes up to rounding on near-ties, several times faster.
+
+    Σ_j w_j (x_j − μ_j)² = Σ_j w_j x_j² − 2 Σ_j w_j x_j μ_j + Σ_j w_j μ_j²: the first term does not depend on the
+    centroid, the others are one matmul of `[w ⊙ x, w]` with `[−2μ, μ²]`. Problems are scored whole (never split
+    along points), so a problem's codes depend only on its own data; the errors returned are exact, recomputed
+    at the chosen centroids. `assign`, the encoder, keeps the exact `_nearest`."""
+    G, n, c = x.shape
+    k = C.shape[1]
+    per_coord = w is not None and w.shape[-1] > 1
+    a = torch.cat([x * w, w], -1) if per_coord else torch.cat([x, torch.ones_like(x[..., :1])], -1)
+    b = torch.cat([-2 * C, C.square()], -1) if per_coord else torch.cat([-2 * C, C.square().sum(-1, keepdim=True)], -1)
+    codes = torch.empty(G, n, dtype=torch.int64, device=x.device)
+    gb = max(1, _LEARN_CHUNK // max(1, n * k))
+    for g0 in range(0, G, gb):
+        codes[g0:g0 + gb] = torch.bmm(a[g0:g0 + gb], b[g0:g0 + gb].transpose(1, 2)).argmin(-1)
+    mu = C.gather(1, codes.unsqueeze(-1).expand(G, n, c))
+    err = (x - mu).square_()
+    err = (err.mul_(w) if per_coord else err).sum(-1)
+    if w is not None and not per_coord:
+        err.mul_(w[..., 0])
+    return codes, err
+
+
 def _distance(x: torch.Tensor, mu: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """Weighted squared distance `(G, n)` of every point to one centroid per problem, `mu (G, c)`."""
     d = None
@@ -126,7 +153,7 @@ def _reseed(x: torch.Tensor, w: torch.Tensor | None, C: torch.Tensor, empty: tor
     # errors against the non-empty centroids: each empty one stands in as a copy of its group's first non-empty
     first = (~empty).to(torch.uint8).argmax(1)
     C = torch.where(empty.unsqueeze(-1), C[rows, first].unsqueeze(1), C)
-    _, err = _nearest(x, C, w)
+    _, err = _nearest_learning(x, C, w)
     count = empty.sum(1)
     slot = torch.where(empty, empty.cumsum(1) - 1, -1)  # (G, k): the i-th empty centroid of a group has slot i
     for i in range(int(count.max())):
@@ -139,9 +166,12 @@ def _reseed(x: torch.Tensor, w: torch.Tensor | None, C: torch.Tensor, empty: tor
 
 
 def _draw(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One index per row of `p (G, n)`, with probability ∝ p (uniform where a row is all zero)."""
+    """One index per row of `p (G, n)`, with probability ∝ p (uniform where a row is all zero): one seeded uniform
+    per row found in the row's cumulative sum (float64, so that no point of positive mass is skipped)."""
     p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))
-    return torch.multinomial(p, 1, generator=gen).squeeze(1)
+    cum = p.double().cumsum(1)
+    u = torch.rand(p.shape[0], 1, generator=gen, device=p.device, dtype=torch.float64) * cum[:, -1:]
+    return torch.searchsorted(cum, u, right=True).squeeze(1).clamp_(max=p.shape[1] - 1)
 
 
 def _init_kmeanspp(x: torch.Tensor, w: torch.Tensor | None, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -172,6 +202,19 @@ def _init_quantiles(x: torch.Tensor, w: torch.Tensor | None, k: int) -> torch.Te
     return v.gather(1, idx).unsqueeze(-1)
 
 
+def _init_grid(x: torch.Tensor, w: torch.Tensor | None, k: int) -> torch.Tensor:
+    """For c coordinates and k = m^c centroids: every combination of each coordinate's m weighted-quantile levels —
+    the product of per-channel scalar codebooks, a start as good as coding the channels apart, with no draw."""
+    G, n, c = x.shape
+    m = round(k ** (1 / c))
+    if m ** c != k:
+        raise ValueError(f"a grid start needs k = m^c centroids, got k={k} for c={c}")
+    levels = [_init_quantiles(x[..., j:j + 1], None if w is None else w[..., j:j + 1] if w.shape[-1] > 1 else w,
+                              m)[..., 0] for j in range(c)]  # c × (G, m)
+    mesh = torch.meshgrid(*[torch.arange(m, device=x.device)] * c, indexing="ij")
+    return torch.stack([lv[:, ix.reshape(-1)] for lv, ix in zip(levels, mesh)], -1)  # (G, m^c, c)
+
+
 def _init_random(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k distinct points (all of them, then repeats, when there are fewer than k)."""
     n = x.shape[1]
@@ -195,7 +238,7 @@ def _lloyd(x: torch.Tensor, w: torch.Tensor | None, C: torch.Tensor, iters: int,
     Each problem stops on its own; only those still improving are computed."""
     G = x.shape[0]
     C = C.clone()
-    codes, err = _nearest(x, C, w)
+    codes, err = _nearest_learning(x, C, w)
     total = err.double().sum(1)
     steps = torch.zeros(G, dtype=torch.int64)
     converged = (total == 0).cpu()
@@ -206,7 +249,7 @@ def _lloyd(x: torch.Tensor, w: torch.Tensor | None, C: torch.Tensor, iters: int,
         xa, wa = x[active], None if w is None else w[active]
         Ca, empty = _update(xa, wa, codes[active], C[active])
         Ca = _reseed(xa, wa, Ca, empty)
-        ca, ea = _nearest(xa, Ca, wa)
+        ca, ea = _nearest_learning(xa, Ca, wa)
         ta = ea.double().sum(1)
         before = total[active]
         better = ta <= before  # false only through rounding: keep the previous centroids then
@@ -252,6 +295,8 @@ def _run(x: torch.Tensor, w: torch.Tensor | None, k: int, *, init, seed: int, ge
         if c != 1:
             raise ValueError(f"quantile initialization is for scalar codebooks (c = 1), not c = {c}")
         C = _init_quantiles(x, w, k)
+    elif init == "grid":
+        C = _init_grid(x, w, k)
     elif init == "random":
         C = _init_random(x, k, gen)
     else:

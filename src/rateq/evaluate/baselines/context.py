@@ -19,7 +19,7 @@ from ..transforms import KVBases, kv_bases
 class BaselineContext:
     """Model, tokenizer and calibration data, with the calibrated artefacts computed once, on first use.
 
-    `calibration` is token ids `(N, T)`, a text name, or None (`austen-emma`, `calibration_windows` windows of
+    `calibration` is token ids `(N, T)`, a text name, or None (`mix`, `calibration_windows` windows of
     `seq_len` tokens). `curves` are the distortion curves of the waterfill and rateq rows: a `Curves`, a path
     to load them from, or None to calibrate them here when first asked for. Rows that need neither (KIVI,
     fixed splits, the weight-norm allocator) never touch the data."""
