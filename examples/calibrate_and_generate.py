@@ -1,6 +1,6 @@
 """Calibrate a model on bundled text, solve a per-head K/V bit plan at a budget, save it, generate through it.
 
-    python examples/calibrate_and_generate.py                  # smollm2-135m, Emma 2 x 1024 tokens, 2.5 bits
+    python examples/calibrate_and_generate.py                  # smollm2-135m, mix 4 x 1024 tokens, 2.5 bits
     python examples/calibrate_and_generate.py --budget 3.0 --out smol-3.0.safetensors --max-new-tokens 64
 
 Calibration is the slow step: at the defaults about 70 s on two otherwise idle CPU cores (after a one-time
@@ -23,7 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=rateq.DEFAULT_MODEL, help="alias, hub id or local folder (default %(default)s)")
     p.add_argument("--calib", default=rateq.DEFAULT_CALIBRATION_TEXT,
                    help="calibration text: bundled name or a .txt / .jsonl file (default %(default)s)")
-    p.add_argument("--n-samples", type=int, default=2, help="calibration windows (default %(default)s)")
+    p.add_argument("--n-samples", type=int, default=4, help="calibration windows (default %(default)s: one of each part of mix)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration window (default %(default)s)")
     p.add_argument("--quantizers", help="comma-separated candidate quantizer ids (default: rateq's candidates)")
     p.add_argument("--bits", help="comma-separated candidate code widths (default: 1-6,8)")

@@ -170,8 +170,13 @@ def text_windows(tokenizer, spec: str, n: int, seq_len: int, *, seed: int | None
         parts = MIXED_TEXT[spec]
         if n < 1:
             raise RateQError("the number of sequences and their length must be positive")
-        picked = [text_windows(tokenizer, part, k, seq_len, seed=seed, char_start=char_start, skip=s)
-                  for part, k, s in zip(parts, share(n, len(parts)), share(skip, len(parts))) if k]
+        picked = []
+        for part, k, s in zip(parts, share(n, len(parts)), share(skip, len(parts))):
+            if k:
+                try:
+                    picked.append(text_windows(tokenizer, part, k, seq_len, seed=seed, char_start=char_start, skip=s))
+                except RateQError as exc:
+                    raise RateQError(f"{spec} draws {k} of its {n} windows from {part}: {exc}") from None
         return torch.cat(picked)
     if char_start < 0:
         raise RateQError(f"the character offset must be 0 or more, got {char_start}")

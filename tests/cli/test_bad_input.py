@@ -287,8 +287,10 @@ def test_bad_data(run_cli, work, inputs, data, phrase):
 
 
 def test_text_too_short_for_the_tokens_asked(run_cli, work, inputs):
-    refused(run_cli("calibrate", "--budget", "3", "--n-samples", "400"), match="400 x 1024 tokens requested",
-            folders=[work])
+    refused(run_cli("calibrate", "--budget", "3", "--data", "austen-emma", "--n-samples", "400"),
+            match="400 x 1024 tokens requested", folders=[work])
+    refused(run_cli("calibrate", "--budget", "3", "--n-samples", "2000"),
+            match="mix draws 500 of its 2000 windows from austen-emma: not enough text: 500 x 1024", folders=[work])
     refused(run_cli("apply", inputs.smol, "--data", "austen-pp", "--char-start", "10000000"), match="cannot start at",
             folders=[work])
     refused(run_cli("apply", inputs.smol, "--data", "austen-pp", "--n-windows", "1000", "--seq-len", "1024"),

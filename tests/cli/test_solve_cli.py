@@ -176,6 +176,9 @@ def test_show_and_export_errors(monkeypatch, capsys, tmp_path, profile_file):
     (["--budget", "2.5", "--bits", "2,x"], "comma-separated integers"),
     (["--budget", "2.5", "--quantizers", "minmax-q7"], "cannot parse quantizer"),
     (["--budget", "2.5", "--n-samples", "0"], "--n-samples must be at least 1"),
+    (["--budget", "2.5", "--query-stride", "0"], "--query-stride must be at least 1"),
+    (["--budget", "2.5", "--quantizers", "default,minmax-q7"], "cannot parse quantizer"),
+    (["--budget", "0.9", "--quantizers", "default,codebook-g2-prerope"], "outside the feasible range [1.0000,"),
     (["--budget", "2.5", "--method", "magic"], "unknown --method"),
     (["--budget", "5", "--engine", "tgi"], "unknown engine 'tgi'"),
     (["--budget", "5", "--engine", "vllm", "--residual", "8"], "vllm quantizes every cached token"),
@@ -202,7 +205,7 @@ def test_calibrate_end_to_end_on_the_default_model(tmp_path, smol):
     assert curves.shape == (30, 3, 2, 5, 3) and curves.calibration["tokens"] == 128  # the default quantizers
     assert plan.policy.block == 128  # a key block that holds the 128-token key groups
     assert plan.effective_bits <= 3.0 and plan.model.name == "smollm2-135m"
-    assert plan.calibration["data"] == "austen-emma" and plan.calibration["metric"] == "output"
+    assert plan.calibration["data"] == "mix" and plan.calibration["metric"] == "output"
 
 
 @pytest.mark.slow
