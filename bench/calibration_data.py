@@ -10,8 +10,8 @@ bits. Prints the calibration seconds, every PPL, and the share of KIVI's excess 
     python bench/calibration_data.py --settings emma:2:1,emma:2:4,emma:2:8 --budgets 2.5   # query strides
     python bench/calibration_data.py --settings mix:4:4+codebooks --budgets 2.5,2,1         # learned codebooks
 
-A setting is TEXT:WINDOWS:STRIDE, with `+codebooks` for the default candidates plus `codebook-g2-prerope` and
-`codebook-g2`; `emma` names `austen-emma`.
+A setting is TEXT:WINDOWS:STRIDE, then `+ID` for each candidate added to the default set (`+codebooks`:
+`codebook-g2-prerope` and `codebook-g2`); `emma` names `austen-emma`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ CODEBOOKS = ("codebook-g2-prerope", "codebook-g2")
 
 
 def parse_setting(text: str) -> tuple[str, str, int, int, list[str]]:
-    spec, _, extra = text.partition("+")
+    spec, *extra = text.split("+")
     name, n, stride = spec.split(":")
-    if extra not in ("", "codebooks"):
-        raise SystemExit(f"unknown addition {extra!r}: only +codebooks")
-    quantizers = list(DEFAULT_QUANTIZERS) + (list(CODEBOOKS) if extra else [])
+    added = [q for x in extra for q in (CODEBOOKS if x == "codebooks" else [x])]
+    for q in added:
+        rateq.parse_spec(q)  # a clear error for a mistyped id, before any work
+    quantizers = list(dict.fromkeys([*DEFAULT_QUANTIZERS, *added]))
     return text, {"emma": "austen-emma"}.get(name, name), int(n), int(stride), quantizers
 
 
@@ -42,6 +43,7 @@ def main():
     ap.add_argument("--settings", default="emma:2:4,mix:4:4", help="comma-separated TEXT:WINDOWS:STRIDE[+codebooks]")
     ap.add_argument("--budgets", default="2.5", help="comma-separated effective bits")
     ap.add_argument("--eval", default="austen-pp,jargon", help="comma-separated evaluation texts")
+    ap.add_argument("--kivi", default="2.5,3", help="KIVI-2 rows at these effective bits (2.5: groups of 64, 3: of 32)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,7 +61,11 @@ def main():
                      f"calibrated in {seconds:.1f} s" + (f" (learned on {learned['tokens']} {learned['windows']} "
                                                           "tokens)" if learned else ""))
         for b in budgets:
-            plan = rateq.solve(curves, b)
+            try:
+                plan = rateq.solve(curves, b)
+            except rateq.RateQError as exc:  # e.g. below the cheapest candidate's bits
+                facts.append(f"  {label}@{b:g}: {exc}")
+                continue
             methods.append(Method.from_plan(plan, f"{label}@{b:g}", budget=b))
             learned_bytes = plan.learned_nbytes()
             if learned_bytes:
@@ -67,14 +73,14 @@ def main():
                              f"{plan.learned_share():.2%} of the model's fp16 weights")
     for line in facts:
         print(line)
-    kivi = [f"kivi@{b:g}" for b in budgets]
+    kivi = [f"kivi@{float(b):g}" for b in args.kivi.split(",")]
     for data in args.eval.split(","):
         ev = rateq.evaluate(model, data, methods + kivi, tokenizer=tok, flips=False)
         fp = ev["fp"]["ppl"]
         print(f"\n{data}: full precision {fp:.3f}")
         for row in ev.rows[1:]:
-            b = row.get("compared_at") or row["effective_bits"]
-            ref = ev[f"kivi@{b:g}"]["ppl"] if f"kivi@{b:g}" in [r["name"] for r in ev.rows] else None
+            b = row["effective_bits"]
+            ref = ev[f"kivi@{b:g}"]["ppl"] if f"kivi@{b:g}" in kivi else None
             removed = "" if ref is None or row["name"].startswith("kivi") else \
                 f"  KIVI excess removed {1 - (row['ppl'] - fp) / (ref - fp):.1%}"
             print(f"  {row['name']:28s} {row['effective_bits']:5.2f} bits  PPL {row['ppl']:8.3f}{removed}")

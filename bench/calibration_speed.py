@@ -16,7 +16,7 @@ the process's resident peak for `cpu`, torch's allocator peak for each GPU) and 
 
 Defaults follow the device, as `rateq calibrate` does: 16 × 2048 tokens in bf16 on CUDA (or a device map over
 GPUs), 4 × 1024 in fp32 on the CPU; the candidates are rateq's default set (`--quantizers default`, which may be
-listed with others: `default,codebook-g2`), scored on every 8th query row (`--query-stride`).
+listed with others: `default,codebook-g2`), scored on every 4th query row (`--query-stride`).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def calibrate_command(
     engine: Annotated[Optional[str], typer.Option("--engine", help="modelopt, vllm, sglang, trtllm or llamacpp: add that engine's KV formats (and their widths) to the candidates and solve the profile under its rules, ready for `rateq export --format ENGINE`; the kept curves re-solve freely.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward. One 2048-token sequence already fills a GPU's matrix units on a 7B+ model, and the fisher backward keeps every layer's activations of the batch: raise it for small models on large GPUs.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration windows.")] = 0,
-    query_stride: Annotated[Optional[int], typer.Option("--query-stride", help="Score candidates on every N-th query row (sums scaled by N: an unbiased estimate at 1/N of the scoring cost; default 8). 1 scores every row.")] = None,
+    query_stride: Annotated[Optional[int], typer.Option("--query-stride", help="Score candidates on every N-th query row (sums scaled by N: an unbiased estimate at 1/N of the scoring cost; default 4). 1 scores every row.")] = None,
     residual: ResidualOpt = 0,
     block: BlockOpt = None,
     sinks: SinksOpt = 0,

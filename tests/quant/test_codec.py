@@ -112,6 +112,19 @@ def test_multi_matches_single_for_every_family():
                 assert torch.equal(multi[i], fake_quantize(x, b, spec, role)), (spec.id, role, b)
 
 
+@pytest.mark.parametrize("spec_id", ["minmax-g32-fp16-prerope", "minmax-g128-rhadamard-fp16-prerope",
+                                     "symmetric-g64-hadamard-fp16", "minmax-g16-rhadamard-bf16-prerope"])
+def test_multi_matches_single_for_rotated_and_pre_rope_grids(spec_id):
+    spec = rateq.parse_spec(spec_id)
+    x = kv(4, (1, 2, 256, 64))
+    ang = torch.arange(256)[:, None] * (1.0 / 10000 ** (torch.arange(0, 64, 2) / 64)).repeat(2)[None]
+    rope = (ang.cos(), ang.sin())
+    for role in [r for r in "kv" if rateq.quant.spec.holds_role(spec, r, 64)]:
+        multi = fake_quantize_multi(x, [1, 2, 5, 8, 16], spec, role, rope=rope)
+        for i, b in enumerate([1, 2, 5, 8, 16]):
+            assert torch.equal(multi[i], fake_quantize(x, b, spec, role, rope=rope)), (spec.id, role, b)
+
+
 def test_pre_rope_codec_stores_pre_rope_keys():
     x = kv(3, (1, 2, 8, 64))
     ang = torch.arange(8)[:, None] * (1.0 / 10000 ** (torch.arange(0, 64, 2) / 64)).repeat(2)[None]

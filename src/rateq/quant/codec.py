@@ -434,16 +434,26 @@ def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rop
 def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
                         rope: Rope | None = None) -> torch.Tensor:
     """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)` in `x.dtype`, so
-    calibration scores all bit widths of a unit in one call. For plain grids the groups are formed once and each
-    width is dequantized in group layout: the same values as `fake_quantize`, without a regrouping per width."""
-    if not spec.is_uniform_plain:
+    calibration scores all bit widths of a unit in one call. For grids (minmax, symmetric; pre-RoPE and rotated
+    ones too, without outliers) RoPE is inverted, the rotation applied and the groups formed once, and each width
+    is dequantized in group layout: the same values as `fake_quantize`, without that work per width."""
+    if spec.kind not in ("minmax", "symmetric") or spec.outlier_frac:
         return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])
+    codec = codec_for(spec)
+    for b in bits:
+        codec._check(b, role, rope, x.shape)
+    uses_rope = codec._uses_rope(role)
+    y = x.to(torch.float32)
+    if uses_rope:
+        y = invert_rope(y, rope)
     axis, G = spec.axis_for(role), spec.group_size
-    groups = to_groups(x, axis, G).to(torch.float32)
+    groups = to_groups(codec.rotate(y), axis, G)
     outs = []
     for b in bits:
-        if check_bits(b) >= FULL_PRECISION_BITS:
-            outs.append(x.to(torch.float16).to(torch.float32))
-            continue
-        outs.append(from_groups(dequantize_groups(quantize_groups(groups, b, spec), b, spec), axis, G, x.shape))
+        if b >= FULL_PRECISION_BITS:  # stored as fp16 (pre-RoPE keys before RoPE), never rotated
+            z = y.to(torch.float16).to(torch.float32)
+        else:
+            z = codec.rotate(from_groups(dequantize_groups(quantize_groups(groups, b, spec), b, spec), axis, G,
+                                         x.shape), inverse=True)
+        outs.append(apply_rope(z, rope) if uses_rope else z)
     return torch.stack(outs).to(x.dtype)
