@@ -20,6 +20,7 @@ import argparse
 import time
 
 import torch
+from scipy.stats import spearmanr
 
 import rateq
 from rateq.calibrate import DEFAULT_QUANTIZERS, calibrate
@@ -51,12 +52,19 @@ def main():
     budgets = [float(b) for b in args.budgets.split(",")]
     model, tok = rateq.load_model("smollm2-135m")
 
-    methods, facts = [], []
+    methods, facts, first = [], [], None
     for label, text, n, stride, quantizers in settings:
         t0 = time.perf_counter()
         curves = calibrate(model, tok, text, n_samples=n, seq_len=1024, quantizers=quantizers, query_stride=stride)
         seconds = time.perf_counter() - t0
         learned = curves.calibration.get("learned")
+        if first is None:
+            first = (label, curves)
+        elif first[1].distortion.shape == curves.distortion.shape:  # the same candidates: how alike they rank
+            a, b = first[1].distortion.flatten(), curves.distortion.flatten()
+            ok = a.isfinite() & b.isfinite()
+            rho = spearmanr(a[ok].numpy(), b[ok].numpy()).correlation
+            facts.append(f"  {label}: curves rank like {first[0]}'s with Spearman {rho:.4f}")
         facts.append(f"{label}: {n} x 1024 tokens of {text}, query stride {stride}, {len(quantizers)} candidates, "
                      f"calibrated in {seconds:.1f} s" + (f" (learned on {learned['tokens']} {learned['windows']} "
                                                           "tokens)" if learned else ""))

@@ -12,6 +12,7 @@ from numbers import Integral
 import torch
 
 from .errors import RateQError
+from .memory import format_bytes
 from .models import ModelFingerprint
 from .policy import CachePolicy
 from .quant.spec import KIVI, QuantSpec, is_bits
@@ -189,19 +190,13 @@ def learned_facts(nbytes: int, num_parameters: int | None) -> dict:
             "learned_share": nbytes / weights if weights else None}
 
 
-def _size(nbytes: int) -> str:
-    if nbytes < 1024:
-        return f"{nbytes} B"
-    return f"{nbytes / 1024:,.1f} KiB" if nbytes < 2**20 else f"{nbytes / 2**20:,.2f} MiB"
-
-
 def learned_text(nbytes: int, share: float | None, *, short: bool = False) -> str:
-    """`1.00 MiB, 0.39% of the model's fp16 weights` (`short`: `1.00 MiB (0.39%)`); the bytes alone when the
+    """`1.0 MiB, 0.39% of the model's fp16 weights` (`short`: `1.0 MiB (0.39%)`); the bytes alone when the
     share is unknown."""
     if share is None:
-        return _size(nbytes)
+        return format_bytes(nbytes)
     pct = "<0.01%" if 0 < share < 5e-5 else f"{100 * share:.2f}%"
-    return f"{_size(nbytes)} ({pct})" if short else f"{_size(nbytes)}, {pct} of the model's fp16 weights"
+    return f"{format_bytes(nbytes)} ({pct})" if short else f"{format_bytes(nbytes)}, {pct} of the model's fp16 weights"
 
 
 def check_budget(value, what: str = "budget", *, optional: bool = False) -> float | None:

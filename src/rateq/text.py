@@ -16,6 +16,7 @@ Keep calibration and evaluation text apart.
 
 from __future__ import annotations
 
+import functools
 import json
 import lzma
 from importlib import resources
@@ -180,7 +181,24 @@ def text_windows(tokenizer, spec: str, n: int, seq_len: int, *, seed: int | None
         return torch.cat(picked)
     if char_start < 0:
         raise RateQError(f"the character offset must be 0 or more, got {char_start}")
+    try:
+        ids = _bundled_tokens(tokenizer, spec, char_start) if spec in BUNDLED_TEXT else None
+    except TypeError:  # a tokenizer that cannot be a cache key (unhashable)
+        ids = None
+    if ids is None:
+        ids = _tokens(tokenizer, spec, char_start)
+    return token_windows(ids, n, seq_len, seed=seed, skip=skip)
+
+
+def _tokens(tokenizer, spec: str, char_start: int) -> torch.Tensor:
     text = load_text(spec)
     if char_start >= len(text):
         raise RateQError(f"text {spec!r} has {len(text)} characters; cannot start at {char_start}")
-    return token_windows(tokenize(tokenizer, text[char_start:]), n, seq_len, seed=seed, skip=skip)
+    return tokenize(tokenizer, text[char_start:])
+
+
+@functools.lru_cache(maxsize=8)
+def _bundled_tokens(tokenizer, spec: str, char_start: int) -> torch.Tensor:
+    """`_tokens` of a bundled text, kept: the text never changes, and a command checks the windows it will cut
+    before the weights load, then calibration cuts them (and held-out ones) again."""
+    return _tokens(tokenizer, spec, char_start)

@@ -98,12 +98,13 @@ def test_mse_and_score_metrics_by_hand(tiny):
         assert by["score"].distortion[layer, head, 1, 0, i] == pytest.approx(values, rel=1e-3)
 
 
-def test_fisher_metric_is_gradient_weighted_output_error(tiny):
-    model = tiny("qwen3", kv_heads=2)
+@pytest.mark.parametrize("kv_heads", [2, 4])  # 4: one query head per KV head, where gradients reach the metric as views
+def test_fisher_metric_is_gradient_weighted_output_error(tiny, kv_heads):
+    model = tiny("qwen3", kv_heads=kv_heads)
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))
     curves = rateq.calibrate(model, None, ids, metric="fisher", bits=BITS, quantizers=[SPEC16], batch_size=2,
                              query_stride=1)
-    layer, H = 0, 2
+    layer, H, groups = 0, kv_heads, 4 // kv_heads
     # g = ∂(summed next-token NLL)/∂(attention output), read at the input of o_proj by a plain module hook.
     seen = {}
 
@@ -123,7 +124,7 @@ def test_fisher_metric_is_gradient_weighted_output_error(tiny):
     for head in range(H):
         for r, role in enumerate(("k", "v")):
             want = [float((unit_output_errors(q, k, v, scaling, head, role, b).double().pow(2)
-                           * g[:, 2 * head:2 * head + 2].double().pow(2)).sum()) for b in BITS]
+                           * g[:, groups * head:groups * (head + 1)].double().pow(2)).sum()) for b in BITS]
             torch.testing.assert_close(curves.distortion[layer, head, r, 0], torch.tensor(want, dtype=torch.float64),
                                        rtol=5e-3, atol=1e-12)
     assert curves.calibration["nll"] == pytest.approx(

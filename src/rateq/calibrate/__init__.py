@@ -116,22 +116,20 @@ def calibration_ids(tokenizer, texts, n_samples: int | None = None, seq_len: int
         if n > ids.shape[0] or t > ids.shape[1]:
             raise RateQError(f"asked for {n} x {t} tokens but the ids given are {tuple(ids.shape)}")
         return ids[:n, :t].long(), "token ids"
-    if isinstance(texts, str) and texts in MIXED_TEXT:  # windows from each part in turn
-        if tokenizer is None:
-            raise RateQError("calibrating on text needs the model's tokenizer; pass one, or pass token ids instead")
-        return text_windows(tokenizer, texts, n_samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN, seed=seed,
-                            skip=skip), texts
-    if isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts):
+    n, t = n_samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN
+    if isinstance(texts, (list, tuple)) and all(isinstance(x, str) for x in texts):
         texts, name = "\n\n".join(texts), f"{len(texts)} texts"
     elif isinstance(texts, str):
-        name = texts if _is_text_spec(texts) else f"text ({len(texts)} characters)"
-        if _is_text_spec(texts):
-            texts = load_text(texts)
+        spec = _is_text_spec(texts)
+        name = texts if spec else f"text ({len(texts)} characters)"
+        if spec and tokenizer is not None:  # a mixed text draws from each of its parts (text_windows)
+            return text_windows(tokenizer, texts, n, t, seed=seed, skip=skip), name
+        if spec:
+            texts = load_text(texts)  # an unknown spec says so before the missing tokenizer does
     else:
         raise RateQError("calibration texts must be a text spec, a string, a list of strings or token ids")
     if tokenizer is None:
         raise RateQError("calibrating on text needs the model's tokenizer; pass one, or pass token ids instead")
-    n, t = n_samples or DEFAULT_SAMPLES, seq_len or DEFAULT_SEQ_LEN
     return token_windows(tokenize(tokenizer, texts), n, t, seed=seed, skip=skip), name
 
 

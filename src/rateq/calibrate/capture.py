@@ -108,7 +108,7 @@ class Calibrator:
         self.matmul_dtype = matmul_dtype
         self.query_stride = query_stride  # score every n-th query row (metrics.candidate_errors)
         self.sequences = 0  # sequences before the current forward: each sequence's sampled rows shift by one
-        self._columns: dict[tuple[str, int], list] = {}  # (role, head_dim) → role_columns
+        self._columns: dict[tuple[str, int], tuple] = {}  # (role, head_dim) → Calibrator.columns
         self.reference = reference
         self.params = params or {}  # learned parameters of the candidates that have them (rateq.quant.params)
         self.transform = None if reference is None else plan_transform(reference, policy)
@@ -182,19 +182,25 @@ class Calibrator:
             self._accumulate(layer, inp, None, self.sequences + layer)
         return attn_output, weights
 
-    def columns(self, role: str, head_dim: int) -> list:
+    def columns(self, role: str, head_dim: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """`role_columns` of `role`, and the scatter from their scores to the curves: score `src[i]` goes to curve
+        column `dst[i]` (made once)."""
         key = (role, head_dim)
         if key not in self._columns:
-            self._columns[key] = role_columns(self.bits, self.quantizers, role, head_dim)
+            cols = role_columns(self.bits, self.quantizers, role, head_dim)
+            pairs = [(c, column) for c, (_, _, priced) in enumerate(cols) for column in priced]
+            src, dst = (torch.tensor(x, dtype=torch.int64) for x in zip(*pairs)) if pairs else \
+                (torch.empty(0, dtype=torch.int64),) * 2
+            self._columns[key] = (cols, src, dst)
         return self._columns[key]
 
     @torch.no_grad()
     def _accumulate(self, layer: int, inp: LayerInputs, grad, offset: int = 0):
         D = inp.key.shape[-1]
         cols = {role: self.columns(role, D) for role in ("k", "v")}
-        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, cols["k"], inp.rope,
+        k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, cols["k"][0], inp.rope,
                                   self.params, layer)  # (Ck, B, Hkv, S, D)
-        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy, cols["v"],
+        v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy, cols["v"][0],
                                   params=self.params, layer=layer)
         metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
         sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements,
@@ -202,6 +208,5 @@ class Calibrator:
                                 query_offset=offset)
         for m, per_role in sums.items():  # role r: (Hkv, Cr) → every curve column each candidate prices
             for r, role in enumerate(("k", "v")):
-                got = per_role[r].cpu()
-                for c, (_, _, priced) in enumerate(cols[role]):
-                    self.sums[m][layer, :, r, priced] += got[:, c:c + 1]
+                _, src, dst = cols[role]
+                self.sums[m][layer, :, r].index_add_(1, dst, per_role[r].cpu()[:, src])

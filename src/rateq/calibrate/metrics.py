@@ -63,11 +63,6 @@ def _sum_squares(e: torch.Tensor, dims) -> torch.Tensor:
     return torch.linalg.vector_norm(e, dim=dims).square_().double()
 
 
-def query_rows(T: int, stride: int, offset: int = 0) -> torch.Tensor:
-    """The query rows scored when every `stride`-th is: `offset`, `offset + stride`, … (all rows at stride 1)."""
-    return torch.arange(offset % stride, T, stride)
-
-
 def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor, metrics, *,
                      grad: torch.Tensor | None = None, chunk_elements: int = 1 << 23,
                      matmul_dtype: torch.dtype = torch.float32, query_stride: int = 1,
@@ -114,14 +109,15 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
     lowp = matmul_dtype != torch.float32
     C = max(Ck, Cv, 1)
     for b in range(B):
-        sel = query_rows(T, query_stride, query_offset + b).to(dev)
-        n_rows = sel.numel()
+        first = (query_offset + b) % query_stride  # rows first, first + stride, …: strided views, no copy
+        n_rows = len(range(first, T, query_stride))
         # Query rows per chunk: bounded by `chunk_elements` for the widest temporary (Hkv, groups·rows, C, keys),
         # and at most T/16 so that causal chunks skip most of the masked upper triangle.
         rows = max(1, min(n_rows, chunk_elements // max(1, Hq * C * S), max(32, -(-n_rows // 16))))
         acc = {m: (torch.zeros_like(sums[0]), torch.zeros_like(sums[1])) for m, sums in out.items() if m != "mse"}
         for r0 in range(0, n_rows, rows):
-            ts = sel[r0:r0 + rows]
+            r1 = min(n_rows, r0 + rows)
+            ts = slice(first + r0 * query_stride, first + (r1 - 1) * query_stride + 1, query_stride)
             ok = inp.allowed[b, ts]  # (Tc, S)
             cols = ok.any(0).nonzero()
             if cols.numel() == 0:
@@ -129,9 +125,9 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
             # Causal and sliding-window masks: only a band of keys is visible to this block of queries.
             ks, ke = int(cols[0]), int(cols[-1]) + 1
             ok = ok[:, ks:ke]
-            Tc, Sc = ts.numel(), ke - ks
+            Tc, Sc = r1 - r0, ke - ks
             # Each KV head's query heads stacked along rows: (Hkv, groups·Tc, D), no K/V repetition needed.
-            qg = q[b][:, ts].float().reshape(Hkv, groups * Tc, D)
+            qg = q[b, :, ts].float().reshape(Hkv, groups * Tc, D)
             # Masked pairs sit in a narrow band of columns (the diagonal block for causal masks): only that band
             # is touched, in place. A finite "minus infinity" keeps fully masked rows free of nan.
             banned = (~ok).repeat(groups, 1)  # (groups·Tc, Sc)
@@ -143,8 +139,8 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
             kc, vc = k[b, :, ks:ke].float(), v[b, :, ks:ke].float()  # (Hkv, Sc, D)
             kbc, vbc = (kc, vc) if same_base else (kb[b, :, ks:ke].float(), vb[b, :, ks:ke].float())
             g = None  # |∂loss/∂output|: its square weights the output error (fisher)
-            if "fisher" in metrics:
-                g = grad[b, ts].float().permute(1, 0, 2).reshape(Hkv, groups * Tc, D).abs_()
+            if "fisher" in metrics:  # not in place: a strided view of the gradient backprop still uses
+                g = grad[b, ts].float().permute(1, 0, 2).reshape(Hkv, groups * Tc, D).abs()
                 if live is not None:
                     g = g * live
 

@@ -56,7 +56,7 @@ def _policies(rows: list[dict]) -> set[str]:
 
 
 def learned_cell(row: dict) -> str:
-    """A row's learned parameters, `1.00 MiB (0.39%)` of the model's fp16 weights; `–` for rows without."""
+    """A row's learned parameters, `1.0 MiB (0.39%)` of the model's fp16 weights; `–` for rows without."""
     n = row.get("learned_bytes")
     return learned_text(n, row.get("learned_share"), short=True) if n else "–"
 
