@@ -63,8 +63,8 @@ DEFAULT_SEQ_LEN = 1024
 # On a GPU: 16 × 2048 tokens, the data a GPU calibrates in seconds (the CPU defaults above take minutes).
 # Candidates are scored on every 4th query row (each KV position is still priced by a quarter of the queries that
 # read it), the sums scaled back: an unbiased estimate at a quarter of the scoring cost. On smollm2-135m its curves
-# rank like every row's (Spearman 0.999) and its plans score within 1% of theirs; every 8th row cost 4 points of
-# KIVI's excess on unseen text (README "Calibration cost").
+# rank like every row's (Spearman 0.999); its 2.5-bit plans score within 1% of theirs on Austen and 1–8% apart on
+# the unseen Jargon File, the sampling's noise (README "Calibration cost").
 DEFAULT_QUERY_STRIDE = 4
 CUDA_SAMPLES = 16
 CUDA_SEQ_LEN = 2048
