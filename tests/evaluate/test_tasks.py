@@ -12,6 +12,7 @@ from transformers import DynamicCache
 import rateq
 from rateq import CachePolicy, Plan, QuantSpec, RateQCache, RateQError, fingerprint
 from rateq.evaluate.method import Method
+from rateq.evaluate.task_report import per_context
 from rateq.evaluate.tasks import (NEEDLE_FACT, PASSKEY_ANSWER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION,
                                   TaskSettings,
                                   agreement, check_passkey, check_settings, decode_perplexity, greedy_tokens,
@@ -102,7 +103,7 @@ def test_16_bit_plan_through_rateq_cache_matches_dynamic_cache(tiny_lm, tok):
     assert strip(ours) == strip(ref)
     assert [(c["context"], c["depth"]) for c in ours] == [(128, 0.0), (128, 0.5), (128, 1.0), (192, 0.0), (192, 0.5), (192, 1.0)]
     assert [c["prompt_tokens"] for c in ours] == [122] * 3 + [186] * 3  # prompt and answer fit in the context
-    assert all(c["trials"] == 2 and len(c["answers"]) == 2 and 0.0 <= c["accuracy"] <= 1.0 for c in ours)
+    assert all(c["trials"] == 2 and len(c["answers"]) == len(c["correct"]) == 2 and 0.0 <= c["accuracy"] <= 1.0 for c in ours)
     assert ours[0]["answers"][0] != ours[0]["answers"][1]  # trials use different keys
     assert all(c["tokens_per_s"] > 0 for c in ours if c["new_tokens"] > c["trials"])
     # progress counts the cells' tokens (prompt and answer), one event per prompt, with its speeds
@@ -150,6 +151,25 @@ def test_summarize_accuracy_and_kept():
     assert summarize(ours, [cell(512, 0.0, 0.5)])["kept"] is None
     with pytest.raises(RateQError, match="missing"):
         summarize(ours[:1], ref)
+
+
+def test_kept_counts_prompts_when_cells_hold_several_trials():
+    # with trials, a cell half answered keeps the prompts it answers: kept is over full precision's answered prompts
+    cell = lambda c, d, *right: {"context": c, "depth": d, "accuracy": sum(right) / len(right),  # noqa: E731
+                                 "correct": list(right)}
+    ref = [cell(512, 0.0, True, True, True), cell(512, 1.0, True, False, True), cell(1024, 0.0, False, False, False)]
+    ours = [cell(512, 0.0, True, False, True), cell(512, 1.0, True, True, False), cell(1024, 0.0, True, True, True)]
+    got = summarize(ours, ref)
+    # full precision answers 5 prompts; ours answers 3 of those (its wins where full precision misses do not count)
+    assert got["reference_solved"] == 5 and got["kept"] == pytest.approx(3 / 5) and got["cells"] == 3
+    assert got["accuracy"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert summarize(ref, ref)["kept"] == 1.0
+    assert per_context(ours, ref) == {512: {"accuracy": pytest.approx(2 / 3), "kept": pytest.approx(3 / 5), "solved": 3,
+                                            "reference_solved": 5},
+                                      1024: {"accuracy": 1.0, "kept": None, "solved": 0, "reference_solved": 0}}
+    # a wrong answer in a trial full precision answers lowers kept by exactly one prompt
+    worse = [dict(ours[0], correct=[False, False, True], accuracy=1 / 3)] + ours[1:]
+    assert summarize(worse, ref)["kept"] == pytest.approx(2 / 5)
 
 
 @pytest.mark.slow
@@ -292,7 +312,7 @@ def test_run_tasks_refuses_rows_without_a_plan_and_builds_kivi(tiny_lm, tok):
 def test_task_report_writes_markdown_json_and_heatmaps(tiny_lm, tok, tmp_path, png_size):
     import json
 
-    from rateq.evaluate.task_report import per_context, write_report
+    from rateq.evaluate.task_report import write_report
 
     plan2 = Plan.uniform(fingerprint(tiny_lm), 2, spec=QuantSpec(group_size=16), policy=CachePolicy(block=16))
     result = run_tasks(tiny_lm, tok, [plan2], **{**SMALL, "tasks": ("passkey", "agreement")})

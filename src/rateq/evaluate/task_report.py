@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..plots import plot_passkey_heatmap
 from .report import has_learned, learned_cell, policy_text
-from .tasks import TaskEvaluation
+from .tasks import TaskEvaluation, kept_prompts
 
 _RETRIEVAL = (("passkey", "passkey"), ("needle", "multi-key needle"))
 
@@ -23,16 +23,15 @@ def _bits(row: dict) -> str:
 
 
 def per_context(cells: list[dict], reference: list[dict]) -> dict[int, dict]:
-    """Per context: `accuracy` (mean over its depths) and `kept` (share of full precision's solved cells of
-    that context also solved; None where full precision solves none), with `solved` / `reference_solved`."""
+    """Per context: `accuracy` (mean over its depths) and `kept` (share of the prompts of that context full
+    precision answers that these cells answer too; None where full precision answers none), with `solved` /
+    `reference_solved` (prompts)."""
     out: dict[int, dict] = {}
-    ref = {(int(c["context"]), float(c["depth"])): float(c["accuracy"]) == 1.0 for c in reference}
     for context in sorted({int(c["context"]) for c in cells}):
         mine = [c for c in cells if int(c["context"]) == context]
-        base = [c for c in mine if ref.get((context, float(c["depth"])))]
-        kept = sum(float(c["accuracy"]) == 1.0 for c in base)
+        kept, solved = kept_prompts(mine, [c for c in reference if int(c["context"]) == context])
         out[context] = {"accuracy": sum(float(c["accuracy"]) for c in mine) / len(mine),
-                        "kept": kept / len(base) if base else None, "solved": kept, "reference_solved": len(base)}
+                        "kept": kept / solved if solved else None, "solved": kept, "reference_solved": solved}
     return out
 
 
@@ -119,7 +118,7 @@ def describe(settings: dict) -> str:
     return (f"Model `{settings.get('model')}`, text `{settings.get('data')}` (agreement and decode windows from "
             f"character {settings.get('char_start')}); every row through its cache: full precision a DynamicCache, "
             f"the others a RateQCache under their policy. {what[:1].upper() + what[1:]}. `kept`: the share of the "
-            "cells full precision solves that the row solves too.")
+            "prompts full precision answers that the row answers too (with one prompt per cell, its cells).")
 
 
 def to_markdown(result: TaskEvaluation, *, title: str | None = None) -> str:
@@ -133,7 +132,8 @@ def to_markdown(result: TaskEvaluation, *, title: str | None = None) -> str:
     for task, label in _RETRIEVAL:
         table = context_table(result, task)
         if table:
-            lines += ["", f"{label.capitalize()} accuracy per context (kept: full precision's solved cells also solved):",
+            lines += ["", f"{label.capitalize()} accuracy per context (kept: full precision's answered prompts "
+                          "also answered):",
                       "", table]
     return "\n".join(lines)
 

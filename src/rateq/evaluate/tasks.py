@@ -213,10 +213,10 @@ def run_retrieval(task: str, model, tokenizer, make_cache: Callable[[], object],
     A cell of context C holds prompts of C − `max_new_tokens` tokens, so that prompt and answer fit in C.
     Trial `t` of every cell uses prompt seed `seed + t`: the same key in every cell, and the same haystack at
     every depth of a context, so a row of cells differs only in where the needle is. Each cell holds
-    `context`, `depth`, `accuracy` (share of trials answered exactly), `trials`, `answers`, `outputs` (decoded
-    generations), `tokens`, `prompt_tokens`, `new_tokens`, `prefill_s`, `decode_s` and `tokens_per_s`
-    (generated tokens per second of decoding). `progress(done, total, message)` counts prompt and answer
-    tokens, and reports each prompt with its speed."""
+    `context`, `depth`, `accuracy` (share of trials answered exactly), `trials`, `correct` (per trial),
+    `answers`, `outputs` (decoded generations), `tokens`, `prompt_tokens`, `new_tokens`, `prefill_s`,
+    `decode_s` and `tokens_per_s` (generated tokens per second of decoding). `progress(done, total, message)`
+    counts prompt and answer tokens, and reports each prompt with its speed."""
     if task not in ("passkey", "needle"):
         raise RateQError(f"unknown retrieval task {task!r}; use passkey or needle")
     if trials < 1 or max_new_tokens < 1:
@@ -230,7 +230,7 @@ def run_retrieval(task: str, model, tokenizer, make_cache: Callable[[], object],
         for depth in depths:
             row = {"context": int(context), "depth": float(depth), "trials": trials, "answers": [], "outputs": [],
                    "tokens": [], "prompt_tokens": length, "new_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
-            right = 0
+            row["correct"] = []
             for t in range(trials):
                 if task == "passkey":
                     ids, answer = passkey_prompt(tokenizer, length, depth, seed + t, haystack, text=text)
@@ -245,7 +245,7 @@ def run_retrieval(task: str, model, tokenizer, make_cache: Callable[[], object],
                 end = time.perf_counter()
                 new = torch.cat([first, rest])
                 text_out = tokenizer.decode(new, skip_special_tokens=True)
-                right += check_passkey(text_out, answer)
+                row["correct"].append(check_passkey(text_out, answer))
                 row["answers"].append(answer)
                 row["outputs"].append(text_out)
                 row["tokens"].append(new.tolist())
@@ -256,7 +256,7 @@ def run_retrieval(task: str, model, tokenizer, make_cache: Callable[[], object],
                 if progress:
                     progress(done, total, f"{task} {context}, depth {depth:g}: "
                                           f"{_rates(ids.shape[1], mid - start, new.numel() - 1, end - mid)}")
-            row["accuracy"] = right / trials
+            row["accuracy"] = sum(row["correct"]) / trials
             decoded = row["new_tokens"] - trials
             row["tokens_per_s"] = decoded / row["decode_s"] if row["decode_s"] > 0 else float("nan")
             cells.append(row)
@@ -313,20 +313,43 @@ def decode_perplexity(model, ids: torch.Tensor, *, plan=None, policy=None, make_
     return {k: out[k] for k in ("ppl", "nll", "predictions", "prefill", "seq_len", "seconds")}
 
 
-def summarize(cells: Sequence[dict], reference_cells: Sequence[dict]) -> dict:
-    """`accuracy`, the mean over `cells`, and `kept`, the share of the cells full precision solves (accuracy 1
-    in `reference_cells`) that these cells solve too (None when full precision solves none). Cells are matched
-    by (context, depth)."""
-    if not cells:
-        raise RateQError("no passkey cells to summarize")
+def prompt_results(cell: dict) -> list[bool]:
+    """Whether each prompt (trial) of a retrieval cell was answered exactly; a cell without per-prompt results
+    counts as one prompt, answered when its accuracy is 1."""
+    if "correct" in cell:
+        return [bool(x) for x in cell["correct"]]
+    return [float(cell["accuracy"]) == 1.0]
+
+
+def kept_prompts(cells: Sequence[dict], reference_cells: Sequence[dict]) -> tuple[int, int]:
+    """`(kept, solved)`: how many prompts full precision answers exactly (`solved`) and how many of those these
+    cells answer exactly too. Prompts are matched by (context, depth, trial); a cell of full precision's that
+    these cells lack is an error."""
     key = lambda c: (int(c["context"]), float(c["depth"]))  # noqa: E731
-    mine = {key(c): float(c["accuracy"]) for c in cells}
-    solved = [key(c) for c in reference_cells if float(c["accuracy"]) == 1.0]
-    missing = [k for k in solved if k not in mine]
+    mine = {key(c): prompt_results(c) for c in cells}
+    missing = [key(c) for c in reference_cells if any(prompt_results(c)) and key(c) not in mine]
     if missing:
         raise RateQError(f"cells missing from the run compared with full precision: {missing}")
-    return {"accuracy": sum(mine.values()) / len(mine), "cells": len(mine), "reference_solved": len(solved),
-            "kept": sum(mine[k] == 1.0 for k in solved) / len(solved) if solved else None}
+    kept = solved = 0
+    for c in reference_cells:
+        for t, right in enumerate(prompt_results(c)):
+            if right:
+                solved += 1
+                ours = mine.get(key(c), [])
+                kept += t < len(ours) and ours[t]
+    return kept, solved
+
+
+def summarize(cells: Sequence[dict], reference_cells: Sequence[dict]) -> dict:
+    """`accuracy`, the mean over `cells`, and `kept`, the share of the prompts full precision answers exactly
+    (`reference_solved`, counted over every trial of every cell in `reference_cells`) that these cells answer
+    exactly too (None when full precision answers none). With one trial per cell a prompt is a cell. Prompts
+    are matched by (context, depth, trial)."""
+    if not cells:
+        raise RateQError("no passkey cells to summarize")
+    kept, solved = kept_prompts(cells, reference_cells)
+    return {"accuracy": sum(float(c["accuracy"]) for c in cells) / len(cells), "cells": len(cells),
+            "reference_solved": solved, "kept": kept / solved if solved else None}
 
 
 # -- every task, every method ----------------------------------------------------------------------------------
@@ -485,9 +508,9 @@ def run_tasks(model, tokenizer, methods, settings: TaskSettings | None = None, *
 
     Each row holds name, label, family, budget, compared_at, nominal and effective bits, the learned parameters'
     bytes and share of the model's fp16 weights (`Method.row`), policy, seconds and,
-    per task: `passkey` / `needle` (`accuracy`, `kept`: the share of the cells full precision solves that this
-    row solves too, `reference_solved`, `cells`), `agreement` (mean `agreement`, `first_divergence` per prompt,
-    `prompts`), `decode_ppl` (`ppl`, `nll`, `predictions`, …). `progress(done, total, message)` counts tokens
+    per task: `passkey` / `needle` (`accuracy`, `kept`: the share of the prompts full precision answers that
+    this row answers too, `reference_solved`, `cells`), `agreement` (mean `agreement`, `first_divergence` per
+    prompt, `prompts`), `decode_ppl` (`ppl`, `nll`, `predictions`, …). `progress(done, total, message)` counts tokens
     (prompts, answers and decoded windows) over every row."""
     from ..plan import Plan
     from ..policy import CachePolicy
