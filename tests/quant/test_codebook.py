@@ -44,6 +44,29 @@ def test_codes_are_the_exact_nearest_centroid_whatever_the_batch_shape():
     assert torch.equal(got[1, 2, 5, 3], C[2, 3, codes[1, 2, 5, 3]])
 
 
+def _ordered_nearest(g, C):
+    """The definition: distances summed coordinate by coordinate in order, the first of equal minima."""
+    d = (g.unsqueeze(-2)[..., 0] - C[None, :, None, :, :, 0]) ** 2
+    for j in range(1, g.shape[-1]):
+        d = d + (g.unsqueeze(-2)[..., j] - C[None, :, None, :, :, j]) ** 2
+    return d.argmin(-1)
+
+
+@pytest.mark.parametrize("c, k", [(1, 8), (2, 256), (4, 256), (8, 256)])
+def test_codes_are_exact_at_near_ties_and_exact_ties(c, k):
+    C = torch.randn(2, 64 // c, k, c, generator=gen(c))
+    g = torch.randn(1, 2, 60, 64 // c, c, generator=gen(k))
+    # Points on the bisector of two centroids (exact and rounded ties), and a hair off it on either side.
+    mid = (C[:, :, 3] + C[:, :, k - 1]) / 2
+    away = (C[:, :, 3] - C[:, :, k - 1]) * 1e-7
+    for t, p in enumerate((mid, mid + away, mid - away, C[:, :, 5])):
+        g[0, :, t] = p
+    codes = codebook.encode(g, C)
+    assert torch.equal(codes, _ordered_nearest(g, C))
+    assert torch.equal(torch.cat([codebook.encode(g[:, :, t:t + 1], C) for t in range(60)], 2), codes)
+    assert torch.equal(codes[0, :, 3], torch.full_like(codes[0, :, 3], 5))  # a centroid codes to itself
+
+
 @pytest.mark.parametrize("name, bits", [("codebook-g1", 3), ("codebook-g2", 2), ("codebook-g4-hadamard", 1),
                                         ("codebook-g8", 1)])
 def test_an_encoding_holds_the_bits_it_counts_and_decodes_as_it_simulates(name, bits):

@@ -1,9 +1,18 @@
 """Codebook quantizers: groups of c channels stored as the index of their nearest learned centroid.
 
-`encode(g, C)` codes groups `g (B, h, T, G, c)` against one codebook per head and group, `C (h, G, K, c)`, by the
-exact squared distance (formed element by element and summed over the c coordinates, the same for one token or
-a thousand: the cache's codes equal the one-pass evaluation's), the lowest index on ties; `decode` looks the
-centroids up. Codebooks are learned in calibration (`rateq.quant.kmeans`, `rateq.calibrate.learn`).
+`encode(g, C)` codes groups `g (B, h, T, G, c)` against one codebook per head and group, `C (h, G, K, c)`: the
+centroid at the smallest squared distance Σ_j (x_j − μ_j)², summed coordinate by coordinate in order with
+correctly rounded elementwise operations only — the same bits for one token or a thousand, so the cache's codes
+equal the one-pass evaluation's — the lowest index on ties; `decode` looks the centroids up. Codebooks are learned
+in calibration (`rateq.quant.kmeans`, `rateq.calibrate.learn`).
+
+Forming every distance element by element costs c passes over (tokens × K × c) values. `encode` first scores all
+centroids with one batched matmul, ‖μ‖² − 2 x·μ (the distance less ‖x‖², which no centroid changes), and keeps its
+argmin wherever no other centroid scores within the matmul's worst-case rounding error of it; only the points
+where one does (near-ties, a small share) get the element-by-element distances. Both the matmul's error (any
+summation order, FMA or not: (c + 1)·u·(Σ|terms|) at most, u the unit roundoff) and the exact form's (the error
+of c squares summed in order) are bounded by a multiple of u·(‖x‖² + 2 max‖μ‖²), so a centroid outside that margin
+can never be the exact form's argmin: the codes are the exact ones, only faster.
 """
 
 from __future__ import annotations
@@ -13,17 +22,43 @@ import torch
 _CHUNK = 1 << 22  # distance elements formed at once
 
 
+def _distances(x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Points `(m, c)` and each one's centroids `(m, K, c)` → squared distances `(m, K)`, summed coordinate by
+    coordinate in order (separate subtract, square and add: no fused or reordered arithmetic, whatever the shape)."""
+    d = (x[:, None, 0] - C[..., 0]).square_()
+    for j in range(1, x.shape[-1]):
+        d.add_((x[:, None, j] - C[..., j]).square_())
+    return d
+
+
 def encode(g: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Groups `(B, h, T, G, c)` fp32 → codes `(B, h, T, G)` int64 of the nearest centroids of `C (h, G, K, c)`."""
     B, h, T, G, c = g.shape
-    K = C.shape[2]
-    cb = C.to(g.device, torch.float32).view(1, h, 1, G, K, c)
-    step = max(1, _CHUNK // max(1, B * h * G * K * c))
-    out = torch.empty(B, h, T, G, dtype=torch.int64, device=g.device)
-    for t in range(0, T, step):
-        d = (g[:, :, t:t + step].unsqueeze(-2) - cb).square_().sum(-1)  # (B, h, t, G, K)
-        out[:, :, t:t + step] = d.argmin(-1)
-    return out
+    K, P, n = C.shape[2], h * G, B * T
+    cb = C.to(g.device, torch.float32).reshape(P, K, c)
+    norms = cb.square().sum(-1)  # (P, K)
+    # [x, 1] · [−2μ, ‖μ‖²]: one batched matmul per chunk of tokens scores every centroid of every (head, group)
+    weight, bias = (-2 * cb).transpose(1, 2), norms.unsqueeze(1)  # (P, c, K), (P, 1, K)
+    # Worst-case rounding of both forms, with room to spare: 8 (c + 4) u (‖x‖² + 2 max‖μ‖²), u = 2^-24.
+    margin = 8 * (c + 4) * torch.finfo(torch.float32).eps / 2
+    largest = 2 * norms.max(-1, keepdim=True).values  # (P, 1)
+    x = g.to(torch.float32).permute(1, 3, 0, 2, 4).reshape(P, n, c)
+    out = torch.empty(P, n, dtype=torch.int64, device=g.device)
+    step = max(1, _CHUNK // max(1, P * K))
+    for s in range(0, n, step):
+        xs = x[:, s:s + step]
+        score = torch.baddbmm(bias, xs, weight)  # (P, t, K)
+        best, idx = score.min(-1)
+        out[:, s:s + step] = idx
+        if K == 1:
+            continue
+        score.scatter_(-1, idx.unsqueeze(-1), float("inf"))
+        runner_up = score.min(-1).values
+        near = (runner_up - best <= margin * (xs.square().sum(-1) + largest) + 1e-30).nonzero()
+        if near.numel():  # near-ties: the exact distances decide
+            p, r = near.unbind(1)
+            out[p, s + r] = _distances(xs[p, r], cb[p]).argmin(-1)
+    return out.view(h, G, B, T).permute(2, 0, 3, 1)
 
 
 def decode(codes: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
