@@ -38,22 +38,22 @@ def encode(g: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     cb = C.to(g.device, torch.float32).reshape(P, K, c)
     norms = cb.square().sum(-1)  # (P, K)
     # [x, 1] · [−2μ, ‖μ‖²]: one batched matmul per chunk of tokens scores every centroid of every (head, group)
-    weight, bias = (-2 * cb).transpose(1, 2), norms.unsqueeze(1)  # (P, c, K), (P, 1, K)
+    weight = torch.cat([-2 * cb, norms.unsqueeze(-1)], -1).transpose(1, 2)  # (P, c + 1, K)
     # Worst-case rounding of both forms, with room to spare: 8 (c + 4) u (‖x‖² + 2 max‖μ‖²), u = 2^-24.
     margin = 8 * (c + 4) * torch.finfo(torch.float32).eps / 2
     largest = 2 * norms.max(-1, keepdim=True).values  # (P, 1)
     x = g.to(torch.float32).permute(1, 3, 0, 2, 4).reshape(P, n, c)
+    ones = torch.ones(P, n, 1, device=g.device)
     out = torch.empty(P, n, dtype=torch.int64, device=g.device)
     step = max(1, _CHUNK // max(1, P * K))
     for s in range(0, n, step):
         xs = x[:, s:s + step]
-        score = torch.baddbmm(bias, xs, weight)  # (P, t, K)
+        score = torch.bmm(torch.cat([xs, ones[:, :xs.shape[1]]], -1), weight)  # (P, t, K)
         best, idx = score.min(-1)
         out[:, s:s + step] = idx
         if K == 1:
             continue
-        score.scatter_(-1, idx.unsqueeze(-1), float("inf"))
-        runner_up = score.min(-1).values
+        runner_up = score.scatter_(-1, idx.unsqueeze(-1), float("inf")).amin(-1)
         near = (runner_up - best <= margin * (xs.square().sum(-1) + largest) + 1e-30).nonzero()
         if near.numel():  # near-ties: the exact distances decide
             p, r = near.unbind(1)
