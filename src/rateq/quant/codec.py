@@ -175,6 +175,11 @@ class Codec:
                              f"{self.spec.group_size}), got {tuple(param.shape)}")
         return Codec(self.spec, param)
 
+    def param_for(self, bits: int, heads: int, head_dim: int) -> torch.Tensor:
+        """The bound parameter of `heads` heads of `head_dim` channels at `bits` (`_param_of`): what a kernel reading
+        the stored codes needs beside them (codebooks `(h, D/c, 2^(b·c), c)`, or scales `(1, h, 1, 1)`)."""
+        return self._param_of(bits, (1, heads, 1, head_dim))
+
     def _param_of(self, bits: int, shape, device=None) -> torch.Tensor:
         """The bound parameter for tensors of `shape (B, h, T, D)` at `bits`: a scale `(1, h, 1, 1)` (on `device`
         when given), or codebooks `(h, D/c, 2^(b·c), c)`; checked against the shape either way."""

@@ -9,9 +9,10 @@ It is compiled on first use with the system's C compiler (`cc`, or `$CC`), for t
 folder (`rateq.paths.cache_dir()/kernels`), keyed by the source and the machine, and loaded with `ctypes`;
 later processes load the built library. Where no compiler is found or the build fails, `library()` is None and
 the runtime uses its torch path (`rateq.quant.attend`), which computes the same thing in chunks;
-`RATEQ_KERNELS=torch` forces that path. `plan(bucket)` says whether a bucket's family runs here: uniform
-grids (min-max, symmetric, float or integer zero-points) and Lloyd–Max codebooks, rotated or not, keys pre- or
-post-RoPE; QJL sketches, sparse outliers and 16-bit buckets use the torch path.
+`RATEQ_KERNELS=torch` forces that path. `runs(bucket, device)` says whether a bucket's family runs here: uniform
+grids (min-max, symmetric, float or integer zero-points), Lloyd–Max codebooks and learned (coupled) codebooks,
+rotated or not, keys pre- or post-RoPE; QJL sketches, sparse outliers, engine formats and 16-bit buckets use the
+torch path.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class Unit(ctypes.Structure):
                 ("D", ctypes.c_int32), ("G", ctypes.c_int32), ("axis_tokens", ctypes.c_int32),
                 ("levels", ctypes.c_void_p), ("scale", _Meta), ("shift", _Meta), ("add", _Meta),
                 ("shift_const", ctypes.c_float), ("has_shift_const", ctypes.c_int32), ("signs", ctypes.c_void_p),
-                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("book", ctypes.c_void_p),
+                ("book_c", ctypes.c_int32)]
 
 
 def _machine_key() -> str:
@@ -142,7 +144,11 @@ def fused_family(bucket) -> bool:
 
 
 def _eligible(bucket) -> bool:
-    s = bucket.spec  # the native kernels also read whole channel groups per 8 lanes
+    s, D = bucket.spec, bucket.head_dim
+    if s.kind == "codebook":  # learned codebooks: native only, rows of whole bytes of 8 codes
+        return (bucket.bits < FULL_PRECISION_BITS and not s.static_scale and D <= MAX_D and D % (8 * s.group_size) == 0
+                and (s.rotation == "none" or D & (D - 1) == 0) and not bucket.parts["codes"].part.stream)
+    # the native kernels also read whole channel groups per 8 lanes
     return fused_family(bucket) and not (s.axis_for(bucket.role) == "channels" and s.group_size % 8)
 
 
@@ -195,7 +201,11 @@ def _unit(bucket) -> tuple[Unit, list, bool]:
     u.cstride[:] = [codes.stride(0), codes.stride(1), codes.stride(2)]
     u.bits, u.D, u.G = s.base_bits(bits), D, s.group_size
     u.axis_tokens = int(s.axis_for(bucket.role) == "tokens")
-    if s.kind == "lloydmax":
+    if s.kind == "codebook":  # codes of b·c bits, one per group of c channels, against the heads' centroids
+        book = bucket.codec.param_for(bits, len(bucket.head_list), D).to(torch.float32).contiguous()
+        keep.append(book)
+        u.bits, u.axis_tokens, u.book, u.book_c = bits * s.group_size, 0, book.data_ptr(), s.group_size
+    elif s.kind == "lloydmax":
         levels = lloydmax.codebook_tensors(u.bits, s.group_size)[0]
         keep.append(levels)
         u.levels = levels.data_ptr()

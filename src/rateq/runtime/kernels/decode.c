@@ -18,6 +18,10 @@
  * rq_scores: out[b, head, j, t] = sum_d q[b, head, j, d] * k_t[d]        (j < r query heads per KV head)
  * rq_mix:    out[b, head, j, d] = sum_t p[b, head, j, t] * v_t[d]        (then unrotated, once)
  *
+ * A learned codebook bucket (rateq.quant.codebook) stores, per group of c channels, the index of one of its head's
+ * 2^(b c) centroids of that group (codes of b c bits, D / c per row, no metadata): a row is its centroids one
+ * after another, x[g c + m] = C[head, g, code_g, m].
+ *
  * Codes are read through a table of their levels per byte (1, 2, 4 bits), per 12-bit chunk (3 bits), or one by
  * one (5-8 bits), so a row's levels come out as whole vectors. Metadata folds where it can: keys grouped along
  * tokens without RoPE take (A ⊙ q) and a bias once per block; values accumulate (p·A) per token and group and
@@ -55,6 +59,8 @@ typedef struct {
     int32_t has_shift_const;
     const float *signs; /* rotated basis: the rotation's signs (D), or NULL */
     const float *cos, *sin; /* pre-RoPE keys: tables (T, D) of the stored rows' positions, or NULL */
+    const float *book;      /* learned codebooks (h, D / c, 2^bits, c) fp32, or NULL; bits is then b c */
+    int32_t book_c;         /* channels per code c of a codebook bucket */
 } Unit;
 
 static inline float half_to_float(uint16_t h) {
@@ -161,6 +167,24 @@ static inline __attribute__((always_inline)) void read_row(const Reader *rd, con
             for (int m = 0; m < 8; m++) u[8 * g + m] = rd->lv[(w >> (m * b)) & ((1u << b) - 1)];
         }
     }
+    }
+}
+
+/* The centroids of one row of a codebook bucket's head i into x: D / c codes of `bits` bits, 8 codes per `bits`
+ * bytes (rateq.quant.pack). */
+static inline __attribute__((always_inline)) void read_book(const Unit *u, int64_t i, const uint8_t *src,
+                                                           float *restrict x, const int D) {
+    const int b = u->bits, c = u->book_c, n = D / c;
+    const int64_t K = (int64_t)1 << b;
+    const float *book = u->book + i * (int64_t)n * K * c;
+    for (int g8 = 0; g8 < n / 8; g8++) {
+        uint64_t w = 0;
+        memcpy(&w, src + g8 * b, (size_t)b);
+        for (int m = 0; m < 8; m++) {
+            const int g = 8 * g8 + m;
+            const int64_t code = (int64_t)((w >> (m * b)) & ((1u << b) - 1));
+            memcpy(x + g * c, book + ((int64_t)g * K + code) * c, sizeof(float) * c);
+        }
     }
 }
 
@@ -278,7 +302,7 @@ static inline __attribute__((always_inline)) void scores_run(const Unit *u, cons
     float qq[MAX_R][MAX_D] __attribute__((aligned(32))), qa[MAX_R][MAX_D] __attribute__((aligned(32)));
     float bias[MAX_R], rows[8][MAX_D] __attribute__((aligned(32)));
     float A[MAX_D], S[MAX_D], Z[MAX_D], lv[MAX_D], y[MAX_D];
-    const int prerope = u->cos != 0, fold = u->axis_tokens && !prerope && u->G % 8 == 0;
+    const int prerope = u->cos != 0, fold = u->axis_tokens && !prerope && u->G % 8 == 0 && !u->book;
     for (int j = 0; j < r; j++) {
         memcpy(qq[j], q + j * qs[2], sizeof(float) * D);
         if (u->signs && !prerope) rotate(qq[j], u->signs, D, 1); /* keys in the rotated basis */
@@ -289,7 +313,7 @@ static inline __attribute__((always_inline)) void scores_run(const Unit *u, cons
         const int n = t1 - t < 8 ? (int)(t1 - t) : 8;
         for (int tk = 0; tk < n; tk++) {
             const int64_t tt = t + tk;
-            if (u->axis_tokens && tt / u->G != block) {
+            if (u->axis_tokens && !u->book && tt / u->G != block) {
                 block = tt / u->G;
                 block_meta(u, b, i, block, A, S, Z);
                 if (fold) /* q·(A ⊙ (L - S) + Z) = (q ⊙ A)·L + q·(Z - A ⊙ S): once per block */
@@ -307,12 +331,17 @@ static inline __attribute__((always_inline)) void scores_run(const Unit *u, cons
                 read_row(rd, src, rows[tk], D);
                 continue;
             }
-            read_row(rd, src, lv, D);
-            if (!prerope) {
-                dequant(u, b, i, tt, A, S, Z, lv, rows[tk], D);
-                continue;
+            if (u->book) {
+                read_book(u, i, src, prerope ? y : rows[tk], D);
+                if (!prerope) continue;
+            } else {
+                read_row(rd, src, lv, D);
+                if (!prerope) {
+                    dequant(u, b, i, tt, A, S, Z, lv, rows[tk], D);
+                    continue;
+                }
+                dequant(u, b, i, tt, A, S, Z, lv, y, D);
             }
-            dequant(u, b, i, tt, A, S, Z, lv, y, D);
             if (u->signs) rotate(y, u->signs, D, 0);
             const float *cs = u->cos + tt * D, *sn = u->sin + tt * D;
             const int half = D / 2;
@@ -343,6 +372,7 @@ static int work_items(int64_t B, int64_t h, int64_t T, int64_t *runs) {
 static int check(const Unit *u, int64_t r) {
     int D = u->D;
     if (D > MAX_D || D % 8 || r > MAX_R || u->bits < 1 || u->bits > 8) return 1;
+    if (u->book) return u->book_c < 1 || D % (8 * u->book_c) || u->axis_tokens; /* whole bytes of 8 codes a row */
     if (!u->axis_tokens && (u->G <= 0 || D % u->G || u->G % 8)) return 1; /* whole groups per vector of 8 */
     if ((u->signs) && (D & (D - 1))) return 1;
     return 0;
@@ -386,7 +416,7 @@ static inline __attribute__((always_inline)) void mix_run(const Unit *u, const R
     float A[MAX_D], S[MAX_D], Z[MAX_D], lv[MAX_D];
     float a[8][MAX_D], sh[MAX_D], z[MAX_D], gb[MAX_R][MAX_D];
     float rows[8][MAX_D] __attribute__((aligned(32)));
-    const int G = u->G, ng = u->axis_tokens ? 0 : D / G;
+    const int G = u->G, ng = (u->axis_tokens || u->book) ? 0 : D / G;
     int64_t block = -1;
     memset(gb, 0, sizeof(float) * MAX_D * (size_t)r);
     memset(rows, 0, sizeof(rows));
@@ -395,7 +425,9 @@ static inline __attribute__((always_inline)) void mix_run(const Unit *u, const R
         for (int tk = 0; tk < n; tk++) {
             const int64_t tt = t + tk;
             const uint8_t *src = u->codes + b * u->cstride[0] + i * u->cstride[1] + tt * u->cstride[2];
-            if (u->axis_tokens) {
+            if (u->book) {
+                read_book(u, i, src, rows[tk], D);
+            } else if (u->axis_tokens) {
                 if (tt / G != block) {
                     block = tt / G;
                     block_meta(u, b, i, block, A, S, Z);
