@@ -67,7 +67,7 @@ MinBitsOpt = Annotated[Optional[int], typer.Option("--min-bits", help="No unit b
 MaxBitsOpt = Annotated[Optional[int], typer.Option("--max-bits", help="No unit above this many code bits.")]
 KeysOpt = Annotated[bool, typer.Option("--keys-at-least-values", help="Every KV head's keys get at least its values' bits.")]
 _QUANTIZERS = ("--quantizers", "-q")
-CandidatesOpt = Annotated[str, typer.Option(*_QUANTIZERS, help="Candidate quantizer ids, comma-separated (e.g. minmax-g32-fp16,lloydmax-g64-rhadamard-fp16); 'default' is rateq's measured set (see README), alone or with others: default,codebook-g2-prerope adds learned codebooks.")]
+CandidatesOpt = Annotated[str, typer.Option(*_QUANTIZERS, help="Candidate quantizer ids, comma-separated (e.g. minmax-g32-fp16,lloydmax-g64-rhadamard-fp16); 'default' is rateq's measured set (see README), alone or with others. Below 2.5 bits 'default' adds learned codebooks (codebook-g2/g4/g8-prerope: far better there, about 4x the calibration time on a CPU); name the ids to choose otherwise.")]
 QuantizersOpt = Annotated[Optional[str], typer.Option(*_QUANTIZERS, help="Comma-separated quantizer ids to choose from (default: all in the curves).")]
 
 # The runtime policy: `calibrate` sets a new one; `apply` overrides a profile's, `eval` every row's.

@@ -74,9 +74,11 @@ def calibrate_command(
     """Calibrate MODEL on DATA (defaults: the bundled smollm2-135m and `mix`: a novel, scripture, technical prose and
     code), keep the curves beside the profile
     (P.curves.safetensors), solve at --budget, write the profile (default ./<model>-b<budget>.safetensors) and
-    print its summary. Re-solve the kept curves at other budgets with `rateq solve`."""
+    print its summary. Re-solve the kept curves at other budgets with `rateq solve`. Below 2.5 bits the default
+    candidates include learned codebooks (no per-token metadata: what keeps 2 bits usable), fitted first on as many
+    held-out windows; that takes about 4x as long on a CPU."""
     import rateq
-    from rateq.calibrate import DEFAULT_QUANTIZERS, METRICS, calibration_ids, default_windows
+    from rateq.calibrate import METRICS, calibration_ids, default_quantizers, default_windows
     from rateq.errors import RateQError
     from rateq.memory import format_bytes
     from rateq.models import compute_device, load_config, load_tokenizer, resolve_dtype
@@ -97,7 +99,9 @@ def calibrate_command(
             raise RateQError(f"{name} must be at least 1, got {v}")
     widths = _parse_bits(bits)
     names = parse_list(quantizers) or []
-    specs = parse_specs(list(dict.fromkeys(x for q in names for x in (DEFAULT_QUANTIZERS if q == "default" else [q]))))
+    # 'default' follows the budget: learned codebooks join below 2.5 bits (not for an engine, which cannot run them)
+    default = default_quantizers(None if engine is not None else budget)
+    specs = parse_specs(list(dict.fromkeys(x for q in names for x in (default if q == "default" else [q]))))
     if not specs:
         raise RateQError("--quantizers is empty; give at least one id such as minmax-g32-fp16")
     check_policy_options(residual, block, sinks)
@@ -154,10 +158,13 @@ def calibrate_command(
 
         cal = curves.calibration
         peak = cal.get("peak_bytes") or {}
+        learned = cal.get("learned") or {}
+        seconds = cal.get("seconds", float("nan")) + learned.get("seconds", 0.0)  # learning included
         sink.add({"profile": str(out), "curves": str(cpath)}, plan_summary(plan),
-                 {"seconds": cal.get("seconds"), "peak_bytes": peak})
+                 {"seconds": round(seconds, 3), "peak_bytes": peak})
         memory = ", ".join(f"{d} {format_bytes(b)}" for d, b in peak.items())
-        sink.line(f"calibrated {cal.get('tokens')} tokens of {cal.get('data')} ({curves.metric}) in "
-                  f"{cal.get('seconds', float('nan')):.1f} s" + (f", peak memory {memory}" if memory else "")
-                  + f"; curves kept in {cpath}")
+        fitted = (f" (of which {learned['seconds']:.1f} s learning {', '.join(learned['quantizers'])} on "
+                  f"{learned['tokens']} tokens, {learned['windows']})" if "seconds" in learned else "")
+        sink.line(f"calibrated {cal.get('tokens')} tokens of {cal.get('data')} ({curves.metric}) in {seconds:.1f} s"
+                  + fitted + (f", peak memory {memory}" if memory else "") + f"; curves kept in {cpath}")
         print_summary(sink, plan, title=f"profile written to {out}")

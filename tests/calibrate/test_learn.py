@@ -43,7 +43,7 @@ def test_held_out_windows_share_no_token_with_the_priced_ones(stream):
 def test_scales_are_learned_on_held_out_windows_and_kept_with_the_curves(model, stream, curves, tmp_path):
     assert set(curves.params) == {"fp8_tensor.scale", "int8_head.scale", "int4_head.scale"}
     facts = curves.calibration["learned"]
-    assert facts["windows"] == "held out" and facts["tokens"] == 96
+    assert facts["windows"] == "held out" and facts["tokens"] == 96 and facts["seconds"] > 0
     # the same scales as a ScaleStats fed the held-out windows' keys and values directly
     ids, _ = calibration_ids(None, stream, 2, 48, seed=0, held_out=True)
     fp = rateq.fingerprint(model)

@@ -149,3 +149,28 @@ def test_hub_options_reach_transformers(monkeypatch, tmp_path):
     assert src == src2 == "Qwen/Qwen3-0.6B"
     assert tok_kw["revision"] == model_kw["revision"] == "abc123" and model_kw["trust_remote_code"] is True
     assert "revision" not in plain_kw and plain_kw["trust_remote_code"] is False and plain_kw["local_files_only"] is False
+
+
+def test_the_default_candidates_add_learned_codebooks_below_two_and_a_half_bits(run_cli, tiny, tiny_saved, tmp_path,
+                                                                              monkeypatch):
+    from rateq.calibrate import DEFAULT_QUANTIZERS, LOW_BIT_QUANTIZERS
+
+    seen = []
+
+    def stop(model, tokenizer, data, *, quantizers, **kw):  # what would be calibrated, then no calibration
+        seen.append([q.id for q in quantizers])
+        raise rateq.RateQError("stopped before calibrating")
+
+    monkeypatch.setattr(rateq, "calibrate", stop)
+    tiny("llama", head_dim=64, num_hidden_layers=2).save_pretrained(tmp_path / "tiny-64")  # the defaults' groups of 64
+    run = ["calibrate", "--model", tmp_path / "tiny-64", "--n-samples", "2", "--seq-len", "256"]
+    for budget, learned in (("2.5", ()), ("3", ()), ("2.4", LOW_BIT_QUANTIZERS), ("1", LOW_BIT_QUANTIZERS)):
+        code, _, err = run_cli(*run, "--budget", budget)
+        assert code == 2 and "stopped before calibrating" in err, err
+        assert seen[-1] == [*DEFAULT_QUANTIZERS, *learned], budget
+    # Candidates named are taken as named, whatever the budget; 'default' among them follows it.
+    for q, want in (("minmax-g32-fp16", ["minmax-g32-fp16"]),
+                    ("default,minmax-g32-fp16", [*DEFAULT_QUANTIZERS, *LOW_BIT_QUANTIZERS])):
+        run_cli(*run, "--budget", "2", "-q", q)
+        assert seen[-1] == want
+    assert not list(tmp_path.glob("*.safetensors"))  # nothing written

@@ -175,5 +175,6 @@ def learn_params(model, specs: list[QuantSpec], held_out, priced: torch.Tensor, 
         else:
             params.update(fit_codebooks(q, bits, samples, num_layers, seed, fitted))
     progress("fit", len(learned), len(learned))
-    facts = {"windows": windows, "tokens": int(ids.numel()), "quantizers": [q.id for q in learned]}
+    facts = {"windows": windows, "tokens": int(ids.numel()), "quantizers": [q.id for q in learned],
+             "seconds": round(time.perf_counter() - t0, 3)}  # reading the windows and fitting
     return params, facts

@@ -172,19 +172,36 @@ static inline __attribute__((always_inline)) void read_row(const Reader *rd, con
 
 /* The centroids of one row of a codebook bucket's head i into x: D / c codes of `bits` bits, 8 codes per `bits`
  * bytes (rateq.quant.pack). */
-static inline __attribute__((always_inline)) void read_book(const Unit *u, int64_t i, const uint8_t *src,
-                                                           float *restrict x, const int D) {
-    const int b = u->bits, c = u->book_c, n = D / c;
+static inline __attribute__((always_inline)) void read_book_c(const float *restrict book, int b,
+                                                             const uint8_t *src, float *restrict x, const int D,
+                                                             const int c) {
+    const int n = D / c;
     const int64_t K = (int64_t)1 << b;
-    const float *book = u->book + i * (int64_t)n * K * c;
+    const uint64_t mask = (1u << b) - 1;
+    if (b == 8) { /* one byte per code (b c = 8: the widest tables) */
+        for (int g = 0; g < n; g++) memcpy(x + g * c, book + ((int64_t)g * 256 + src[g]) * c, sizeof(float) * c);
+        return;
+    }
     for (int g8 = 0; g8 < n / 8; g8++) {
         uint64_t w = 0;
         memcpy(&w, src + g8 * b, (size_t)b);
-        for (int m = 0; m < 8; m++) {
-            const int g = 8 * g8 + m;
-            const int64_t code = (int64_t)((w >> (m * b)) & ((1u << b) - 1));
-            memcpy(x + g * c, book + ((int64_t)g * K + code) * c, sizeof(float) * c);
-        }
+        const float *base = book + (int64_t)(8 * g8) * K * c;
+        for (int m = 0; m < 8; m++) /* c is a constant here: each copy is a few register moves */
+            memcpy(x + (8 * g8 + m) * c, base + ((int64_t)m * K + (int64_t)((w >> (m * b)) & mask)) * c,
+                   sizeof(float) * c);
+    }
+}
+
+static inline __attribute__((always_inline)) void read_book(const Unit *u, int64_t i, const uint8_t *src,
+                                                           float *restrict x, const int D) {
+    const int c = u->book_c;
+    const float *book = u->book + i * (int64_t)(D / c) * ((int64_t)1 << u->bits) * c;
+    switch (c) {
+    case 1: read_book_c(book, u->bits, src, x, D, 1); return;
+    case 2: read_book_c(book, u->bits, src, x, D, 2); return;
+    case 4: read_book_c(book, u->bits, src, x, D, 4); return;
+    case 8: read_book_c(book, u->bits, src, x, D, 8); return;
+    default: read_book_c(book, u->bits, src, x, D, c);
     }
 }
 
