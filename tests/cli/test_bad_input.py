@@ -162,7 +162,7 @@ def test_a_profile_where_curves_belong_and_back(run_cli, work, inputs, tmp_path)
 # -- budgets, sweeps, methods, bit lists, quantizer ids ----------------------------------------------------
 
 BUDGETS = [("nan", "--budget must be a positive, finite number"), ("-1", "--budget must be a positive, finite number"),
-           ("0", "--budget must be a positive, finite number"), ("inf", "--budget must be a positive, finite number"), ("100", "outside the feasible range"), ("1.0", "outside the feasible range"),
+           ("0", "--budget must be a positive, finite number"), ("inf", "--budget must be a positive, finite number"), ("100", "outside the feasible range"), ("0.5", "outside the feasible range"),
            ("abc", "Invalid value for '--budget'")]
 
 

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import rateq
+from rateq.calibrate import DEFAULT_QUANTIZERS
 from cli.main import app, main
 from rateq.curves import Curves
 from rateq.models import ModelFingerprint
@@ -171,7 +172,8 @@ def test_show_and_export_errors(monkeypatch, capsys, tmp_path, profile_file):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--budget", "1.0"], "outside the feasible range [1.2500, 9.0000]"),
+    (["--budget", "0.9"], "outside the feasible range [1.0000, 9.0000]"),  # below 2.5: codebooks at 1 bit
+    (["--budget", "1.0", "--quantizers", ",".join(DEFAULT_QUANTIZERS)], "outside the feasible range [1.2500, 9.0000]"),
     (["--budget", "2.5", "--metric", "psnr"], "unknown --metric"),
     (["--budget", "2.5", "--bits", "2,x"], "comma-separated integers"),
     (["--budget", "2.5", "--quantizers", "minmax-q7"], "cannot parse quantizer"),
