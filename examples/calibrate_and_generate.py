@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import rateq
+from rateq.calibrate import default_quantizers
 
 
 def parse_args(argv=None):
@@ -25,7 +26,8 @@ def parse_args(argv=None):
                    help="calibration text: bundled name or a .txt / .jsonl file (default %(default)s)")
     p.add_argument("--n-samples", type=int, default=4, help="calibration windows (default %(default)s: one of each part of mix)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration window (default %(default)s)")
-    p.add_argument("--quantizers", help="comma-separated candidate quantizer ids (default: rateq's candidates)")
+    p.add_argument("--quantizers", help="comma-separated candidate quantizer ids (default: rateq's candidates for "
+                   "the budget; below 2.5 bits they include learned codebooks)")
     p.add_argument("--bits", help="comma-separated candidate code widths (default: 1-6,8)")
     p.add_argument("--budget", type=float, default=2.5, help="effective bits per cached element (default %(default)s)")
     p.add_argument("--out", default="plan.safetensors", help="profile to write; curves go beside it (default %(default)s)")
@@ -44,9 +46,8 @@ def main(argv=None):
 
     # 1. Calibrate: one pass over the text measures, for every (layer, KV head, K or V), quantizer and bit width,
     #    the distortion the model sees.
-    kwargs = {}
-    if args.quantizers:
-        kwargs["quantizers"] = args.quantizers.split(",")
+    #    The candidates follow the budget as `rateq calibrate` chooses them: below 2.5 bits, learned codebooks too.
+    kwargs = {"quantizers": args.quantizers.split(",") if args.quantizers else default_quantizers(args.budget)}
     if args.bits:
         kwargs["bits"] = [int(b) for b in args.bits.split(",")]
     curves = rateq.calibrate(model, tok, args.calib, n_samples=args.n_samples, seq_len=args.seq_len, **kwargs)

@@ -379,7 +379,8 @@ def calibrate(model, tokenizer, texts=None, *, bits=DEFAULT_BITS, quantizers=Non
       that best predicts measured ΔNLL of mixed plans.
     - `n_samples` × `seq_len` tokens (default 4 × 1024 from text, 16 × 2048 on CUDA), windows drawn with `seed`; `batch_size`
       sequences per forward.
-    - `quantizers`: candidate `QuantSpec`s or ids (default `DEFAULT_QUANTIZERS`); `bits`: candidate code widths.
+    - `quantizers`: candidate `QuantSpec`s or ids (default `DEFAULT_QUANTIZERS`; `default_quantizers(budget)` is what
+      `rateq calibrate --budget` takes: learned codebooks too below 2.5 bits); `bits`: candidate code widths.
     - `policy`: which positions the runtime stores quantized (sinks, residual window, key blocks); default: no
       residual window, key blocks that hold whole key groups of every quantizer (`CachePolicy.for_quantizers`).
     - `reference`: measure every unit with the rest of the model running under this plan.
