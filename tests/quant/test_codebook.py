@@ -52,8 +52,17 @@ def _ordered_nearest(g, C):
     return d.argmin(-1)
 
 
+@pytest.fixture(params=["highest", "medium"])
+def matmul_precision(request):
+    """fp32 matmuls as fp32, or as torch may run them in bf16 ("medium"): the codes must not change."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(saved)
+
+
 @pytest.mark.parametrize("c, k", [(1, 8), (2, 256), (4, 256), (8, 256)])
-def test_codes_are_exact_at_near_ties_and_exact_ties(c, k):
+def test_codes_are_exact_at_near_ties_and_exact_ties(c, k, matmul_precision):
     C = torch.randn(2, 64 // c, k, c, generator=gen(c))
     g = torch.randn(1, 2, 60, 64 // c, c, generator=gen(k))
     # Points on the bisector of two centroids (exact and rounded ties), and a hair off it on either side.

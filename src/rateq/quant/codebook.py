@@ -10,9 +10,10 @@ Forming every distance element by element costs c passes over (tokens × K × c)
 centroids with one batched matmul, ‖μ‖² − 2 x·μ (the distance less ‖x‖², which no centroid changes), and keeps its
 argmin wherever no other centroid scores within the matmul's worst-case rounding error of it; only the points
 where one does (near-ties, a small share) get the element-by-element distances. Both the matmul's error (any
-summation order, FMA or not: (c + 1)·u·(Σ|terms|) at most, u the unit roundoff) and the exact form's (the error
-of c squares summed in order) are bounded by a multiple of u·(‖x‖² + 2 max‖μ‖²), so a centroid outside that margin
-can never be the exact form's argmin: the codes are the exact ones, only faster.
+summation order, FMA or not: (c + 1)·u·(Σ|terms|) at most, u the unit roundoff — TF32's or bf16's where torch's
+matmul precision setting lets it use them) and the exact form's (c squares summed in order) are bounded by a
+multiple of u·(‖x‖² + 2 max‖μ‖²), so a centroid outside that margin can never be the exact form's argmin: the
+codes are the exact ones, only faster.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ def _distances(x: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return d
 
 
+def _matmul_roundoff(device: torch.device) -> float:
+    """Unit roundoff of an fp32 matmul here: 2^-24, unless torch may compute it in TF32 (2^-11) or bf16 (2^-8)."""
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return 2.0 ** -8
+    if precision == "high" or (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+        return 2.0 ** -11
+    return 2.0 ** -24
+
+
 def encode(g: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Groups `(B, h, T, G, c)` fp32 → codes `(B, h, T, G)` int64 of the nearest centroids of `C (h, G, K, c)`."""
     B, h, T, G, c = g.shape
@@ -39,8 +50,8 @@ def encode(g: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     norms = cb.square().sum(-1)  # (P, K)
     # [x, 1] · [−2μ, ‖μ‖²]: one batched matmul per chunk of tokens scores every centroid of every (head, group)
     weight = torch.cat([-2 * cb, norms.unsqueeze(-1)], -1).transpose(1, 2)  # (P, c + 1, K)
-    # Worst-case rounding of both forms, with room to spare: 8 (c + 4) u (‖x‖² + 2 max‖μ‖²), u = 2^-24.
-    margin = 8 * (c + 4) * torch.finfo(torch.float32).eps / 2
+    # Worst-case rounding of both forms, with room to spare: 8 (c + 4) u (‖x‖² + 2 max‖μ‖²).
+    margin = 8 * (c + 4) * _matmul_roundoff(g.device)
     largest = 2 * norms.max(-1, keepdim=True).values  # (P, 1)
     x = g.to(torch.float32).permute(1, 3, 0, 2, 4).reshape(P, n, c)
     ones = torch.ones(P, n, 1, device=g.device)
