@@ -58,7 +58,7 @@ DEFAULT_QUANTIZERS = ("minmax-g32-fp16-prerope", "minmax-g64-fp16-prerope", "min
 # Below 2.5 effective bits per element, the per-token families run out of bits for their own scales and zeros; the
 # learned codebooks store none (2, 4 and 8 channels per code, Coupled Quantization). `rateq calibrate --budget B`
 # adds them to the default candidates for B below LOW_BIT_BUDGET: on smollm2-135m at 2.0 bits they take Pride and
-# Prejudice from PPL 44.95 to 30.00 and the Jargon File from 74.95 to 45.41 (README "Quantizers"), for about 4×
+# Prejudice from PPL 43.99 to 29.97 and the Jargon File from 71.38 to 44.46 (README "Quantizers"), for about 4×
 # the calibration time on a CPU (k-means of up to 256 centroids per unit and width, fitted on held-out windows).
 LOW_BIT_QUANTIZERS = ("codebook-g2-prerope", "codebook-g4-prerope", "codebook-g8-prerope")
 LOW_BIT_BUDGET = 2.5

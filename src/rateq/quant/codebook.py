@@ -54,12 +54,12 @@ def encode(g: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     margin = 8 * (c + 4) * _matmul_roundoff(g.device)
     largest = 2 * norms.max(-1, keepdim=True).values  # (P, 1)
     x = g.to(torch.float32).permute(1, 3, 0, 2, 4).reshape(P, n, c)
-    ones = torch.ones(P, n, 1, device=g.device)
+    xa = torch.cat([x, torch.ones(P, n, 1, device=g.device)], -1)  # [x, 1], formed once
     out = torch.empty(P, n, dtype=torch.int64, device=g.device)
     step = max(1, _CHUNK // max(1, P * K))
     for s in range(0, n, step):
         xs = x[:, s:s + step]
-        score = torch.bmm(torch.cat([xs, ones[:, :xs.shape[1]]], -1), weight)  # (P, t, K)
+        score = torch.bmm(xa[:, s:s + step], weight)  # (P, t, K)
         best, idx = score.min(-1)
         out[:, s:s + step] = idx
         if K == 1:
