@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rateq import Plan, QuantSpec, fingerprint
+from rateq import Plan, QuantSpec, fingerprint, parse_spec
+from rateq.runtime.store import RoleStore
 
 # Tiny models have head_dim 16, so per-token (channel) groups must divide 16. Three quantizers with different
 # layouts of metadata: fp16 scale + zero, one fp16 scale (symmetric), fp8 scale + packed integer zero-point.
@@ -47,3 +48,29 @@ def _decode(model, ids: torch.Tensor, cache, prefill: int) -> torch.Tensor:
 def decode():
     """`decode(model, ids, cache, prefill)` → logits of every position, decoded through the cache."""
     return _decode
+
+
+def _codebook_store(role, spec, bits, H, D, T, B=1, rotary=None, heads=None):
+    """A role store whose heads hold codebooks learned (k-means) on other draws of the same kind of data; `heads`
+    (default all) are at (bits, spec), the rest in a plain grid."""
+    from rateq.quant.kmeans import learn_unit_codebooks
+    from rateq.quant.params import param_key
+
+    g = torch.Generator().manual_seed(bits)
+    spread = torch.linspace(0.2, 3.0, D)
+    c = spec.group_size
+    books = learn_unit_codebooks(torch.randn(2 * H, 256, D, generator=g) * spread, bits, c, seed=1)  # (2H, D/c, K, c)
+    params = {param_key(spec, bits): books.view(1, H, 2, *books.shape[1:])}
+    heads = list(range(H)) if heads is None else heads
+    qids = torch.tensor([0 if h in heads else 1 for h in range(H)])
+    other = parse_spec("minmax-g16-channels-fp16")  # per token: any token count
+    st = RoleStore(role, torch.full((H,), bits), qids, [spec, other], D, 0, rotary, params=params)
+    st.append(torch.randn(B, H, T, D, generator=g) * spread, 0)
+    return st
+
+
+@pytest.fixture
+def codebook_store():
+    """`codebook_store(role, spec, bits, H, D, T, B=1, rotary=None, heads=None)`: a role store with learned
+    codebooks."""
+    return _codebook_store

@@ -82,31 +82,12 @@ def test_outputs_from_the_codes_equal_the_torch_path(sid, bits):
         torch.testing.assert_close(st.mix(p), torch_path(st, "mix", p), **TOL)
 
 
-def codebook_store(role, spec, bits, H, D, T, B=1, rotary=None, heads=None):
-    """A role store whose heads hold codebooks learned (k-means) on other draws of the same kind of data; `heads`
-    (default all) are at (bits, spec), the rest in a plain grid."""
-    from rateq.quant.kmeans import learn_unit_codebooks
-    from rateq.quant.params import param_key
-
-    g = torch.Generator().manual_seed(bits)
-    spread = torch.linspace(0.2, 3.0, D)
-    c = spec.group_size
-    books = learn_unit_codebooks(torch.randn(2 * H, 256, D, generator=g) * spread, bits, c, seed=1)  # (2H, D/c, K, c)
-    params = {param_key(spec, bits): books.view(1, H, 2, *books.shape[1:])}
-    heads = list(range(H)) if heads is None else heads
-    qids = torch.tensor([0 if h in heads else 1 for h in range(H)])
-    other = parse_spec("minmax-g16-channels-fp16")  # per token: any token count
-    st = RoleStore(role, torch.full((H,), bits), qids, [spec, other], D, 0, rotary, params=params)
-    st.append(torch.randn(B, H, T, D, generator=g) * spread, 0)
-    return st
-
-
 @needs_kernels
 @pytest.mark.parametrize("sid, bits", [("codebook-g1", 3), ("codebook-g2", 1), ("codebook-g2-prerope", 2),
                                        ("codebook-g2-rhadamard", 4), ("codebook-g4-prerope", 2),
                                        ("codebook-g4-hadamard-prerope", 1), ("codebook-g8", 1)])
 @pytest.mark.parametrize("D", [64, 128])
-def test_learned_codebooks_read_from_the_codes_equal_the_torch_path(sid, bits, D, rotary):
+def test_learned_codebooks_read_from_the_codes_equal_the_torch_path(sid, bits, D, rotary, codebook_store):
     spec = parse_spec(sid)
     T = 4 * 67  # ends mid-tile
     for role in ("k", "v"):

@@ -206,3 +206,48 @@ def test_prerope_scores_without_shared_tables_use_the_torch_path(rotary, monkeyp
     torch.testing.assert_close(got, want, **TOL)
     store.position_shift = None  # and the shift matters: the kernel with shared tables gives other scores
     assert not torch.allclose(store.scores(q), want, **TOL)
+
+
+# Learned codebooks: codes of b·c bits (2 to 8, straddling bytes at 6) against each head's own centroids.
+CODEBOOKS = [("codebook-g1", 3), ("codebook-g2", 1), ("codebook-g2", 3), ("codebook-g2-rhadamard", 4),
+             ("codebook-g4", 2), ("codebook-g8", 1), ("codebook-g2-prerope", 2), ("codebook-g4-hadamard-prerope", 1)]
+
+
+@pytest.mark.parametrize("sid,bits", CODEBOOKS)
+@pytest.mark.parametrize("D,r", [(32, 1), (64, 3)])
+def test_learned_codebooks_match_the_torch_path(sid, bits, D, r, rotary, codebook_store, monkeypatch):
+    spec = parse_spec(sid)
+    monkeypatch.setattr(triton_decode, "MAT_ELEMENTS", 1024)  # rotated pre-RoPE keys at D=64: four chunks
+    g = torch.Generator().manual_seed(bits + r)
+    for role in ("k",) if spec.prerope else ("k", "v"):
+        # heads 0 and 2 hold codebooks (a bucket of scattered heads), head 1 a plain grid; 70 tokens end mid-tile
+        store = codebook_store(role, spec, bits, 3, D, 70, B=2, rotary=rotary(D) if spec.prerope else None,
+                               heads=[0, 2])
+        book = next(b for b in store.buckets if b.spec == spec)
+        assert triton_decode.runs(book, "cpu") and book.head_list == [0, 2]
+        x = torch.randn(2, r, 3, D + 70, generator=g).transpose(1, 2)  # (B, H, r, ·), strided
+        if role == "k":
+            q = x[..., :D]
+            got = torch.full((2, 3, r, 70), float("nan"))
+            triton_decode.scores(book, q, got)
+            want = book.scores(book.select(q))
+        else:
+            p = torch.softmax(x[..., D:] * 3, dim=-1)
+            got = torch.full((2, 3, r, D), float("nan"))
+            triton_decode.mix(book, p, got)
+            want = book.mix(book.select(p))
+        assert got[:, 1].isnan().all()  # only the bucket's heads are written
+        torch.testing.assert_close(got[:, [0, 2]], want, **TOL)
+
+
+def test_codebook_buckets_the_kernels_take(codebook_store):
+    book = next(b for b in codebook_store("v", parse_spec("codebook-g4"), 2, 2, 16, 8).buckets)
+    assert triton_decode.runs(book, "cpu")
+    assert book.fused_book is None  # the codebooks are converted for the kernels on first use, once
+    triton_decode.mix(book, torch.full((1, 2, 1, 8), 1 / 8), torch.empty(1, 2, 1, 16))
+    held = book.fused_book
+    assert held.dtype == torch.float32 and held.is_contiguous() and held.shape == (2, 4, 256, 4)
+    triton_decode.mix(book, torch.full((1, 2, 1, 8), 1 / 8), torch.empty(1, 2, 1, 16))
+    assert book.fused_book is held
+    refused = codebook_store("v", parse_spec("codebook-g4"), 1, 2, 16, 8).buckets[0]  # 4 codes a row: a stream
+    assert refused.parts["codes"].part.stream and not triton_decode.runs(refused, "cpu")

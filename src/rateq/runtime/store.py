@@ -169,6 +169,7 @@ class Bucket:
         self.rotary = None  # (like, start, length) -> (cos, sin) of those rows: set by the store for pre-RoPE keys
         self.span = None  # (like, start, length) -> shared (cos, sin) views or None: set by the store likewise
         self.native = None  # state of the native kernels for this bucket (`rateq.runtime.kernels`)
+        self.fused_book = None  # learned codebooks as the Triton kernels read them (`triton_decode._book`)
         self.length = 0
         self.pos0 = 0  # own position of the first stored row (pre-RoPE keys re-rotate by position)
 

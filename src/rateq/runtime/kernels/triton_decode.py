@@ -7,7 +7,10 @@ of tokens, reads the tile's packed bytes, unpacks the codes with shifts and mask
 row sits at bit `d·bits`, little-endian, straddling two bytes at 3, 5, 6, 7 bits), looks them up in the
 Lloyd–Max levels or takes them as integers, applies the metadata, per (token, group of G channels) or per
 (block of G tokens, channel), and multiplies with the `r` query heads of that KV head at once (GQA without
-repeating K or V). Integer zero-points are unpacked in the kernel too, from packed rows or from a stream.
+repeating K or V). Integer zero-points are unpacked in the kernel too, from packed rows or from a stream. Learned
+codebooks store one code of b·c bits per group of c channels and nothing else: each channel reads its group's
+code and looks its coordinate up in the head's centroids (`(h, D/c, 2^(b·c), c)` fp32 on the device, converted
+from the plan's parameter once per bucket).
 
 Rotated buckets (Walsh–Hadamard) rotate the query once before the scores kernel and unrotate the output once
 after the mix kernel, in torch (`Codec.rotate`). The mix kernel splits the tokens of a head across programs,
@@ -22,13 +25,13 @@ chunks of channels, with the matrices built once per (D, seed, device) in torch.
 `k[d] = k[d]·cos[d] ∓ k'[d]·sin[d]` (− on the first half) and the scores as for any other key.
 
 `runs(bucket, device)` says which buckets run here: uniform grids (min-max or symmetric, float or integer
-zero-points, groups along tokens or channels) and Lloyd–Max codebooks, rotated or not, keys pre- or post-RoPE
-(pre-RoPE: when the store gives the tables, `bucket.span`), head_dim a multiple of 8 up to 256 (a power of two
-when rotated), on a CUDA device — or on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which is how
-the tests check these kernels against the torch path. Where the tables differ by row (`span` gives None: a
-position shift, RoPE that depends on the length) `scores` computes the torch path itself. QJL sketches, sparse
-outliers and 16-bit buckets use the torch path; `RATEQ_KERNELS=torch` forces it. Triton is imported on first
-use only, so rateq never needs it.
+zero-points, groups along tokens or channels), Lloyd–Max codebooks and learned codebooks (codes in whole rows),
+rotated or not, keys pre- or post-RoPE (pre-RoPE: when the store gives the tables, `bucket.span`), head_dim a
+multiple of 8 up to 256 (a power of two when rotated), on a CUDA device — or on the CPU under Triton's
+interpreter (`TRITON_INTERPRET=1`), which is how the tests check these kernels against the torch path. Where
+the tables differ by row (`span` gives None: a position shift, RoPE that depends on the length) `scores` computes
+the torch path itself. QJL sketches, sparse outliers and 16-bit buckets use the torch path; `RATEQ_KERNELS=torch`
+forces it. Triton is imported on first use only, so rateq never needs it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ import os
 import torch
 
 from ...quant import hadamard, lloydmax
+from ...quant.spec import FULL_PRECISION_BITS
 from . import MAX_D, MAX_R, fused_family
+
 TILE_ELEMENTS = 4096  # a tile holds at most this many dequantized values (64 tokens up to head_dim 64)
 TARGET_PROGRAMS = 512  # mix splits each head's tokens so that about this many programs run
 ROPE_TILE_ELEMENTS = 2048  # pre-RoPE keys hold about four tiles at once (rows, partners, cos, sin): smaller tiles
@@ -73,7 +78,15 @@ def runs(bucket, device) -> bool:
         return False
     if bucket.prerope and bucket.span is None:  # no shared tables to re-apply RoPE with: the torch path
         return False
-    return fused_family(bucket) and available()
+    return (fused_family(bucket) or _book_family(bucket)) and available()
+
+
+def _book_family(bucket) -> bool:
+    """Learned codebooks below 16 bits in whole packed rows, head_dim a multiple of 8 up to `MAX_D` (a power of two
+    when rotated)."""
+    s, D = bucket.spec, bucket.head_dim
+    return (s.kind == "codebook" and bucket.bits < FULL_PRECISION_BITS and not s.static_scale and D <= MAX_D
+            and D % 8 == 0 and (s.rotation == "none" or D & (D - 1) == 0) and not bucket.parts["codes"].part.stream)
 
 
 def _next_pow2(n: int) -> int:
@@ -113,44 +126,52 @@ def _kernels():
     def _dequant(codes, cs2, scale, ss2, ss3, zero, zs2, zs3, levels, shift_const, t, d, T, D,
                 BITS: tl.constexpr, G: tl.constexpr, AXIS_TOKENS: tl.constexpr, LEVELS: tl.constexpr,
                 CLAMP: tl.constexpr, SYM: tl.constexpr, ZERO: tl.constexpr, ZSTREAM: tl.constexpr,
-                ZX: tl.constexpr):
+                ZX: tl.constexpr, BOOK: tl.constexpr):
         """Tokens `t` (BLOCK,) × channels `d` (D_PAD,) of one head, dequantized in the stored basis (zero
-        outside the history and the head): `A·(L[c] − S) + Z`, pointers already at the (batch row, head)."""
+        outside the history and the head): `A·(L[c] − S) + Z`, pointers already at the (batch row, head); or,
+        BOOK = c > 0, coordinate d % c of the centroid that channel group d // c's code names in the head's
+        codebooks `levels` (D/c, 2^BITS, c)."""
         mask = (t < T)[:, None] & (d < D)[None, :]
-        c = _unpack(codes + t[:, None] * cs2, d[None, :], mask, BITS)
-        if LEVELS:
-            v = tl.load(levels + c, mask=mask, other=0.0)
+        if BOOK:
+            grp = d[None, :] // BOOK
+            c = _unpack(codes + t[:, None] * cs2, grp, mask, BITS)
+            x = tl.load(levels + ((grp << BITS) + c) * BOOK + d[None, :] % BOOK, mask=mask, other=0.0)
         else:
-            v = c.to(tl.float32)
-        if AXIS_TOKENS:  # per (block of G tokens, channel)
-            row = t[:, None] // G
-            col = d[None, :]
-        else:  # per (token, group of G channels)
-            row = t[:, None]
-            col = d[None, :] // G
-        a = tl.load(scale + row * ss2 + col * ss3, mask=mask, other=1.0).to(tl.float32)
-        if CLAMP:  # grids use stored scales below 1e-12 (fp16 underflow) as 1e-12
-            a = tl.maximum(a, 1e-12)
-        if SYM:
-            v = v - shift_const
-        if ZERO == 2:  # integer zero-points, packed at the code width: rows, or one stream per head
-            if ZSTREAM:
-                z = _unpack(zero, row * ZX + col, mask, BITS)
+            c = _unpack(codes + t[:, None] * cs2, d[None, :], mask, BITS)
+            if LEVELS:
+                v = tl.load(levels + c, mask=mask, other=0.0)
             else:
-                z = _unpack(zero + row * zs2, col, mask, BITS)
-            v = v - z.to(tl.float32)
-        x = a * v
-        if ZERO == 1:  # float zero: added
-            x = x + tl.load(zero + row * zs2 + col * zs3, mask=mask, other=0.0).to(tl.float32)
+                v = c.to(tl.float32)
+            if AXIS_TOKENS:  # per (block of G tokens, channel)
+                row = t[:, None] // G
+                col = d[None, :]
+            else:  # per (token, group of G channels)
+                row = t[:, None]
+                col = d[None, :] // G
+            a = tl.load(scale + row * ss2 + col * ss3, mask=mask, other=1.0).to(tl.float32)
+            if CLAMP:  # grids use stored scales below 1e-12 (fp16 underflow) as 1e-12
+                a = tl.maximum(a, 1e-12)
+            if SYM:
+                v = v - shift_const
+            if ZERO == 2:  # integer zero-points, packed at the code width: rows, or one stream per head
+                if ZSTREAM:
+                    z = _unpack(zero, row * ZX + col, mask, BITS)
+                else:
+                    z = _unpack(zero + row * zs2, col, mask, BITS)
+                v = v - z.to(tl.float32)
+            x = a * v
+            if ZERO == 1:  # float zero: added
+                x = x + tl.load(zero + row * zs2 + col * zs3, mask=mask, other=0.0).to(tl.float32)
         return tl.where(mask, x, 0.0)
 
     @triton.jit
     def _scores_kernel(codes, cs0, cs1, cs2, scale, ss0, ss1, ss2, ss3, zero, zs0, zs1, zs2, zs3, levels,
-                      shift_const, q, qs0, qs1, qs2, qs3, out, os0, os1, os2, os3, heads, h, T, r, D,
+                      ls, shift_const, q, qs0, qs1, qs2, qs3, out, os0, os1, os2, os3, heads, h, T, r, D,
                       cos, sin, rs, mat, matp,
                       BITS: tl.constexpr, G: tl.constexpr, AXIS_TOKENS: tl.constexpr, LEVELS: tl.constexpr,
                       CLAMP: tl.constexpr, SYM: tl.constexpr, ZERO: tl.constexpr, ZSTREAM: tl.constexpr,
-                      ZX: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr,
+                      ZX: tl.constexpr, BOOK: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr,
+                      R_PAD: tl.constexpr,
                       ROPE: tl.constexpr, ROT: tl.constexpr, KC: tl.constexpr):
         """out[b, heads[i], j, t] = q[b, i, j] · k̂_t for one (b, i) and one tile of tokens, every j < r.
         ROPE: k̂ stored before RoPE, re-rotated here with the tables `cos, sin` (row stride `rs`, row t = stored
@@ -165,6 +186,7 @@ def _kernels():
         cb = codes + b * cs0 + i * cs1
         sb = scale + b * ss0 + i * ss1
         zb = zero + b * zs0 + i * zs1
+        lv = levels + i * ls  # a codebook bucket's head i's codebooks; the shared levels otherwise (ls = 0)
         if ROPE:
             half = D // 2
             dm = d < D
@@ -173,18 +195,18 @@ def _kernels():
                 xp = tl.full((BLOCK, D_PAD), 0.0, tl.float32)
                 for kc in tl.static_range(0, D_PAD, KC):
                     kd = kc + tl.arange(0, KC)
-                    xc = _dequant(cb, cs2, sb, ss2, ss3, zb, zs2, zs3, levels, shift_const, t, kd, T, D,
-                                  BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX)
+                    xc = _dequant(cb, cs2, sb, ss2, ss3, zb, zs2, zs3, lv, shift_const, t, kd, T, D,
+                                  BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX, BOOK)
                     mm = (kd < D)[:, None] & dm[None, :]
                     at = kd[:, None] * D + d[None, :]
                     x += tl.dot(xc, tl.load(mat + at, mask=mm, other=0.0), input_precision="ieee")
                     xp += tl.dot(xc, tl.load(matp + at, mask=mm, other=0.0), input_precision="ieee")
             else:  # the partner channels dequantized a second time (elementwise in (t, d))
                 dp = tl.where(dm, (d + half) % D, d)
-                x = _dequant(cb, cs2, sb, ss2, ss3, zb, zs2, zs3, levels, shift_const, t, d, T, D,
-                             BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX)
-                xp = _dequant(cb, cs2, sb, ss2, ss3, zb, zs2, zs3, levels, shift_const, t, dp, T, D,
-                              BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX)
+                x = _dequant(cb, cs2, sb, ss2, ss3, zb, zs2, zs3, lv, shift_const, t, d, T, D,
+                             BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX, BOOK)
+                xp = _dequant(cb, cs2, sb, ss2, ss3, zb, zs2, zs3, lv, shift_const, t, dp, T, D,
+                              BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX, BOOK)
             rm = (t < T)[:, None] & dm[None, :]
             at = t[:, None].to(tl.int64) * rs + d[None, :]
             c = tl.load(cos + at, mask=rm, other=0.0)
@@ -192,8 +214,8 @@ def _kernels():
             sign = tl.where(d < half, -1.0, 1.0)
             x = x * c + sign[None, :] * xp * sn
         else:
-            x = _dequant(cb, cs2, sb, ss2, ss3, zb, zs2, zs3, levels, shift_const, t, d, T, D,
-                         BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX)
+            x = _dequant(cb, cs2, sb, ss2, ss3, zb, zs2, zs3, lv, shift_const, t, d, T, D,
+                         BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX, BOOK)
         qm = (j < r)[:, None] & (d < D)[None, :]
         qv = tl.load(q + b * qs0 + i * qs1 + j[:, None] * qs2 + d[None, :] * qs3, mask=qm, other=0.0)
         s = tl.dot(qv, tl.trans(x), input_precision="ieee")  # (R_PAD, BLOCK)
@@ -203,10 +225,11 @@ def _kernels():
 
     @triton.jit
     def _mix_kernel(codes, cs0, cs1, cs2, scale, ss0, ss1, ss2, ss3, zero, zs0, zs1, zs2, zs3, levels,
-                   shift_const, p, ps0, ps1, ps2, ps3, part, h, T, r, D, tiles,
+                   ls, shift_const, p, ps0, ps1, ps2, ps3, part, h, T, r, D, tiles,
                    BITS: tl.constexpr, G: tl.constexpr, AXIS_TOKENS: tl.constexpr, LEVELS: tl.constexpr,
                    CLAMP: tl.constexpr, SYM: tl.constexpr, ZERO: tl.constexpr, ZSTREAM: tl.constexpr,
-                   ZX: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr, R_PAD: tl.constexpr):
+                   ZX: tl.constexpr, BOOK: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr,
+                   R_PAD: tl.constexpr):
         """part[b, i, split, j] = Σ p[b, i, j, t] v̂_t over `tiles` tiles of tokens, for one (b, i) and split."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -216,11 +239,12 @@ def _kernels():
         d = tl.arange(0, D_PAD)
         j = tl.arange(0, R_PAD)
         acc = tl.full((R_PAD, D_PAD), 0.0, tl.float32)
+        lv = levels + i * ls
         for k in range(0, tiles):
             t = (split * tiles + k) * BLOCK + tl.arange(0, BLOCK)
             x = _dequant(codes + b * cs0 + i * cs1, cs2, scale + b * ss0 + i * ss1, ss2, ss3,
-                        zero + b * zs0 + i * zs1, zs2, zs3, levels, shift_const, t, d, T, D,
-                        BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX)
+                        zero + b * zs0 + i * zs1, zs2, zs3, lv, shift_const, t, d, T, D,
+                        BITS, G, AXIS_TOKENS, LEVELS, CLAMP, SYM, ZERO, ZSTREAM, ZX, BOOK)
             pm = (j < r)[:, None] & (t < T)[None, :]
             pv = tl.load(p + b * ps0 + i * ps1 + j[:, None] * ps2 + t[None, :] * ps3, mask=pm, other=0.0)
             acc += tl.dot(pv, x, input_precision="ieee")
@@ -252,6 +276,14 @@ def _args(bucket, like: torch.Tensor) -> tuple[list, dict]:
     codes = parts["codes"].view()
     if codes.stride(-1) != 1:
         raise ValueError("internal: packed codes with a strided last dim")
+    D_PAD = max(16, _next_pow2(D))
+    if s.kind == "codebook":  # codes of b·c bits, one per group of c channels, against each head's codebooks
+        book = _book(bucket, like.device)
+        none = [codes, 0, 0, 0, 0]  # no scales, no zero-points: pointers never read
+        const = dict(BITS=bucket.bits * s.group_size, G=s.group_size, AXIS_TOKENS=False, LEVELS=False, CLAMP=False,
+                     SYM=False, ZERO=0, ZSTREAM=False, ZX=1, BOOK=s.group_size, BLOCK=_tile(D_PAD), D_PAD=D_PAD)
+        args = [codes, codes.stride(0), codes.stride(1), codes.stride(2), *none, *none, book, book[0].numel(), 0.0]
+        return args, const
     lloyd = s.kind == "lloydmax"
     scale = _float_meta(parts["norm" if lloyd else "scale"].view())
     levels = lloydmax.codebook_tensors(bits, s.group_size, like.device)[0] if lloyd else scale
@@ -269,13 +301,22 @@ def _args(bucket, like: torch.Tensor) -> tuple[list, dict]:
             zero_kind = 1
             zero = _float_meta(zero)
             zs = _strides4(zero)
-    D_PAD = max(16, _next_pow2(D))
     const = dict(BITS=bits, G=s.group_size, AXIS_TOKENS=s.axis_for(bucket.role) == "tokens", LEVELS=lloyd,
-                 CLAMP=not lloyd, SYM=s.kind == "symmetric", ZERO=zero_kind, ZSTREAM=zstream, ZX=zx,
+                 CLAMP=not lloyd, SYM=s.kind == "symmetric", ZERO=zero_kind, ZSTREAM=zstream, ZX=zx, BOOK=0,
                  BLOCK=_tile(D_PAD), D_PAD=D_PAD)
     args = [codes, codes.stride(0), codes.stride(1), codes.stride(2), scale, *_strides4(scale), zero, *zs, levels,
-            shift_const]
+            0, shift_const]
     return args, const
+
+
+def _book(bucket, device) -> torch.Tensor:
+    """A codebook bucket's learned codebooks `(h, D/c, 2^(b·c), c)` as the kernels read them: fp32, contiguous, on
+    `device` — converted once per bucket and device."""
+    held = bucket.fused_book
+    if held is None or held.device != torch.device(device):
+        book = bucket.codec.param_for(bucket.bits, len(bucket.head_list), bucket.head_dim)
+        held = bucket.fused_book = book.to(device, torch.float32).contiguous()
+    return held
 
 
 def _check(x: torch.Tensor, out: torch.Tensor) -> int:
