@@ -2,12 +2,14 @@
 transformers' QuantizedCache (quanto, hqq).
 
 Caches: the shipped 2.5-bit profile of the default model (its mix of pre-RoPE, rotated, Lloyd–Max and plain
-buckets), a uniform KIVI plan at `--bits` with groups of `--group` (2 bits, groups of 64: 2.5 effective bits,
-the profile's), each decoding from the packed codes (`packed`) and through the dense path (`dense`: the
-dequantized history handed to the model's attention); DynamicCache; QuantizedCache at the same bits, group and
-residual window. All start from the same prefill (one forward fills a DynamicCache; its keys and values are
-written into the others), then decode the same tokens, taking turns step by step so that load from other
-processes hits them alike. QuantizedCache re-quantizes its whole history every `residual` steps, so the
+buckets; on another model, the same mix drawn unit by unit, seeded: each (layer, KV head) takes the bits and
+quantizer of a random unit of the profile, K and V apart), a uniform KIVI plan at `--bits` with groups of
+`--group` (2 bits, groups of 64: 2.5 effective bits, the profile's), learned codebooks at `--bits` on every unit
+(`--codebook`, centroids drawn at random: the decode path's cost does not depend on their values), each decoding
+from the packed codes (`packed`) and through the dense path (`dense`: the dequantized history handed to the
+model's attention); DynamicCache; QuantizedCache at the same bits, group and residual window. All start from the
+same prefill (one forward fills a DynamicCache; its keys and values are written into the others), then decode
+the same tokens, taking turns step by step so that load from other processes hits them alike. QuantizedCache re-quantizes its whole history every `residual` steps, so the
 default `--steps` equals the residual window and its mean includes that once, as a long generation would.
 Each row also gives the peak bytes a decode step allocates beyond what was held before it (torch's profiler,
 CPU only), as a share of one layer's dense fp32 history.
@@ -31,6 +33,7 @@ from transformers import DynamicCache, QuantizedCache
 
 import rateq
 from rateq import CachePolicy, Plan, QuantSpec, RateQCache, fingerprint
+from rateq.quant.params import param_key
 from rateq.runtime.run import peak_allocated
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-b2.5.safetensors"
@@ -45,7 +48,9 @@ def parse_args():
     p.add_argument("--contexts", default="1024,4096,16384", help="context lengths (comma list)")
     p.add_argument("--profile", default=str(PROFILE), help="the profile measured beside the uniform plan")
     p.add_argument("--steps", type=int, default=None, help="decode steps timed (default: --residual)")
-    p.add_argument("--bits", type=int, default=2, help="nominal bits of the uniform plan and of QuantizedCache")
+    p.add_argument("--bits", type=int, default=2, help="nominal bits of the uniform plans and of QuantizedCache")
+    p.add_argument("--codebook", default="codebook-g4",
+                   help="the learned-codebook quantizer of a uniform plan at --bits ('' leaves it out)")
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--backends", default="quanto,hqq", help="QuantizedCache backends to compare (comma list)")
@@ -57,6 +62,29 @@ def parse_args():
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def profile_mix(profile: Plan, fp, seed: int = 0) -> Plan:
+    """The profile's mix on the model `fp`: every (layer, KV head) takes the (bits, quantizer) of a unit of the
+    profile drawn at random, K and V apart — the same families, and in expectation the same bits."""
+    if profile.params:
+        raise ValueError("a profile with learned parameters fits its own model only")
+    g = torch.Generator().manual_seed(seed)
+    shape = (fp.num_layers, fp.num_kv_heads)
+    k = torch.randint(0, profile.k_bits.numel(), shape, generator=g)
+    v = torch.randint(0, profile.v_bits.numel(), shape, generator=g)
+    return Plan(profile.k_bits.flatten()[k], profile.v_bits.flatten()[v], profile.k_quantizer.flatten()[k],
+                profile.v_quantizer.flatten()[v], list(profile.quantizers), fp, policy=profile.policy)
+
+
+def codebook_plan(sid: str, fp, bits: int, seed: int = 0) -> Plan:
+    """Every unit in the learned-codebook quantizer `sid` at `bits`, one codebook per (layer, head, K/V, group),
+    centroids drawn at random."""
+    spec = rateq.parse_spec(sid)
+    c = spec.group_size
+    g = torch.Generator().manual_seed(seed)
+    books = torch.randn(fp.num_layers, fp.num_kv_heads, 2, fp.head_dim // c, 1 << (bits * c), c, generator=g)
+    return Plan.uniform(fp, bits, spec=spec, params={param_key(spec, bits): books})
 
 
 def held_nbytes(cache) -> int | None:
@@ -132,11 +160,17 @@ def main() -> None:
     dtype = next(model.parameters()).dtype
     spec = QuantSpec(group_size=args.group)
     uniform = Plan.uniform(fp, args.bits, spec=spec)
-    plans = {f"K{args.bits}V{args.bits} g{args.group}": (uniform, CachePolicy(residual=args.residual, block=args.group))}
+    window = CachePolicy(residual=args.residual, block=args.group)
+    plans = {f"K{args.bits}V{args.bits} g{args.group}": (uniform, window)}
+    if args.codebook:
+        plans[f"{args.codebook} K{args.bits}V{args.bits}"] = (codebook_plan(args.codebook, fp, args.bits), window)
     if Path(args.profile).exists():
         profile = rateq.load_profile(args.profile)
         if not profile.model.mismatches(fp):
             plans = {f"profile {profile.effective_bits:.2f}b": (profile, profile.policy), **plans}
+        else:
+            mix = profile_mix(profile, fp)
+            plans = {f"profile mix {mix.effective_bits:.2f}b": (mix, mix.policy), **plans}
     skipped: dict = {}
     rows = []
     for context in [int(c) for c in args.contexts.split(",")]:
