@@ -9,10 +9,11 @@ quantizer of a random unit of the profile, K and V apart), a uniform KIVI plan a
 from the packed codes (`packed`) and through the dense path (`dense`: the dequantized history handed to the
 model's attention); DynamicCache; QuantizedCache at the same bits, group and residual window. All start from the
 same prefill (one forward fills a DynamicCache; its keys and values are written into the others), then decode
-the same tokens, taking turns step by step so that load from other processes hits them alike. QuantizedCache re-quantizes its whole history every `residual` steps, so the
-default `--steps` equals the residual window and its mean includes that once, as a long generation would.
-Each row also gives the peak bytes a decode step allocates beyond what was held before it (torch's profiler,
-CPU only), as a share of one layer's dense fp32 history.
+the same tokens, taking turns step by step so that load from other processes hits them alike. QuantizedCache
+re-quantizes its whole history every `residual` steps, so the default `--steps` equals the residual window and
+its mean includes that once, as a long generation would. Each row also gives the peak bytes a decode step
+allocates beyond what was held before it (torch's profiler, CPU only), as a share of one layer's dense fp32
+history.
 
 QuantizedCache needs its backends installed (`pip install optimum-quanto hqq`); rows for missing ones say so.
 
