@@ -49,5 +49,10 @@ def test_packed_decode_gives_the_logits_of_the_dense_history(plan_of, device, dt
     dense = RateQCache(plan, model, policy=policy, packed=False)
     got, want = decode(model, ids, packed, 20), decode(model, ids, dense, 20)
     assert got.device.type == device and got.dtype == dtype
+    for layer in packed.layers:  # learned codebooks moved where the cache is, once, with the first append
+        for role in "kv":
+            for bucket in layer.store(role).buckets:
+                if bucket.codec.param is not None:
+                    assert bucket.codec.param.device.type == device
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     assert packed.nbytes() == dense.nbytes()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -169,7 +169,6 @@ class Bucket:
         self.rotary = None  # (like, start, length) -> (cos, sin) of those rows: set by the store for pre-RoPE keys
         self.span = None  # (like, start, length) -> shared (cos, sin) views or None: set by the store likewise
         self.native = None  # state of the native kernels for this bucket (`rateq.runtime.kernels`)
-        self.fused_book = None  # learned codebooks as the Triton kernels read them (`triton_decode._book`)
         self.length = 0
         self.pos0 = 0  # own position of the first stored row (pre-RoPE keys re-rotate by position)
 
@@ -199,6 +198,9 @@ class Bucket:
         t = x.shape[2]
         if self.length == 0:
             self.pos0 = start
+        param = self.codec.param
+        if param is not None and param.device != x.device:  # the learned parameter moves where the cache is, once
+            self.codec = replace(self.codec, param=param.to(x.device))
         parts = self.codec.quantize(x, self.bits, self.role, rope=self._rope(x, start, t))
         for name, rows in self.parts.items():
             rows.append(parts[name])

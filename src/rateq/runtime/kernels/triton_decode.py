@@ -9,8 +9,8 @@ Lloyd–Max levels or takes them as integers, applies the metadata, per (token, 
 (block of G tokens, channel), and multiplies with the `r` query heads of that KV head at once (GQA without
 repeating K or V). Integer zero-points are unpacked in the kernel too, from packed rows or from a stream. Learned
 codebooks store one code of b·c bits per group of c channels and nothing else: each channel reads its group's
-code and looks its coordinate up in the head's centroids (`(h, D/c, 2^(b·c), c)` fp32 on the device, converted
-from the plan's parameter once per bucket).
+code and looks its coordinate up in the head's centroids (`(h, D/c, 2^(b·c), c)` fp32, moved to the device
+with the bucket's first append).
 
 Rotated buckets (Walsh–Hadamard) rotate the query once before the scores kernel and unrotate the output once
 after the mix kernel, in torch (`Codec.rotate`). The mix kernel splits the tokens of a head across programs,
@@ -311,12 +311,9 @@ def _args(bucket, like: torch.Tensor) -> tuple[list, dict]:
 
 def _book(bucket, device) -> torch.Tensor:
     """A codebook bucket's learned codebooks `(h, D/c, 2^(b·c), c)` as the kernels read them: fp32, contiguous, on
-    `device` — converted once per bucket and device."""
-    held = bucket.fused_book
-    if held is None or held.device != torch.device(device):
-        book = bucket.codec.param_for(bucket.bits, len(bucket.head_list), bucket.head_dim)
-        held = bucket.fused_book = book.to(device, torch.float32).contiguous()
-    return held
+    `device` (where the bucket's first append moved them: no copy here)."""
+    book = bucket.codec.param_for(bucket.bits, len(bucket.head_list), bucket.head_dim)
+    return book.to(device, torch.float32).contiguous()
 
 
 def _check(x: torch.Tensor, out: torch.Tensor) -> int:
