@@ -1,9 +1,11 @@
-"""Codebook encoding speed: `rateq.quant.codebook.encode` (one batched matmul, exact distances at near-ties only)
-against forming every distance element by element (the definition it reproduces), in one process, on the shapes
-calibration and the cache code: 3 KV heads × 64 channels (smollm2-135m), every coupled width up to 256 centroids.
-Each row checks that both give the same codes.
+"""Codebook encoding speed: `rateq.quant.codebook.encode` (on the CPU the native nearest-centroid kernel; with
+`RATEQ_KERNELS=torch` its torch path, one batched matmul and exact distances at near-ties only) against forming
+every distance element by element (the definition both reproduce), in one process, on the shapes calibration and
+the cache code: 3 KV heads × 64 channels (smollm2-135m), every coupled width up to 256 centroids. Each row checks
+that both give the same codes.
 
     python bench/codebook_encode.py
+    RATEQ_KERNELS=torch python bench/codebook_encode.py                     # the torch path
     python bench/codebook_encode.py --tokens 4096 --heads 8 --head-dim 128   # a Qwen3-8B layer
 """
 

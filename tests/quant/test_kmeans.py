@@ -223,7 +223,10 @@ def test_assign_grouped():
     assert torch.equal(reconstruct(codes, C)[:, 1], C[1][codes[:, 1]])
 
 
-def test_chunking_changes_nothing(monkeypatch):
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_chunking_changes_nothing(monkeypatch, kernels):
+    if kernels == "torch":
+        monkeypatch.setenv("RATEQ_KERNELS", "torch")  # the torch paths, which form distances in chunks
     x, w = data("t3", (2000, 6)), fisher((2000, 6))
     C = data("gauss", (3, 50, 2), seed=5)
     xg, wg = x.reshape(2000, 3, 2), w.reshape(2000, 3, 2)
@@ -261,12 +264,14 @@ def test_grid_start_is_the_product_of_channel_quantiles_and_lloyd_improves_it(di
         weighted_kmeans(x, 8, weights=w, init="grid")
 
 
-def test_learning_distances_pick_the_nearest_centroid():
-    # The matmul form used while learning agrees with the exact coordinate-by-coordinate distances but on near-ties.
+@pytest.mark.parametrize("form", ["_nearest_learning", "_nearest_matmul"])
+def test_learning_distances_pick_the_nearest_centroid(form):
+    # What learning uses — the native kernel, or where it does not run the matmul form — agrees with the exact
+    # coordinate-by-coordinate distances (the matmul form but on near-ties).
     x, w = data("t3", (3000, 2)), fisher((3000, 2))
     C = data("gauss", (64, 2), seed=9)
     for wb in (None, w[None], w[None, :, :1]):
-        codes, err = kmeans._nearest_learning(x[None], C[None], wb)
-        exact, exact_err = kmeans._nearest(x[None], C[None], wb)
+        codes, err = getattr(kmeans, form)(x[None], C[None], wb)
+        exact, exact_err = kmeans._nearest_torch(x[None], C[None], wb)
         assert (codes == exact).float().mean() > 0.999
         torch.testing.assert_close(err, exact_err, rtol=1e-4, atol=1e-6)

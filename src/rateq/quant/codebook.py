@@ -6,19 +6,26 @@ correctly rounded elementwise operations only — the same bits for one token or
 equal the one-pass evaluation's — the lowest index on ties; `decode` looks the centroids up. Codebooks are learned
 in calibration (`rateq.quant.kmeans`, `rateq.calibrate.learn`).
 
-Forming every distance element by element costs c passes over (tokens × K × c) values. `encode` first scores all
-centroids with one batched matmul, ‖μ‖² − 2 x·μ (the distance less ‖x‖², which no centroid changes), and keeps its
-argmin wherever no other centroid scores within the matmul's worst-case rounding error of it; only the points
-where one does (near-ties, a small share) get the element-by-element distances. Both the matmul's error (any
-summation order, FMA or not: (c + 1)·u·(Σ|terms|) at most, u the unit roundoff — TF32's or bf16's where torch's
-matmul precision setting lets it use them) and the exact form's (c squares summed in order) are bounded by a
-multiple of u·(‖x‖² + 2 max‖μ‖²), so a centroid outside that margin can never be the exact form's argmin: the
-codes are the exact ones, only faster.
+On the CPU `encode` takes the codes from the native nearest-centroid kernel (`rateq.quant.nearest`), which forms
+exactly these distances — coordinate by coordinate in order, separately rounded operations, the lowest index on
+ties — for every centroid of a point in registers, storing none of them. Elsewhere, or where it does not run (no C
+compiler, `RATEQ_KERNELS=torch`), the torch path below gives the same codes.
+
+Forming every distance element by element in torch costs c passes over (tokens × K × c) values. The torch path
+first scores all centroids with one batched matmul, ‖μ‖² − 2 x·μ (the distance less ‖x‖², which no centroid
+changes), and keeps its argmin wherever no other centroid scores within the matmul's worst-case rounding error of
+it; only the points where one does (near-ties, a small share) get the element-by-element distances. Both the
+matmul's error (any summation order, FMA or not: (c + 1)·u·(Σ|terms|) at most, u the unit roundoff — TF32's or
+bf16's where torch's matmul precision setting lets it use them) and the exact form's (c squares summed in order)
+are bounded by a multiple of u·(‖x‖² + 2 max‖μ‖²), so a centroid outside that margin can never be the exact form's
+argmin: the codes are the exact ones, only faster.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import nearest
 
 _CHUNK = 1 << 22  # distance elements formed at once
 
@@ -47,13 +54,16 @@ def encode(g: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     B, h, T, G, c = g.shape
     K, P, n = C.shape[2], h * G, B * T
     cb = C.to(g.device, torch.float32).reshape(P, K, c)
+    x = g.to(torch.float32).permute(1, 3, 0, 2, 4).reshape(P, n, c)
+    found = nearest.nearest(x, cb, None)  # the native kernel: the exact codes
+    if found is not None:
+        return found[0].view(h, G, B, T).permute(2, 0, 3, 1)
     norms = cb.square().sum(-1)  # (P, K)
     # [x, 1] · [−2μ, ‖μ‖²]: one batched matmul per chunk of tokens scores every centroid of every (head, group)
     weight = torch.cat([-2 * cb, norms.unsqueeze(-1)], -1).transpose(1, 2)  # (P, c + 1, K)
     # Worst-case rounding of both forms, with room to spare: 8 (c + 4) u (‖x‖² + 2 max‖μ‖²).
     margin = 8 * (c + 4) * _matmul_roundoff(g.device)
     largest = 2 * norms.max(-1, keepdim=True).values  # (P, 1)
-    x = g.to(torch.float32).permute(1, 3, 0, 2, 4).reshape(P, n, c)
     xa = torch.cat([x, torch.ones(P, n, 1, device=g.device)], -1)  # [x, 1], formed once
     out = torch.empty(P, n, dtype=torch.int64, device=g.device)
     step = max(1, _CHUNK // max(1, P * K))

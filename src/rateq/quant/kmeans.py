@@ -21,16 +21,23 @@ placed so far. Iteration stops when the error improves by less than `tol` of its
 Deterministic: the only randomness (the subset of calibration points, k-means++ seeding) comes from a
 `torch.Generator` seeded with `seed`, and the update's sums are accumulated in float64 in point order, so a seed
 gives bit-identical codebooks on one machine (on CUDA under `torch.use_deterministic_algorithms(True)`, whose
-scatter-add keeps that order). While learning, the nearest centroids come from one matmul per chunk of whole
-problems (`_nearest_learning`: a near-tie may go either way, by the machine's rounding); the encoder, `assign`,
-sums distances coordinate by coordinate, ties to the lowest index, the same whatever the chunking. Codebooks come
-back sorted: scalar levels ascending, vectors lexicographically.
+scatter-add keeps that order). Codebooks come back sorted: scalar levels ascending, vectors lexicographically.
+
+Nearest centroids, while learning and in `assign`, come on the CPU from a native kernel (`rateq.quant.nearest`,
+`nearest.c` compiled on first use): each point's distances to every centroid summed coordinate by coordinate in
+order with separately rounded operations, the first of equal minima, none of the (n, k) distances stored — bit for
+bit the torch definition `_nearest_torch`, whatever the chunking, the number of threads or the CPU's vector width.
+Where it does not run (no C compiler, a failed build, `RATEQ_KERNELS=torch`, CUDA tensors), `assign` uses that
+definition and learning one matmul per chunk of whole problems (`_nearest_matmul`, several times faster than the
+definition in torch: a near-tie may go either way, by the machine's rounding, so codebooks learned there may
+differ in their last bits from the native ones).
 
 Memory: the learners copy at most `sample` calibration points (a seeded random subset, drawn before anything is
-copied), and distances are formed in chunks of at most `_CHUNK` (point, centroid) pairs (`_CHUNK_ACCELERATOR` off
-the CPU; while learning, `_LEARN_CHUNK` or one problem's), so a run holds O(sample · (c + k)) values however large
-the calibration set (plus the n indices the subset is drawn from). One Lloyd step costs O(n · k · c); k-means++
-seeding costs as much once, in k sequential draws; the grid start (`init="grid"`) costs one sort per coordinate.
+copied); the torch paths form distances in chunks of at most `_CHUNK` (point, centroid) pairs
+(`_CHUNK_ACCELERATOR` off the CPU; while learning, `_LEARN_CHUNK` or one problem's), the native kernel none, so a
+run holds O(sample · (c + k)) values however large the calibration set (plus the n indices the subset is drawn
+from). One Lloyd step costs O(n · k · c); k-means++ seeding costs as much once, in k sequential draws; the grid
+start (`init="grid"`) costs one sort per coordinate.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from . import nearest
 
 MAX_CENTROIDS = 1 << 16  # largest codebook per group: 2^16 centroids, codes of at most 16 bits
 _CHUNK = 1 << 18  # (point, centroid) distances formed at once on the CPU (1 MiB of fp32: stays in cache)
@@ -60,10 +69,17 @@ class KMeansResult:
 # -- the batched core: G independent problems, x (G, n, c), weights (G, n, c | 1) or None --------------------------
 
 def _nearest(x: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes `(G, n)` int64 of the nearest centroids `C (G, k, c)` and each point's weighted error `(G, n)`.
+    """Codes `(G, n)` int64 of the nearest centroids `C (G, k, c)` and each point's weighted error `(G, n)`: the
+    native kernel (`rateq.quant.nearest`) where it runs, else `_nearest_torch` — the same bits either way."""
+    found = nearest.nearest(x, C, w)
+    return found if found is not None else _nearest_torch(x, C, w)
 
-    Distances are summed coordinate by coordinate in a fixed order, so a point's code and error do not depend on
-    the chunking. A weight per point does not change which centroid is nearest, so it only scales the error."""
+
+def _nearest_torch(x: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, in torch: d = s_0 + s_1 + … + s_{c−1}, s_j = (x_j − μ_j)² (· w_j per coordinate), every
+    operation separately rounded (no fused multiply-add, whatever the CPU), summed in coordinate order; the first
+    of equal minima. So a point's code and error depend neither on the chunking nor on the machine. A weight per
+    point does not change which centroid is nearest, so it only scales the error."""
     G, n, c = x.shape
     k = C.shape[1]
     per_coord = w is not None and w.shape[-1] > 1
@@ -77,12 +93,12 @@ def _nearest(x: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> tuple[
         for s in range(0, n, m):
             xs = x[g0:g0 + gb, s:s + m].unsqueeze(2)  # (g, m, 1, c)
             ws = w[g0:g0 + gb, s:s + m].unsqueeze(2) if per_coord else None
-            d = (xs[..., 0] - Cg[..., 0]).square_()  # (g, m, k)
-            if ws is not None:
-                d.mul_(ws[..., 0])
-            for j in range(1, c):
-                t = xs[..., j] - Cg[..., j]
-                d.addcmul_(t, t if ws is None else t.mul(ws[..., j]))
+            d = None
+            for j in range(c):
+                t = (xs[..., j] - Cg[..., j]).square_()  # (g, m, k)
+                if ws is not None:
+                    t.mul_(ws[..., j])
+                d = t if d is None else d.add_(t)
             dmin, idx = d.min(-1)  # the first of equal minima
             codes[g0:g0 + gb, s:s + m] = idx
             err[g0:g0 + gb, s:s + m] = dmin
@@ -92,12 +108,20 @@ def _nearest(x: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> tuple[
 
 
 def _nearest_learning(x: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_nearest` for Lloyd's iteration: the same codes up to rounding on near-ties, several times faster.
+    """The nearest centroids for Lloyd's iteration: the native kernel's exact ones (`_nearest`) where it runs,
+    else `_nearest_matmul`'s."""
+    found = nearest.nearest(x, C, w)
+    return found if found is not None else _nearest_matmul(x, C, w)
+
+
+def _nearest_matmul(x: torch.Tensor, C: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_nearest` by matmul, the torch path while learning: the same codes up to rounding on near-ties, several
+    times faster than `_nearest_torch`.
 
     Σ_j w_j (x_j − μ_j)² = Σ_j w_j x_j² − 2 Σ_j w_j x_j μ_j + Σ_j w_j μ_j²: the first term does not depend on the
     centroid, the others are one matmul of `[w ⊙ x, w]` with `[−2μ, μ²]`. Problems are scored whole (never split
-    along points), so a problem's codes depend only on its own data; the errors returned are exact, recomputed
-    at the chosen centroids. `assign`, the encoder, keeps the exact `_nearest`."""
+    along points), so a problem's codes depend only on its own data; the errors returned are recomputed at the
+    chosen centroids (summed in torch's order, which may round differently from `_nearest`'s)."""
     G, n, c = x.shape
     k = C.shape[1]
     per_coord = w is not None and w.shape[-1] > 1
@@ -507,7 +531,8 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | Non
     Points `(n, c)` with centroids `(k, c)` → `(n,)`; or one codebook per group, points `(n, G, c)` with
     `(G, k, c)` → `(n, G)`. `weights` per point (`(n,)`, `(n, G)`) change nothing but are accepted; per coordinate
     they broadcast to the points' shape (`(1, c)`: one weight per channel, for data with no Fisher information of
-    its own). Distances are formed in chunks of at most `_CHUNK` pairs."""
+    its own). The native kernel where it runs, else distances formed in chunks of at most `_CHUNK` pairs: the same
+    codes."""
     xb, cb, wb = _batched(x, centroids, weights)
     codes, _ = _nearest(xb, cb, None if wb is not None and wb.shape[-1] == 1 else wb)
     return codes[0] if centroids.dim() == 2 else codes.T.contiguous()

@@ -5,30 +5,24 @@ stored value in one pass over the packed bytes — unpack, dequantize, unrotate 
 keys, dot or accumulate — row by row in registers, split across the threads torch uses. Nothing of the dense
 history is formed, and no per-step temporary grows with the context beyond the scores themselves.
 
-It is compiled on first use with the system's C compiler (`cc`, or `$CC`), for this CPU, into rateq's cache
-folder (`rateq.paths.cache_dir()/kernels`), keyed by the source and the machine, and loaded with `ctypes`;
-later processes load the built library. Where no compiler is found or the build fails, `library()` is None and
-the runtime uses its torch path (`rateq.quant.attend`), which computes the same thing in chunks;
-`RATEQ_KERNELS=torch` forces that path. `runs(bucket, device)` says whether a bucket's family runs here: uniform
-grids (min-max, symmetric, float or integer zero-points), Lloyd–Max codebooks and learned (coupled) codebooks,
-rotated or not, keys pre- or post-RoPE; QJL sketches, sparse outliers, engine formats and 16-bit buckets use the
-torch path.
+It is compiled on first use with the system's C compiler (`cc`, or `$CC`), for this CPU, into rateq's cache folder
+(`rateq.paths.cache_dir()/kernels`), keyed by the source and the machine, and loaded with `ctypes`; later
+processes load the built library (`rateq.native` builds and loads it). Where no compiler is found or the build
+fails, `library()` is None and the runtime uses its torch path (`rateq.quant.attend`), which computes the same
+thing in chunks; `RATEQ_KERNELS=torch` forces that path. `runs(bucket, device)` says whether a bucket's family
+runs here: uniform grids (min-max, symmetric, float or integer zero-points), Lloyd–Max codebooks and learned
+(coupled) codebooks, rotated or not, keys pre- or post-RoPE; QJL sketches, sparse outliers, engine formats and
+16-bit buckets use the torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ...paths import cache_dir
+from ... import native
 from ...quant import hadamard, lloydmax
 from ...quant.spec import FULL_PRECISION_BITS
 
@@ -58,66 +52,36 @@ class Unit(ctypes.Structure):
 
 def _machine_key() -> str:
     """What the built library depends on besides its source: architecture, CPU model and flags, compiler."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
-    except OSError:
-        pass
-    return f"{platform.machine()}|{cpu}|{_compiler()}|{' '.join(FLAGS)}"
+    return native.machine_key(FLAGS, _compiler())
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return native.compiler()
 
 
 def _build() -> Path | None:
     cc = _compiler()
     if cc is None:
         return None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + _machine_key().encode()).hexdigest()[:16]
-    folder = cache_dir() / "kernels"
-    target = folder / f"decode-{digest}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        out = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
-        if done.returncode != 0 or not out.exists():
-            _state["error"] = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["failed"]
-            return None
-        os.replace(out, target)  # atomic: a concurrent build leaves one complete file
-    return target
+    return native.build(SOURCE, FLAGS, _state, cc=cc, key=_machine_key())
+
+
+def _declare(lib) -> None:
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    args = [ctypes.POINTER(Unit), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_void_p, i64p, ctypes.c_void_p, i64p, ctypes.c_int]
+    for fn in (lib.rq_scores, lib.rq_mix):
+        fn.argtypes, fn.restype = args, ctypes.c_int
 
 
 def library():
     """The loaded kernels (`ctypes.CDLL`), or None: no compiler, a failed build, or `RATEQ_KERNELS=torch`."""
-    if os.environ.get("RATEQ_KERNELS", "").lower() == "torch":
-        return None
-    if "lib" not in _state:
-        lib = None
-        try:
-            path = _build()
-            if path is not None:
-                lib = ctypes.CDLL(str(path))
-                i64p = ctypes.POINTER(ctypes.c_int64)
-                args = [ctypes.POINTER(Unit), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                        ctypes.c_void_p, ctypes.c_void_p, i64p, ctypes.c_void_p, i64p, ctypes.c_int]
-                for fn in (lib.rq_scores, lib.rq_mix):
-                    fn.argtypes, fn.restype = args, ctypes.c_int
-        except OSError as exc:  # a library that does not load: use torch
-            _state["error"] = [str(exc)]
-            lib = None
-        _state["lib"] = lib
-    return _state["lib"]
+    return native.load(_state, _build, _declare)
 
 
 def build_error() -> str | None:
     """Why `library()` is None after a failed build (the compiler's last line), if it failed."""
-    err = _state.get("error")
-    return err[0] if err else None
+    return native.build_error(_state)
 
 
 def runs(bucket, device) -> bool:
