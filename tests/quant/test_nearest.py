@@ -181,7 +181,23 @@ def test_learning_through_the_kernel_equals_learning_by_the_definition(monkeypat
     native_books = kmeans.learn_unit_codebooks(x, bits, c, w, seed=3, iters=8)
     assert torch.equal(kmeans.learn_unit_codebooks(x, bits, c, w, seed=3, iters=8), native_books)  # deterministic
     monkeypatch.setattr(kmeans, "_nearest_learning", kmeans._nearest_torch)
+    monkeypatch.setattr(nearest, "seeding", lambda x, w: None)  # k-means++ seeding in torch too
     assert torch.equal(kmeans.learn_unit_codebooks(x, bits, c, w, seed=3, iters=8), native_books)
+
+
+@needs_native
+@pytest.mark.parametrize("c", [1, 2, 4, 8])
+@pytest.mark.parametrize("weights", [None, "point", "coord"])
+def test_kmeanspp_seeding_through_the_kernel_equals_the_torch_draws(monkeypatch, c, weights):
+    x, _, w = problem(4, 333, c, 1, weights, seed=c)
+    x[0, 100:140] = x[0, 99]  # repeated points: distances of exactly zero, never drawn again
+    x[1] = x[1, 0]  # one point 333 times: every distance zero after the first draw, then drawn uniformly
+    assert nearest.seeding(x, w) is not None
+    native_C = kmeans._init_kmeanspp(x, w, 64, gen(7))
+    monkeypatch.setattr(nearest, "seeding", lambda x, w: None)
+    torch_C = kmeans._init_kmeanspp(x, w, 64, gen(7))
+    assert torch.equal(native_C, torch_C)
+    assert len({tuple(r) for r in native_C[0].tolist()}) == 64  # distinct centroids where the points allow
 
 
 @needs_native

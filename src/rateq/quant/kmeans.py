@@ -30,7 +30,8 @@ bit the torch definition `_nearest_torch`, whatever the chunking, the number of 
 Where it does not run (no C compiler, a failed build, `RATEQ_KERNELS=torch`, CUDA tensors), `assign` uses that
 definition and learning one matmul per chunk of whole problems (`_nearest_matmul`, several times faster than the
 definition in torch: a near-tie may go either way, by the machine's rounding, so codebooks learned there may
-differ in their last bits from the native ones).
+differ in their last bits from the native ones). k-means++ seeding takes each draw's distances, minima and running
+sum in one native pass too (`nearest.seeding`), with the same uniforms and the same result as in torch.
 
 Memory: the learners copy at most `sample` calibration points (a seeded random subset, drawn before anything is
 copied); the torch paths form distances in chunks of at most `_CHUNK` (point, centroid) pairs
@@ -206,6 +207,13 @@ def _init_kmeanspp(x: torch.Tensor, w: torch.Tensor | None, k: int, gen: torch.G
     C = torch.empty(G, k, c, device=x.device)
     mass = torch.ones(G, n, device=x.device) if w is None else w.sum(-1).expand(G, n).contiguous()
     C[:, 0] = x[rows, _draw(mass, gen)]
+    step = nearest.seeding(x, w) if k > 1 else None
+    if step is not None:  # the native kernel: the same distances, minima and draws in one pass per centroid
+        d = torch.full((G, n), float("inf"))
+        for t in range(1, k):
+            u = torch.rand(G, 1, generator=gen, device=x.device, dtype=torch.float64)  # as `_draw` takes it
+            C[:, t] = x[rows, step(C[:, t - 1], d, u)]
+        return C
     d = _distance(x, C[:, 0], w)
     for t in range(1, k):
         C[:, t] = x[rows, _draw(d, gen)]

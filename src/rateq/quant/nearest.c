@@ -149,3 +149,57 @@ int rq_nearest(int64_t G, int64_t n, int64_t c, int64_t k, const float *x, const
     }
     return 0;
 }
+
+/* One step of k-means++ seeding (rateq.quant.kmeans._init_kmeanspp) for G problems: every point's distance to
+ * the nearest centroid so far, d (G, n) fp32, lowered to its distance to the centroid just placed, mu (G, c) at
+ * row stride mu_stride (the same sum as above: s_j in order, then * w for a weight per point), then one point
+ * per problem drawn with probability proportional to d: the first i whose float64 running sum d_0 + ... + d_i
+ * (taken in order, each d_i widened exactly) exceeds u_g times the whole sum, at most n - 1; every point alike
+ * where d sums to zero. That is torch.searchsorted(cumsum(d.double()), u * total, right=True), the sums being
+ * sequential either way. Returns 0, or 2 for arguments out of range (nothing written). */
+int rq_seed_step(int64_t G, int64_t n, int64_t c, const float *x, const float *w, int32_t wmode, const float *mu,
+                 int64_t mu_stride, float *d, const double *u, int64_t *drawn, int32_t nthreads) {
+    if (G < 0 || n < 1 || c < 1 || c > MAX_C || wmode < W_NONE || wmode > W_COORD || (wmode != W_NONE && !w))
+        return 2;
+    int nt = nthreads > 0 ? nthreads : 1;
+    if ((double)G * (double)n * (double)c < 1e5) nt = 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t g = 0; g < G; g++) {
+        const float *xg = x + g * n * c, *m = mu + g * mu_stride;
+        const float *wg = wmode == W_NONE ? NULL : w + g * n * (wmode == W_COORD ? c : 1);
+        float *dg = d + g * n;
+        double total = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            float e = 0.0f;
+            for (int64_t j = 0; j < c; j++) {
+                float t = m[j] - xg[i * c + j];
+                float s = t * t;
+                if (wmode == W_COORD) s = s * wg[i * c + j];
+                e = j ? e + s : s;
+            }
+            if (wmode == W_POINT) e = e * wg[i];
+            if (e < dg[i]) dg[i] = e;
+            total += (double)dg[i];
+        }
+        int64_t at = n - 1;
+        if (total > 0.0) {
+            double v = u[g] * total, run = 0.0;
+            for (int64_t i = 0; i < n; i++) {
+                run += (double)dg[i];
+                if (run > v) {
+                    at = i;
+                    break;
+                }
+            }
+        } else { /* all ones: the running sum at i is i + 1 */
+            double v = u[g] * (double)n;
+            for (int64_t i = 0; i < n; i++)
+                if ((double)(i + 1) > v) {
+                    at = i;
+                    break;
+                }
+        }
+        drawn[g] = at;
+    }
+    return 0;
+}
