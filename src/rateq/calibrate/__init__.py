@@ -58,8 +58,8 @@ DEFAULT_QUANTIZERS = ("minmax-g32-fp16-prerope", "minmax-g64-fp16-prerope", "min
 # Below 2.5 effective bits per element, the per-token families run out of bits for their own scales and zeros; the
 # learned codebooks store none (2, 4 and 8 channels per code, Coupled Quantization). `rateq calibrate --budget B`
 # adds them to the default candidates for B below LOW_BIT_BUDGET: on smollm2-135m at 2.0 bits they take Pride and
-# Prejudice from PPL 43.99 to 29.97 and the Jargon File from 71.38 to 44.46 (README "Quantizers"), for about 4×
-# the calibration time on a CPU (k-means of up to 256 centroids per unit and width, fitted on held-out windows).
+# Prejudice from PPL 43.99 to 29.90 and the Jargon File from 71.38 to 44.18 (README "Quantizers"), for 2.3× the
+# calibration time on a CPU (a held-out pass, k-means of up to 256 centroids per unit and width, their pricing).
 LOW_BIT_QUANTIZERS = ("codebook-g2-prerope", "codebook-g4-prerope", "codebook-g8-prerope")
 LOW_BIT_BUDGET = 2.5
 # Chosen by bench/metric_correlation.py: the metric whose predicted Σ_u D_u(plan) ranks measured ΔNLL of
