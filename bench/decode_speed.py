@@ -11,9 +11,10 @@ model's attention); DynamicCache; QuantizedCache at the same bits, group and res
 same prefill (one forward fills a DynamicCache; its keys and values are written into the others), then decode
 the same tokens, taking turns step by step so that load from other processes hits them alike. QuantizedCache
 re-quantizes its whole history every `residual` steps, so the default `--steps` equals the residual window and
-its mean includes that once, as a long generation would. Each row also gives the peak bytes a decode step
-allocates beyond what was held before it (torch's profiler, CPU only), as a share of one layer's dense fp32
-history.
+its mean includes that once, as a long generation would. Each row also gives the seconds the cache took to take
+in the prefill (quantize, pack and store every layer's history: what a long prompt adds to the model's own
+forward) and the peak bytes a decode step allocates beyond what was held before it (torch's profiler, CPU only),
+as a share of one layer's dense fp32 history.
 
 QuantizedCache needs its backends installed (`pip install optimum-quanto hqq`); rows for missing ones say so.
 
@@ -118,10 +119,15 @@ def measure(model, args, context: int, steps: int, plans: dict, skipped: dict) -
         makers[name] = (lambda b=backend: QuantizedCache(b, config, nbits=args.bits, q_group_size=args.group,
                                                          residual_length=args.residual))
     caches = {}
+    fill = {}
     for name, make in makers.items():
         cache = make()
+        sync(dev)
+        t = time.perf_counter()
         for i, layer in enumerate(prefill.layers):
             cache.update(layer.keys, layer.values, i)
+        sync(dev)
+        fill[name] = time.perf_counter() - t
         caches[name] = cache
     del prefill
     times = {name: [] for name in caches}
@@ -145,7 +151,7 @@ def measure(model, args, context: int, steps: int, plans: dict, skipped: dict) -
             at = context + steps + 1
             step_ids, pos = ids[:, at - 1:at], torch.tensor([[at]], device=dev)
             peak = peak_allocated(lambda: model(step_ids, past_key_values=cache, position_ids=pos, use_cache=True))
-        rows.append({"context": context, "cache": name, "mean_ms": 1e3 * statistics.mean(ts),
+        rows.append({"context": context, "cache": name, "fill_s": fill[name], "mean_ms": 1e3 * statistics.mean(ts),
                      "median_ms": 1e3 * statistics.median(ts), "vs_dynamic": statistics.mean(ts) / base,
                      "nbytes": held_nbytes(cache), "step_peak_bytes": peak,
                      "step_peak_vs_layer_history": None if peak is None else peak / layer_dense})
@@ -185,14 +191,15 @@ def main() -> None:
     print(f"{args.model} ({'random' if args.random_weights else 'real'} weights, {dtype}) on {args.device}, "
           f"{args.threads} threads: {steps} decode steps per context; uniform plans and QuantizedCache at "
           f"{args.bits} bits, group {args.group}, residual {args.residual}")
-    print(f"{'tokens':>6s} {'cache':34s} {'mean ms':>9s} {'median':>9s} {'× Dynamic':>10s} {'MiB held':>9s} "
-          f"{'step peak':>10s}")
+    print(f"{'tokens':>6s} {'cache':34s} {'fill s':>7s} {'mean ms':>9s} {'median':>9s} {'× Dynamic':>10s} "
+          f"{'MiB held':>9s} {'step peak':>10s}")
     for r in rows:
         held = f"{r['nbytes'] / 2**20:9.1f}" if r["nbytes"] is not None else f"{'-':>9s}"
         peak = f"{100 * r['step_peak_vs_layer_history']:9.1f}%" if r["step_peak_bytes"] is not None else f"{'-':>10s}"
-        print(f"{r['context']:6d} {r['cache']:34s} {r['mean_ms']:9.2f} {r['median_ms']:9.2f} {r['vs_dynamic']:10.3f} "
-              f"{held} {peak}")
-    print("step peak: bytes a decode step allocates beyond what is held, as a share of one layer's fp32 K+V history")
+        print(f"{r['context']:6d} {r['cache']:34s} {r['fill_s']:7.2f} {r['mean_ms']:9.2f} {r['median_ms']:9.2f} "
+              f"{r['vs_dynamic']:10.3f} {held} {peak}")
+    print("fill: seconds to take in the prefill's keys and values (quantize, pack, store); step peak: bytes a decode "
+          "step allocates beyond what is held, as a share of one layer's fp32 K+V history")
     for name, why in skipped.items():
         print(f"{name}: not run ({why})")
 
