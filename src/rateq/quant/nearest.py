@@ -57,7 +57,19 @@ def build_error() -> str | None:
 
 
 def _bounded(t: torch.Tensor) -> bool:
-    return t.numel() == 0 or float(t.abs().amax()) < _BOUND  # NaN compares false
+    """Every |value| below `_BOUND`: one pass, no copy (NaN compares false)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return float(lo) > -_BOUND and float(hi) < _BOUND
+
+
+def _weights(w: torch.Tensor) -> bool:
+    """Every weight in [0, inf) (NaN compares false)."""
+    if w.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(w)
+    return float(lo) >= 0 and float(hi) < float("inf")
 
 
 def _runs(x: torch.Tensor, w: torch.Tensor | None, C: torch.Tensor | None = None) -> bool:
@@ -71,7 +83,7 @@ def _runs(x: torch.Tensor, w: torch.Tensor | None, C: torch.Tensor | None = None
         return False
     if library() is None or not all(_bounded(t) for t in (x, C) if t is not None):
         return False
-    return w is None or w.numel() == 0 or (float(w.amin()) >= 0 and float(w.amax()) < float("inf"))
+    return w is None or _weights(w)
 
 
 def nearest(x: torch.Tensor, C: torch.Tensor,

@@ -107,11 +107,18 @@ def fused_family(bucket) -> bool:
     return not bucket.parts["codes"].part.stream
 
 
+def codebook_family(bucket) -> bool:
+    """Whether a fused kernel (native or Triton) can read a learned-codebook bucket: below 16 bits, codes packed in
+    whole rows, head_dim a multiple of 8 up to `MAX_D` (a power of two when rotated)."""
+    s, D = bucket.spec, bucket.head_dim
+    return (s.kind == "codebook" and bucket.bits < FULL_PRECISION_BITS and not s.static_scale and D <= MAX_D
+            and D % 8 == 0 and (s.rotation == "none" or D & (D - 1) == 0) and not bucket.parts["codes"].part.stream)
+
+
 def _eligible(bucket) -> bool:
     s, D = bucket.spec, bucket.head_dim
-    if s.kind == "codebook":  # learned codebooks: native only, rows of whole bytes of 8 codes
-        return (bucket.bits < FULL_PRECISION_BITS and not s.static_scale and D <= MAX_D and D % (8 * s.group_size) == 0
-                and (s.rotation == "none" or D & (D - 1) == 0) and not bucket.parts["codes"].part.stream)
+    if s.kind == "codebook":  # the native kernels read rows of whole bytes of 8 codes
+        return codebook_family(bucket) and D % (8 * s.group_size) == 0
     # the native kernels also read whole channel groups per 8 lanes
     return fused_family(bucket) and not (s.axis_for(bucket.role) == "channels" and s.group_size % 8)
 

@@ -41,8 +41,7 @@ import os
 import torch
 
 from ...quant import hadamard, lloydmax
-from ...quant.spec import FULL_PRECISION_BITS
-from . import MAX_D, MAX_R, fused_family
+from . import MAX_R, codebook_family, fused_family
 
 TILE_ELEMENTS = 4096  # a tile holds at most this many dequantized values (64 tokens up to head_dim 64)
 TARGET_PROGRAMS = 512  # mix splits each head's tokens so that about this many programs run
@@ -78,15 +77,7 @@ def runs(bucket, device) -> bool:
         return False
     if bucket.prerope and bucket.span is None:  # no shared tables to re-apply RoPE with: the torch path
         return False
-    return (fused_family(bucket) or _book_family(bucket)) and available()
-
-
-def _book_family(bucket) -> bool:
-    """Learned codebooks below 16 bits in whole packed rows, head_dim a multiple of 8 up to `MAX_D` (a power of two
-    when rotated)."""
-    s, D = bucket.spec, bucket.head_dim
-    return (s.kind == "codebook" and bucket.bits < FULL_PRECISION_BITS and not s.static_scale and D <= MAX_D
-            and D % 8 == 0 and (s.rotation == "none" or D & (D - 1) == 0) and not bucket.parts["codes"].part.stream)
+    return (fused_family(bucket) or codebook_family(bucket)) and available()
 
 
 def _next_pow2(n: int) -> int:
