@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -160,6 +161,16 @@ def measure(model, args, context: int, steps: int, plans: dict, skipped: dict) -
 
 def main() -> None:
     args = parse_args()
+    if args.codebook:  # checked before the weights load: one line, exit 2
+        try:
+            book = rateq.parse_spec(args.codebook)
+        except rateq.RateQError as exc:
+            book, why = None, str(exc)
+        else:
+            why = f"not a learned-codebook quantizer that stores {args.bits} bits"
+        if book is None or book.kind != "codebook" or not book.allows_bits(args.bits):
+            print(f"--codebook {args.codebook}: {why}", file=sys.stderr)
+            raise SystemExit(2)
     torch.set_num_threads(args.threads)
     steps = args.steps or args.residual
     model, _ = rateq.load_model(args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights)
