@@ -278,3 +278,23 @@ def test_a_model_split_over_gpus_and_cpu_offload_calibrates_like_one_device(tiny
     for m in METRICS:
         torch.testing.assert_close(parts[m].distortion, one[m].distortion, rtol=1e-3, atol=0)
         assert set(parts[m].calibration["peak_bytes"]) >= {"cpu", "cuda:0", f"cuda:{last}"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_on_cuda_the_fused_key_kernel_gives_the_torch_paths_curves(tiny, monkeypatch, dtype):
+    from rateq.calibrate import triton_scores
+
+    model = tiny("qwen3", kv_heads=4, num_hidden_layers=4).to(device="cuda", dtype=dtype)
+    kw = dict(metrics=METRICS, bits=(2, 3, 4, 8), quantizers=QUANTIZERS, batch_size=2)
+    calls = []
+    real = triton_scores.key_errors
+    monkeypatch.setattr(triton_scores, "key_errors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = calibrate_metrics(model, None, ids(2, 256), **kw)
+    assert len(calls) == 2 * 4  # each batch row of each layer
+    monkeypatch.setenv("RATEQ_KERNELS", "torch")
+    plain = calibrate_metrics(model, None, ids(2, 256), **kw)
+    assert len(calls) == 2 * 4
+    for m in METRICS:  # the same sums, up to the rounding of the bf16 differences (matmul_dtype on CUDA)
+        torch.testing.assert_close(fused[m].distortion, plain[m].distortion, rtol=2e-2, atol=0)

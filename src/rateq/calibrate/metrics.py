@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import triton_scores
+
 METRICS = ("mse", "score", "output", "fisher")
 ATTENTION_METRICS = ("score", "output", "fisher")  # need the (query, key) scores
 _NEG = -1e30
@@ -107,10 +109,27 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
     vb = v if inp.value_base is None else inp.value_base
     same_base = inp.key_base is None
     lowp = matmul_dtype != torch.float32
-    C = max(Ck, Cv, 1)
+    # On CUDA the key candidates are scored by one fused kernel per batch row (triton_scores), the values here.
+    fused = bool(Ck) and triton_scores.runs(inp, matmul_dtype, dev)
+    C = max(Cv if fused else Ck, Cv, 1)
     for b in range(B):
         first = (query_offset + b) % query_stride  # rows first, first + stride, …: strided views, no copy
         n_rows = len(range(first, T, query_stride))
+        if fused:
+            keys = triton_scores.key_errors(q[b], k[b], v[b], k_hat[:, b], inp.allowed[b],
+                                            None if grad is None else grad[b], inp.scaling, first, query_stride,
+                                            metrics, matmul_dtype)
+            for m, sums in keys.items():
+                out[m][0].add_(sums, alpha=T / n_rows)
+            if not Cv:
+                continue
+        if Cv:  # each value candidate's error δV (and its squared norm per position) once per batch row
+            dv_all = v_hat[:, b].float() - v[b].float()[None]  # (Cv, Hkv, S, D)
+            dv2_all = dv_all.pow(2).sum(-1) if "score" in metrics else None  # (Cv, Hkv, S)
+            dvc_all = dv_all.permute(1, 2, 0, 3).reshape(Hkv, S, Cv * D) if want_out else None
+            if dvc_all is not None and lowp:
+                dvc_all = dvc_all.to(matmul_dtype)
+            del dv_all
         # Query rows per chunk: bounded by `chunk_elements` for the widest temporary (Hkv, groups·rows, C, keys),
         # and at most T/16 so that causal chunks skip most of the masked upper triangle.
         rows = max(1, min(n_rows, chunk_elements // max(1, Hq * C * S), max(32, -(-n_rows // 16))))
@@ -168,7 +187,7 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
                 a_base = a_base * live
 
             # --- key units: every candidate's scores in one matmul, candidates folded into the key axis
-            if Ck:
+            if Ck and not fused:
                 kh = k_hat[:, b, :, ks:ke].float().transpose(0, 1).reshape(Hkv, Ck * Sc, D)
                 if lowp:
                     dk = (kh.view(Hkv, Ck, Sc, D) - kc[:, None]).view(Hkv, Ck * Sc, D).to(matmul_dtype)
@@ -201,13 +220,11 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
 
             # --- value units: A (V̂ − V) for every candidate, candidates folded into the channel axis
             if Cv:
-                dv = v_hat[:, b, :, ks:ke].float() - vc[None]  # (Cv, Hkv, Sc, D)
                 if "score" in metrics:
                     w = a_base.pow(2).sum(1)  # (Hkv, Sc): Σ over query heads and rows of A²
-                    acc["score"][1].add_((dv.pow(2).sum(-1) * w[None]).sum(-1).T.double())
+                    acc["score"][1].add_((dv2_all[:, :, ks:ke] * w[None]).sum(-1).T.double())
                 if want_out:
-                    dvc = dv.permute(1, 2, 0, 3).reshape(Hkv, Sc, Cv * D)
-                    e = (a_base.to(matmul_dtype) @ dvc.to(matmul_dtype)).float()  # (Hkv, groups·Tc, Cv·D)
+                    e = (a_base.to(matmul_dtype) @ dvc_all[:, ks:ke]).float()  # (Hkv, groups·Tc, Cv·D)
                     add_output(1, e.view(Hkv, groups * Tc, Cv, D))
                     del e
         for m in acc:  # this sequence's sums over the rows scored, scaled to all of its rows

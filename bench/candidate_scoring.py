@@ -1,0 +1,108 @@
+"""Candidate scoring of one layer and one sequence, the calibration's hot path: the fused key kernel (CUDA) against
+the torch path, in one process.
+
+`metrics.candidate_errors` for one (layer, sequence) at a model's shapes, with as many key and value candidates as
+rateq's default set scores (35 and 21 columns at 7 widths), random inputs (the cost does not depend on the values),
+every 4th query row, the default metric (fisher). Prints milliseconds per call for each path, their ratio, and
+what the calls of a whole calibration would add up to (layers × sequences).
+
+    python bench/candidate_scoring.py --device cuda                       # Qwen3-8B's shapes, bf16, 2048 tokens
+    python bench/candidate_scoring.py --device cuda --seq-len 8192
+    python bench/candidate_scoring.py                                     # CPU: the torch path only, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from rateq.calibrate import DEFAULT_QUERY_STRIDE, triton_scores
+from rateq.calibrate.metrics import LayerInputs, allowed_pairs, candidate_errors
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of `repeats` calls, after one warm-up call (kernel compilation, allocator)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--heads", type=int, default=32, help="query heads (Qwen3-8B: 32)")
+    ap.add_argument("--kv-heads", type=int, default=8, help="KV heads (Qwen3-8B: 8)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=36, help="layers of the model, for the whole-calibration estimate")
+    ap.add_argument("--sequences", type=int, default=16, help="calibration sequences, for the estimate")
+    ap.add_argument("--key-candidates", type=int, default=35)
+    ap.add_argument("--value-candidates", type=int, default=21)
+    ap.add_argument("--metric", default="fisher")
+    ap.add_argument("--query-stride", type=int, default=DEFAULT_QUERY_STRIDE)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    matmul_dtype = torch.bfloat16 if on_gpu else torch.float32
+    Hq, Hkv, D, T = args.heads, args.kv_heads, args.head_dim, args.seq_len
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    q, k, v = randn(1, Hq, T, D), randn(1, Hkv, T, D, scale=2.0), randn(1, Hkv, T, D)
+    k_hat = k[None] + randn(args.key_candidates, 1, Hkv, T, D, scale=0.05)
+    v_hat = v[None] + randn(args.value_candidates, 1, Hkv, T, D, scale=0.05)
+    grad = randn(1, T, Hq, D)
+    inp = LayerInputs(q, k, v, allowed_pairs(None, T, T, 1).to(device), D ** -0.5)
+    metrics = (args.metric,)
+
+    def score():
+        return candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, matmul_dtype=matmul_dtype,
+                                chunk_elements=(1 << 28) if on_gpu else (1 << 23), query_stride=args.query_stride)
+
+    fused = triton_scores.runs(inp, matmul_dtype, device)
+    print(f"{Hq} query heads, {Hkv} KV heads, head_dim {D}, {T} tokens, {args.key_candidates} key and "
+          f"{args.value_candidates} value candidates, {args.metric}, query stride {args.query_stride}, "
+          f"{str(dtype).replace('torch.', '')} on {device}")
+    calls = args.layers * args.sequences
+    rows = {}
+    if fused:
+        rows["fused key kernel"] = timed(score, device, args.repeats)
+        got = score()
+    saved = os.environ.get("RATEQ_KERNELS")
+    os.environ["RATEQ_KERNELS"] = "torch"
+    try:
+        rows["torch path"] = timed(score, device, args.repeats)
+        ref = score()
+    finally:
+        os.environ.pop("RATEQ_KERNELS")
+        if saved is not None:
+            os.environ["RATEQ_KERNELS"] = saved
+    base = rows["torch path"]
+    for name, s in rows.items():
+        print(f"{name:17s} {s * 1e3:9.2f} ms per layer and sequence ({s / base:.2f}x the torch path); "
+              f"{calls} calls ({args.layers} layers x {args.sequences} sequences): {s * calls:.2f} s")
+    if fused:
+        worst = max(float(((got[m][r] - ref[m][r]).abs() / ref[m][r].abs()).max()) for m in got for r in range(2))
+        print(f"largest relative difference between the paths' sums: {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
