@@ -63,15 +63,11 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    # Reductions through `tl.reduce` with combine functions of our own: `tl.sum` and `tl.max` are jitted helpers
-    # that run in the interpreter only if TRITON_INTERPRET was set before triton was first imported.
-    @triton.jit
-    def _add(a, b):
-        return a + b
-
-    @triton.jit
-    def _larger(a, b):
-        return tl.maximum(a, b)
+    # Reductions through `tl.reduce` with the combine functions of `tl.sum` and `tl.max`: the interpreter reduces
+    # those with numpy (any other combine function element by element in Python), and `tl.sum`/`tl.max` themselves
+    # are jitted helpers that run in the interpreter only if TRITON_INTERPRET was set before triton was imported.
+    _add = tl.standard._sum_combine
+    _larger = tl.standard._elementwise_max
 
     @triton.jit
     def _key_errors_kernel(q, qs_h, qs_t, k, ks_h, ks_s, kh, khs_c, khs_h, khs_s, v, vs_h, vs_s, g, gs_t, gs_h,
