@@ -3,8 +3,9 @@ the torch path, in one process.
 
 `metrics.candidate_errors` for one (layer, sequence) at a model's shapes, with as many key and value candidates as
 rateq's default set scores (35 and 21 columns at 7 widths), random inputs (the cost does not depend on the values),
-every 4th query row, the default metric (fisher). Prints milliseconds per call for each path, their ratio, and
-what the calls of a whole calibration would add up to (layers × sequences).
+every 4th query row, the default metric (fisher). Prints milliseconds per call for each path, their ratio, what the
+calls of a whole calibration would add up to (layers × sequences), and the fused kernel's rate in matmul TFLOP/s
+(its work counted over the allowed query-key pairs: the plain and the candidate's scores twice, and one P·V).
 
     python bench/candidate_scoring.py --device cuda                       # Qwen3-8B's shapes, bf16, 2048 tokens
     python bench/candidate_scoring.py --device cuda --seq-len 8192
@@ -100,6 +101,12 @@ def main():
         print(f"{name:17s} {s * 1e3:9.2f} ms per layer and sequence ({s / base:.2f}x the torch path); "
               f"{calls} calls ({args.layers} layers x {args.sequences} sequences): {s * calls:.2f} s")
     if fused:
+        pairs = int(inp.allowed[0, ::args.query_stride].sum()) * Hq  # sampled rows from 0 in batch row 0
+        # Per pair and candidate: q·k and q·δk in each pass (4 dots of D), one row of (p̂ − a)·V (1 dot); the base
+        # log-sum-exp once per pair (1 dot). A dot of D is 2·D flops.
+        flop = pairs * 2 * D * (5 * args.key_candidates + 1)
+        s = rows["fused key kernel"]
+        print(f"fused key kernel: {flop / 1e9:.1f} GFLOP per call, {flop / s / 1e12:.3f} TFLOP/s")
         worst = max(float(((got[m][r] - ref[m][r]).abs() / ref[m][r].abs()).max()) for m in got for r in range(2))
         print(f"largest relative difference between the paths' sums: {worst:.2e}")
 
