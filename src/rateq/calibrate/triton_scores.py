@@ -19,8 +19,10 @@ is the K, K̂ and V tiles, where the torch path writes and reads the softmax of 
 
 `runs(inp, matmul_dtype, device)` says when it is used: on a CUDA device (or on the CPU when asked for, with
 `RATEQ_KERNELS=triton` under Triton's interpreter, `TRITON_INTERPRET=1`: how the tests check it against the torch
-path, in fp32 and fp16, the interpreter having no bf16 dot), Triton importable, no reference plan (`key_base`), no logit soft-capping, head_dim up to 256;
-`RATEQ_KERNELS=torch` turns it off.
+path, in fp32 and fp16, the interpreter having no bf16 dot), Triton importable, no reference plan (`key_base`), no
+logit soft-capping, head_dim up to 256 (128 with fp32 operands); `RATEQ_KERNELS=torch` turns it off. `launch_config`
+keeps a block's shared memory within what every CUDA GPU since sm_80 gives; the tests compile the kernel for sm_86
+and sm_90 with Triton's compiler to check it.
 """
 
 from __future__ import annotations
@@ -46,9 +48,25 @@ def runs(inp, matmul_dtype: torch.dtype, device) -> bool:
         return False
     if inp.key_base is not None or inp.value_base is not None or inp.softcap or inp.query.shape[-1] > 256:
         return False
+    if _wide(inp.query.dtype, matmul_dtype) and inp.query.shape[-1] > 128:  # fp32 tiles past 99 KB of shared memory
+        return False
     if kind == "cpu" and torch.bfloat16 in (inp.query.dtype, matmul_dtype):  # the interpreter has no bf16 dot
         return False
     return matmul_dtype in (torch.float32, torch.bfloat16, torch.float16) and available()
+
+
+def _wide(dtype: torch.dtype, matmul_dtype: torch.dtype) -> bool:
+    """Whether the kernel's dot operands are fp32 (twice the shared memory of 16-bit ones)."""
+    return torch.float32 in (dtype, matmul_dtype)
+
+
+def launch_config(D_PAD: int, dtype: torch.dtype, matmul_dtype: torch.dtype) -> dict:
+    """Key tile and pipeline depth: shared memory within 99 KB, what every CUDA GPU since sm_80 gives a block
+    (sm_86/sm_89 allow 99 KB, sm_80 163 KB, sm_90 227 KB). 16-bit operands: 64 keys per tile up to head_dim 128,
+    32 at 256 (64 KB and 96 KB on sm_90); fp32 ones: 32 keys, one stage (96 KB at head_dim 128; 256 is not taken)."""
+    if _wide(dtype, matmul_dtype):
+        return dict(BLOCK_N=32, num_stages=1)
+    return dict(BLOCK_N=64 if D_PAD <= 128 else 32)
 
 
 def _next_pow2(n: int) -> int:
@@ -210,7 +228,6 @@ def key_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.T
     P = BLOCK_M // GP
     n_blocks = -(-n_rows // P)
     D_PAD = max(16, _next_pow2(D))
-    BLOCK_N = 64 if D_PAD <= 128 else 32
     # Each block's band of keys: from the first key any of its rows may attend to one past the last.
     al = allowed[first::stride][:n_rows]  # (n_rows, S)
     reach = al.any(-1)
@@ -234,8 +251,8 @@ def key_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.T
     common = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k_hat, k_hat.stride(0), k_hat.stride(1),
               k_hat.stride(2), v, v.stride(0), v.stride(1), g, g.stride(0), g.stride(1), mask, mask.stride(0), lo, hi,
               lse, out, float(scaling), first, stride, n_rows, groups, D, n_blocks)
-    meta = dict(GP=GP, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D_PAD=D_PAD, DOT=dot, S_IEEE=q.dtype == torch.float32,
-                D_IEEE=matmul_dtype == torch.float32)
+    meta = dict(GP=GP, BLOCK_M=BLOCK_M, D_PAD=D_PAD, DOT=dot, S_IEEE=q.dtype == torch.float32,
+                D_IEEE=matmul_dtype == torch.float32, **launch_config(D_PAD, q.dtype, matmul_dtype))
     kernel[(n_blocks, 1, Hkv)](*common, BASE=True, SCORE=False, OUT=False, FISHER=False, **meta)
     kernel[(n_blocks, Ck, Hkv)](*common, BASE=False, SCORE="score" in metrics, OUT="output" in metrics,
                                 FISHER="fisher" in metrics, **meta)
