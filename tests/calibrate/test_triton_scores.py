@@ -1,7 +1,8 @@
 """The fused key-candidate kernel computes what the torch path of `candidate_errors` computes: the score, output and
 fisher sums of every key candidate, for GQA and MHA, head_dims that are not powers of two, causal, sliding-window
 and padded masks, sampled query rows, in fp32 and through a 16-bit matmul (fp16 here: Triton's interpreter has no
-bf16 dot). Checked in Triton's interpreter on the CPU (`TRITON_INTERPRET=1`)."""
+bf16 dot). Checked in Triton's interpreter on the CPU (`TRITON_INTERPRET=1`), and compiled for CUDA GPUs (sm_86,
+sm_90) with Triton's compiler."""
 
 from __future__ import annotations
 

@@ -1,11 +1,15 @@
 """The Triton decode kernels compute what the torch path computes: scores and outputs straight from the packed
 codes, for every family they take, every bit width, GQA, buckets of scattered heads, histories that end inside a
 tile, pre-RoPE keys (rotated or not) re-rotated by position. Checked in Triton's interpreter on the CPU
-(`TRITON_INTERPRET=1`)."""
+(`TRITON_INTERPRET=1`), and compiled for CUDA GPUs (sm_86, sm_90) with Triton's compiler."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 # Kernels run on CPU tensors. torch may have imported triton already; the kernels are defined on first use and read
 # this then.
@@ -248,3 +252,73 @@ def test_codebook_buckets_the_kernels_take(codebook_store):
     assert held.data_ptr() == book.codec.param.data_ptr()
     refused = codebook_store("v", parse_spec("codebook-g4"), 1, 2, 16, 8).buckets[0]  # 4 codes a row: a stream
     assert refused.parts["codes"].part.stream and not triton_decode.runs(refused, "cpu")
+
+
+def _compiles_for_cuda() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
+
+
+@pytest.mark.skipif(not _compiles_for_cuda(), reason="Triton without its CUDA backend")
+def test_the_kernels_compile_for_cuda_gpus_within_their_shared_memory():
+    """Every family the kernels take at head_dim 128 (Qwen3's, Llama's): keys of plain, Lloyd–Max rotated,
+    integer zero-point, per-channel fp8-scaled, pre-RoPE rotated and pre-RoPE codebook buckets (scores), values of
+    plain, codebook and Lloyd–Max buckets (mix), 4 queries per KV head; the launches `scores` and `mix` make,
+    compiled for sm_86 and sm_90 with Triton's compiler, in a process of its own outside the interpreter."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        warnings.filterwarnings("ignore")
+        sys.path.insert(0, sys.argv[1])
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from cuda_compile import SHARED_LIMIT, Recorder, compile_launch
+        from rateq import parse_spec, rotary_of
+        from rateq.quant.kmeans import learn_unit_codebooks
+        from rateq.quant.params import param_key
+        from rateq.runtime.kernels import triton_decode as td
+        from rateq.runtime.store import RoleStore
+
+        D, T, B, r = 128, 192, 1, 4
+        g = torch.Generator().manual_seed(0)
+        config = LlamaConfig(hidden_size=2 * D, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, head_dim=D, vocab_size=32)
+        rotary = rotary_of(LlamaForCausalLM(config))
+
+        def store(role, sids, bits, prerope=False):  # one head per quantizer
+            specs, params = [parse_spec(s) for s in sids], {}
+            for spec, b in zip(specs, bits):
+                if spec.kind == "codebook":
+                    books = learn_unit_codebooks(torch.randn(2, 256, D, generator=g), b, spec.group_size, seed=1)
+                    params[param_key(spec, b)] = books.view(1, 1, 2, *books.shape[1:]).expand(
+                        1, len(specs), 2, *books.shape[1:]).contiguous()
+            st = RoleStore(role, torch.tensor(bits), torch.arange(len(specs)), specs, D, 0,
+                           rotary if prerope else None, params=params or None)
+            st.append(torch.randn(B, len(specs), T, D, generator=g), 0)
+            return st
+
+        real = td._kernels()
+        recs = td._state["kernels"] = (Recorder(real[0]), Recorder(real[1]))
+        for st in (store("k", ["minmax-g32-fp16", "lloydmax-g16-rhadamard-fp16", "minmax-g16-fp16-zcode",
+                               "symmetric-g32-channels-hadamard-fp8"], [2, 3, 4, 1]),
+                   store("k", ["minmax-g16-hadamard-bf16-prerope", "codebook-g4-prerope"], [2, 2], prerope=True),
+                   store("v", ["minmax-g32-fp16", "codebook-g2", "lloydmax-g16-rhadamard-fp16"], [2, 3, 4])):
+            H = len(st.buckets)
+            for b in st.buckets:
+                assert td.fused_family(b) or td.codebook_family(b), b.spec
+                if st.role == "k":
+                    td.scores(b, torch.randn(B, H, r, D), torch.empty(B, H, r, T))
+                else:
+                    td.mix(b, torch.softmax(torch.randn(B, H, r, T), -1), torch.empty(B, H, r, D))
+        assert [len(rec.launches) for rec in recs] == [6, 3], [len(rec.launches) for rec in recs]
+        for fn, rec in zip(real, recs):
+            for grid, args, kwargs in rec.launches:
+                for cc in (86, 90):
+                    shared = compile_launch(fn, args, kwargs, cc).metadata.shared
+                    assert shared <= SHARED_LIMIT[86], (fn.__name__, cc, shared, kwargs)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RATEQ_KERNELS")}
+    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parents[1])], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.rstrip().endswith("ok"), run.stdout + run.stderr
