@@ -8,6 +8,12 @@ process where `TRITON_INTERPRET` is not set: under the interpreter `triton.jit` 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 # Shared memory a block may opt into, bytes (CUDA programming guide, "Technical Specifications per Compute
@@ -59,3 +65,17 @@ def compile_launch(fn, args, kwargs, cc: int):
             signature[param.name] = _type(x)
     source = ASTSource(fn=fn, signature=signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)
+
+
+def available() -> bool:
+    """Whether Triton's CUDA backend (its compiler and ptxas) is installed."""
+    return importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
+
+
+def run_script(code: str) -> None:
+    """Runs `code` in a fresh Python process without `TRITON_INTERPRET` (or `RATEQ_KERNELS`), this folder on its
+    path as `sys.argv[1]`; asserts it exits 0 having printed "ok" last."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RATEQ_KERNELS")}
+    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.rstrip().endswith("ok"), run.stdout + run.stderr

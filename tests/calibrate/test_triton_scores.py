@@ -7,10 +7,7 @@ sm_90) with Triton's compiler."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # read by the kernel on first use (see test_triton_decode.py)
 
@@ -19,6 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import cuda_compile  # noqa: E402  (tests/cuda_compile.py)
 import rateq  # noqa: E402
 from rateq.calibrate import calibrate_metrics  # noqa: E402
 from rateq.calibrate import triton_scores  # noqa: E402
@@ -136,13 +134,7 @@ def test_calibration_through_the_kernel_gives_the_torch_paths_curves(monkeypatch
     assert rateq.Curves is type(got["fisher"])
 
 
-def _compiles_for_cuda() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
-
-
-@pytest.mark.skipif(not _compiles_for_cuda(), reason="Triton without its CUDA backend")
+@pytest.mark.skipif(not cuda_compile.available(), reason="Triton without its CUDA backend")
 def test_the_kernel_compiles_for_cuda_gpus_within_their_shared_memory():
     """The launches `key_errors` makes, compiled for sm_86 (99 KB of shared memory per block, the least of any GPU
     since sm_80) and sm_90 (the H100/H200 path): bf16 at head_dim 128 (the calibration default on CUDA), fp16 at
@@ -173,7 +165,4 @@ def test_the_kernel_compiles_for_cuda_gpus_within_their_shared_memory():
                     assert shared <= SHARED_LIMIT[86], (dtype, D, cc, shared)
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RATEQ_KERNELS")}
-    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parents[1])], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.rstrip().endswith("ok"), run.stdout + run.stderr
+    cuda_compile.run_script(code)

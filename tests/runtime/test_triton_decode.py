@@ -6,10 +6,7 @@ tile, pre-RoPE keys (rotated or not) re-rotated by position. Checked in Triton's
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 # Kernels run on CPU tensors. torch may have imported triton already; the kernels are defined on first use and read
 # this then.
@@ -20,6 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import cuda_compile  # noqa: E402  (tests/cuda_compile.py)
 from rateq import QuantSpec, parse_spec, rotary_of  # noqa: E402
 from rateq.runtime.kernels import triton_decode  # noqa: E402
 from rateq.runtime.store import Bucket, RoleStore  # noqa: E402
@@ -254,13 +252,7 @@ def test_codebook_buckets_the_kernels_take(codebook_store):
     assert refused.parts["codes"].part.stream and not triton_decode.runs(refused, "cpu")
 
 
-def _compiles_for_cuda() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
-
-
-@pytest.mark.skipif(not _compiles_for_cuda(), reason="Triton without its CUDA backend")
+@pytest.mark.skipif(not cuda_compile.available(), reason="Triton without its CUDA backend")
 def test_the_kernels_compile_for_cuda_gpus_within_their_shared_memory():
     """Every family the kernels take at head_dim 128 (Qwen3's, Llama's): keys of plain, Lloyd–Max rotated,
     integer zero-point, per-channel fp8-scaled, pre-RoPE rotated and pre-RoPE codebook buckets (scores), values of
@@ -318,7 +310,4 @@ def test_the_kernels_compile_for_cuda_gpus_within_their_shared_memory():
                     assert shared <= SHARED_LIMIT[86], (fn.__name__, cc, shared, kwargs)
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RATEQ_KERNELS")}
-    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parents[1])], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.rstrip().endswith("ok"), run.stdout + run.stderr
+    cuda_compile.run_script(code)
