@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
 
 from rateq.calibrate import DEFAULT_QUERY_STRIDE, triton_scores
-from rateq.calibrate.metrics import LayerInputs, allowed_pairs, candidate_errors
+from rateq.calibrate.metrics import METRICS, LayerInputs, allowed_pairs, candidate_errors
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -37,6 +38,34 @@ def timed(fn, device, repeats: int) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def check(args) -> torch.device:
+    """The device, after the arguments are checked: a bad one is one line on stderr and exit 2."""
+    def fail(msg):
+        print(f"candidate_scoring: {msg}", file=sys.stderr)
+        raise SystemExit(2)
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, …)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: cpu or cuda")
+    for name in ("heads", "kv_heads", "head_dim", "seq_len", "layers", "sequences", "query_stride", "repeats",
+                 "threads"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    for name in ("key_candidates", "value_candidates"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must not be negative")
+    if args.heads % args.kv_heads:
+        fail(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    if args.metric not in METRICS:
+        fail(f"--metric {args.metric}: one of {', '.join(METRICS)}")
+    return device
 
 
 def main():
@@ -55,9 +84,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    device = check(args)
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     matmul_dtype = torch.bfloat16 if on_gpu else torch.float32
