@@ -111,7 +111,7 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
     lowp = matmul_dtype != torch.float32
     # On CUDA the key candidates are scored by one fused kernel per batch row (triton_scores), the values here.
     fused = bool(Ck) and triton_scores.runs(inp, matmul_dtype, dev)
-    C = max(Cv if fused else Ck, Cv, 1)
+    C = max(Cv, 0 if fused else Ck, 1)  # candidates in the chunk loop's widest temporary
     for b in range(B):
         first = (query_offset + b) % query_stride  # rows first, first + stride, …: strided views, no copy
         n_rows = len(range(first, T, query_stride))

@@ -197,9 +197,6 @@ def _kernel():
     return _key_errors_kernel
 
 
-_DOT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def _rows(d: torch.Tensor) -> torch.Tensor:
     """`d` with unit stride along its last dim (the kernel's assumption), copied only when it is not."""
     return d if d.stride(-1) == 1 else d.contiguous()
@@ -243,9 +240,8 @@ def key_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.T
         g = _rows(grad)
     else:
         g = q.new_zeros(1, 1, 1)
-    import triton.language as tl_  # the dtype constant the kernel's DOT names
-    dot = {"fp32": tl_.float32, "bf16": tl_.bfloat16, "fp16": tl_.float16}[_DOT[matmul_dtype]]
-    kernel = _kernel()
+    kernel = _kernel()  # defines `tl`
+    dot = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[matmul_dtype]
     lse = torch.empty(Hkv, n_blocks * BLOCK_M, dtype=torch.float32, device=dev)
     out = torch.zeros(Hkv, Ck, 3, n_blocks, dtype=torch.float32, device=dev)
     common = (q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), k_hat, k_hat.stride(0), k_hat.stride(1),
