@@ -230,3 +230,31 @@ def test_candidates_storing_a_role_alike_are_scored_once_and_priced_alike(tiny):
     d = curves.distortion
     assert torch.equal(d[:, :, 1, 0], d[:, :, 1, 1])
     assert not torch.equal(d[:, :, 0, 0], d[:, :, 0, 1])
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_scoring_a_layer_reads_nothing_back_from_the_device(tiny, arch):
+    # On a GPU a read-back (an item, a nonzero, a truth value) waits for every queued kernel: the layers' scoring
+    # takes none (chunk bounds come from the mask's CPU copy), so the reads of a calibration (the loss per batch,
+    # the curves' check at the end, the model's own mask making) do not grow with the layers or the chunks of rows.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += str(func) in reads
+            return func(*args, **(kwargs or {}))
+
+    found = []
+    for layers in (2, 4):
+        kinds = ["sliding_attention", "full_attention"] * (layers // 2)  # gemma3: sliding-window layers too
+        model = tiny(arch, kv_heads=2, num_hidden_layers=layers, **({"layer_types": kinds} if arch == "gemma3" else {}))
+        Count.n = 0
+        with Count():  # 2 × 96 tokens in batches of 2, every 2nd row scored in chunks of 8: 6 chunks per layer
+            calibrate_metrics(model, None, ids(2, 96), metrics=("fisher",), quantizers=[SPEC16, QuantSpec(
+                group_size=16, prerope=True)], batch_size=2, query_stride=2, chunk_elements=8 * 4 * 14 * 96)
+        found.append(Count.n)
+    assert found[0] == found[1] <= 4, found

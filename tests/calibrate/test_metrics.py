@@ -5,6 +5,7 @@ import torch
 
 import rateq
 from rateq.calibrate import calibrate_metrics
+from rateq.calibrate.metrics import allowed_pairs, row_blocks
 from rateq.quant import fake_quantize
 from rateq.quant.spec import QuantSpec
 
@@ -150,3 +151,34 @@ def test_reference_plan_runs_the_model_as_the_plan_stores_it(tiny):
     assert around.calibration["nll"] != pytest.approx(plain.calibration["nll"], rel=1e-6)
     assert around.calibration["reference"]["nominal_bits"] == 2.0
     assert not torch.allclose(around.distortion, plain.distortion, rtol=1e-2)
+
+
+def _masks(T):
+    causal = allowed_pairs(None, T, T, 1)[0]
+    window = causal & ~causal.tril(-6)  # each query sees itself and the 5 keys before it
+    padded = causal.clone()
+    padded[:, :4] = False  # left padding: the first 4 rows attend nothing
+    packed = causal.clone()
+    packed[T // 2:, :T // 2] = False  # two documents in one row
+    holes = causal & (torch.rand(T, T, generator=torch.Generator().manual_seed(T)) > 0.3)  # not a band at all
+    return {"causal": causal, "window": window, "padded": padded, "packed": packed, "holes": holes}
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 64])
+@pytest.mark.parametrize("mask", ["causal", "window", "padded", "packed", "holes"])
+def test_row_blocks_bound_each_block_as_its_rows_do(mask, rows):
+    ok = _masks(37)[mask][::2]  # every other query row, as a query stride samples them
+    blocks = row_blocks(ok, rows)
+    starts = [b[0] for b in blocks]
+    for r0 in range(0, ok.shape[0], rows):  # a block is listed when, and only when, its rows see some key
+        r1 = min(ok.shape[0], r0 + rows)
+        block = ok[r0:r1]
+        cols = block.any(0).nonzero().flatten()
+        if not cols.numel():
+            assert r0 not in starts
+            continue
+        _, r1_, ks, ke, m0, m1, live = blocks[starts.index(r0)]
+        assert (r1_, ks, ke) == (r1, int(cols[0]), int(cols[-1]) + 1)
+        banned = (~block[:, ks:ke]).any(0).nonzero().flatten()  # where some row of the block may not attend
+        assert (m0, m1) == ((int(banned[0]), int(banned[-1]) + 1) if banned.numel() else (0, 0))
+        assert live == bool(block.any(-1).all())

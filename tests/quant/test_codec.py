@@ -113,7 +113,8 @@ def test_multi_matches_single_for_every_family():
 
 
 @pytest.mark.parametrize("spec_id", ["minmax-g32-fp16-prerope", "minmax-g128-rhadamard-fp16-prerope",
-                                     "symmetric-g64-hadamard-fp16", "minmax-g16-rhadamard-bf16-prerope"])
+                                     "symmetric-g64-hadamard-fp16", "minmax-g16-rhadamard-bf16-prerope",
+                                     "lloydmax-g64-rhadamard-fp16-prerope", "minmax-g32-fp16-zcode-prerope"])
 def test_multi_matches_single_for_rotated_and_pre_rope_grids(spec_id):
     spec = rateq.parse_spec(spec_id)
     x = kv(4, (1, 2, 256, 64))
@@ -124,6 +125,35 @@ def test_multi_matches_single_for_rotated_and_pre_rope_grids(spec_id):
         for i, b in enumerate([1, 2, 5, 8, 16]):
             assert torch.equal(multi[i], fake_quantize(x, b, spec, role, rope=rope)), (spec.id, role, b)
 
+
+
+@pytest.mark.parametrize("spec_id,per_width", [
+    ("minmax-g32-fp16-prerope", 0), ("minmax-g32-fp16", 0),  # every width in the same ops
+    ("minmax-g128-rhadamard-fp16-prerope", 3), ("symmetric-g64-hadamard-fp16", 2),  # + the rotation undone per width
+    ("lloydmax-g64-rhadamard-fp16", 8),  # + each width's codes, levels and rotation
+])
+def test_multi_shares_its_work_across_widths(spec_id, per_width):
+    # Calibration quantizes every unit at every width: on a GPU each tensor operation is a kernel launch, so the
+    # widths share the groups, statistics and RoPE (views, which launch nothing, are not counted).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    spec, x = rateq.parse_spec(spec_id), kv(5, (1, 2, 256, 64))
+    ang = torch.arange(256)[:, None] * (1.0 / 10000 ** (torch.arange(0, 64, 2) / 64)).repeat(2)[None]
+    ops = []
+    for bits in ([2], [1, 2, 3, 4, 5, 6, 8]):
+        fake_quantize_multi(x, bits, spec, "k", rope=(ang.cos(), ang.sin()))  # tables made on first use
+        Count.n = 0
+        with Count():
+            fake_quantize_multi(x, bits, spec, "k", rope=(ang.cos(), ang.sin()))
+        ops.append(Count.n)
+    assert ops[1] - ops[0] <= 6 * per_width, ops
 
 def test_pre_rope_codec_stores_pre_rope_keys():
     x = kv(3, (1, 2, 8, 64))

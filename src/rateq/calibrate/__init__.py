@@ -84,6 +84,16 @@ def default_quantizers(budget: float | None = None) -> tuple[str, ...]:
     return DEFAULT_QUANTIZERS + (LOW_BIT_QUANTIZERS if low else ())
 
 
+def scoring_defaults(device_type: str) -> dict:
+    """How candidates are scored on a device type (`metrics.candidate_errors`): `chunk_elements`, the largest
+    temporary (~32 MiB of fp32 on a CPU, ~1 GiB on a GPU); `matmul_dtype`, bf16 tensor cores for the candidate
+    deltas on a GPU, fp32 (fastest) on a CPU; `row_split`, the fewest chunks a sequence's query rows are cut into
+    (16 on a CPU, the least math over causal masks; 4 on a GPU, the fewest kernel launches)."""
+    if device_type == "cuda":
+        return dict(chunk_elements=1 << 28, matmul_dtype=torch.bfloat16, row_split=4)
+    return dict(chunk_elements=1 << 23, matmul_dtype=torch.float32, row_split=16)
+
+
 def default_windows(device) -> tuple[int, int]:
     """`(n_samples, seq_len)` drawn from text when none are given: 16 × 2048 on CUDA, else 4 × 1024."""
     return (CUDA_SAMPLES, CUDA_SEQ_LEN) if str(device).startswith("cuda") else (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN)
@@ -265,12 +275,9 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
         n_samples, seq_len = (n_samples or default_windows(device)[0]), (seq_len or default_windows(device)[1])
     ids, data_name = calibration_ids(tokenizer, texts, n_samples, seq_len, seed)
     n, T = ids.shape
-    if chunk_elements is None:
-        # Largest temporary of the candidate scores: ~32 MiB of fp32 on CPU, ~1 GiB on a GPU.
-        chunk_elements = (1 << 28) if device.type == "cuda" else (1 << 23)
-    if matmul_dtype is None:
-        # GPUs: bf16 tensor cores for the candidate deltas (see metrics.candidate_errors); CPUs: fp32 is fastest.
-        matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    scoring = scoring_defaults(device.type)
+    chunk_elements = scoring["chunk_elements"] if chunk_elements is None else chunk_elements
+    matmul_dtype = scoring["matmul_dtype"] if matmul_dtype is None else matmul_dtype
     report, warnings_to_callback = _progress_sink(progress)
     # Static scales and codebooks are fitted first, on windows held out from the priced ones (rateq.calibrate.learn).
     with _frozen(model):
@@ -279,7 +286,8 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
             ids, bits=bits, num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads, batch_size=batch_size,
             seed=seed, report=report)
     cal = Calibrator(fp.num_layers, fp.num_kv_heads, bits, specs, metrics, policy, reference=reference,
-                     chunk_elements=chunk_elements, matmul_dtype=matmul_dtype, params=params,
+                     chunk_elements=chunk_elements, matmul_dtype=matmul_dtype, row_split=scoring["row_split"],
+                     params=params,
                      query_stride=query_stride)
     needs_grad = cal.needs_grad
     nll = 0.0
@@ -342,7 +350,7 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
         out = {}
         Q, NB = len(specs), len(bits)
         for m in metrics:
-            d = cal.sums[m].view(fp.num_layers, fp.num_kv_heads, 2, Q, NB)
+            d = cal.sums(m).view(fp.num_layers, fp.num_kv_heads, 2, Q, NB)
             for qi, q in enumerate(specs):  # a role the quantizer cannot hold: never a candidate (infinite cost)
                 for r, role in enumerate(("k", "v")):
                     if not holds_role(q, role, hd):

@@ -56,9 +56,13 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
     T = x.shape[2]
     start = policy.sinks
     end = policy.quantized_keys(T) if role == "k" else policy.quantized_values(T)
-    out = x.unsqueeze(0).repeat(len(columns), 1, 1, 1, 1)
     if end <= start:
-        return out
+        return x.unsqueeze(0).repeat(len(columns), 1, 1, 1, 1)
+    out = x.new_empty((len(columns), *x.shape))  # written once: full precision outside start:end, candidates inside
+    if start:
+        out[:, :, :, :start] = x[:, :, :start]
+    if end < T:
+        out[:, :, :, end:] = x[:, :, end:]
     seg = x[:, :, start:end]
     by_quantizer: dict[int, list[tuple[int, int]]] = {}
     for c, (qi, bi, *_) in enumerate(columns):
@@ -77,8 +81,13 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
                       for _, bi in cols]
         else:
             stored = fake_quantize_multi(seg, [bits[bi] for _, bi in cols], spec, role, rope=tables)
-        for (c, _), xs in zip(cols, stored):
-            out[c, :, :, start:end] = xs
+        first = cols[0][0]
+        if [c for c, _ in cols] == list(range(first, first + len(cols))):  # the quantizer's columns in a row
+            out[first:first + len(cols), :, :, start:end] = stored if isinstance(stored, torch.Tensor) else \
+                torch.stack(stored)
+        else:
+            for (c, _), xs in zip(cols, stored):
+                out[c, :, :, start:end] = xs
     return out
 
 
@@ -98,7 +107,8 @@ class Calibrator:
 
     def __init__(self, num_layers: int, num_kv_heads: int, bits, quantizers: list[QuantSpec], metrics,
                  policy: CachePolicy, *, reference: Plan | None = None, chunk_elements: int = 1 << 23,
-                 matmul_dtype: torch.dtype = torch.float32, params: dict | None = None, query_stride: int = 1):
+                 matmul_dtype: torch.dtype = torch.float32, row_split: int = 16, params: dict | None = None,
+                 query_stride: int = 1):
         self.bits = tuple(bits)
         self.quantizers = list(quantizers)
         self.metrics = tuple(metrics)
@@ -106,15 +116,17 @@ class Calibrator:
         self.needs_grad = "fisher" in self.metrics
         self.chunk_elements = chunk_elements
         self.matmul_dtype = matmul_dtype
+        self.row_split = row_split  # the fewest chunks of query rows per sequence (metrics.candidate_errors)
         self.query_stride = query_stride  # score every n-th query row (metrics.candidate_errors)
         self.sequences = 0  # sequences before the current forward: each sequence's sampled rows shift by one
-        self._columns: dict[tuple[str, int], tuple] = {}  # (role, head_dim) → Calibrator.columns
+        self._columns: dict[tuple[str, int, str], tuple] = {}  # (role, head_dim, device) → Calibrator.columns
         self.reference = reference
         self.params = params or {}  # learned parameters of the candidates that have them (rateq.quant.params)
         self.transform = None if reference is None else plan_transform(reference, policy)
         self.rope = None  # rope.RopeTables of the current forward, when a quantizer works before RoPE
-        C = len(self.quantizers) * len(self.bits)
-        self.sums = {m: torch.zeros(num_layers, num_kv_heads, 2, C, dtype=torch.float64) for m in self.metrics}
+        self._shape = (num_layers, num_kv_heads, 2, len(self.quantizers) * len(self.bits))
+        # (metric, device) → (L, Hkv, 2, C) float64 sums, kept where the layers compute: read back once, at the end
+        self._sums: dict[tuple[str, str], torch.Tensor] = {}
         self.windows: dict[int, int | None] = {}  # layer → sliding window (None: full attention)
         self.pending = 0  # fisher layers of the current batch whose gradient has not arrived yet
         self._batch = 0  # sequences in the current forward
@@ -126,18 +138,20 @@ class Calibrator:
         if self.reference is not None:
             self.transform = plan_transform(self.reference, self.policy, rope)
 
-    def _allowed(self, attention_mask, T: int, S: int, B: int, device) -> torch.Tensor:
-        """The `(B, T, S)` allowed pairs of this mask, made once per mask and device: the layers of a forward share
-        one mask, and fisher keeps each layer's inputs until its gradient arrives, so a copy per layer would grow
-        with the depth."""
+    def _allowed(self, attention_mask, T: int, S: int, B: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The `(B, T, S)` allowed pairs of this mask on `device`, and a CPU copy where `device` is not the CPU (the
+        chunk bounds are read there, with no device sync per layer), made once per mask and device: the layers of a
+        forward share one mask, and fisher keeps each layer's inputs until its gradient arrives, so a copy per
+        layer would grow with the depth."""
         key = (None if attention_mask is None else id(attention_mask), T, S, B, str(device))
         held = self._masks.get(key)
         if held is not None and (attention_mask is None or held[0]() is attention_mask):
             return held[1]
         self._masks = {k: v for k, v in self._masks.items() if k[0] is None or v[0]() is not None}
-        allowed = allowed_pairs(attention_mask, T, S, B).to(device)
-        self._masks[key] = (None if attention_mask is None else weakref.ref(attention_mask), allowed)
-        return allowed
+        allowed = allowed_pairs(attention_mask, T, S, B)
+        pair = (allowed.to(device), None if torch.device(device).type == "cpu" else allowed.cpu())
+        self._masks[key] = (None if attention_mask is None else weakref.ref(attention_mask), pair)
+        return pair
 
     # The function transformers calls in place of its attention implementation.
     def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -161,9 +175,10 @@ class Calibrator:
             v_run = value + (value_base - value).detach()
         attn_output, weights = plain_attention(module, query, k_run, v_run, attention_mask, scaling=scaling,
                                                dropout=0.0, **kwargs)
+        allowed, allowed_host = self._allowed(attention_mask, T, S, B, query.device)
         inp = LayerInputs(
             query=query.detach(), key=key.detach(), value=value.detach(),
-            allowed=self._allowed(attention_mask, T, S, B, query.device), scaling=float(scaling),
+            allowed=allowed, allowed_host=allowed_host, scaling=float(scaling),
             key_base=key_base, value_base=value_base, softcap=kwargs.get("softcap"),
             rope=None if self.rope is None else self.rope.for_layer(layer),
         )
@@ -182,31 +197,44 @@ class Calibrator:
             self._accumulate(layer, inp, None, self.sequences + layer)
         return attn_output, weights
 
-    def columns(self, role: str, head_dim: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+    def columns(self, role: str, head_dim: int, device="cpu") -> tuple[list, torch.Tensor, torch.Tensor]:
         """`role_columns` of `role`, and the scatter from their scores to the curves: score `src[i]` goes to curve
-        column `dst[i]` (made once)."""
-        key = (role, head_dim)
+        column `dst[i]` (index tensors on `device`, made once per device)."""
+        key = (role, head_dim, str(device))
         if key not in self._columns:
             cols = role_columns(self.bits, self.quantizers, role, head_dim)
             pairs = [(c, column) for c, (_, _, priced) in enumerate(cols) for column in priced]
-            src, dst = (torch.tensor(x, dtype=torch.int64) for x in zip(*pairs)) if pairs else \
-                (torch.empty(0, dtype=torch.int64),) * 2
+            src, dst = (torch.tensor(x, dtype=torch.int64, device=device) for x in zip(*pairs)) if pairs else \
+                (torch.empty(0, dtype=torch.int64, device=device),) * 2
             self._columns[key] = (cols, src, dst)
         return self._columns[key]
 
     @torch.no_grad()
     def _accumulate(self, layer: int, inp: LayerInputs, grad, offset: int = 0):
         D = inp.key.shape[-1]
-        cols = {role: self.columns(role, D) for role in ("k", "v")}
+        cols = {role: self.columns(role, D, inp.key.device) for role in ("k", "v")}
         k_hat = stored_candidates(inp.key, "k", self.bits, self.quantizers, self.policy, cols["k"][0], inp.rope,
                                   self.params, layer)  # (Ck, B, Hkv, S, D)
         v_hat = stored_candidates(inp.value, "v", self.bits, self.quantizers, self.policy, cols["v"][0],
                                   params=self.params, layer=layer)
         metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
         sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements,
-                                matmul_dtype=self.matmul_dtype, query_stride=self.query_stride,
+                                matmul_dtype=self.matmul_dtype, row_split=self.row_split,
+                                query_stride=self.query_stride,
                                 query_offset=offset)
         for m, per_role in sums.items():  # role r: (Hkv, Cr) → every curve column each candidate prices
+            dev = per_role[0].device
+            held = self._sums.get((m, str(dev)))
+            if held is None:
+                held = self._sums[(m, str(dev))] = torch.zeros(self._shape, dtype=torch.float64, device=dev)
             for r, role in enumerate(("k", "v")):
                 _, src, dst = cols[role]
-                self.sums[m][layer, :, r].index_add_(1, dst, per_role[r].cpu()[:, src])
+                held[layer, :, r].index_add_(1, dst, per_role[r][:, src])
+
+    def sums(self, metric: str) -> torch.Tensor:
+        """`(L, Hkv, 2, C)` float64 sums of `metric` on the CPU, over every batch run so far."""
+        total = torch.zeros(self._shape, dtype=torch.float64)
+        for (m, _), held in self._sums.items():
+            if m == metric:
+                total += held.cpu()
+        return total

@@ -87,6 +87,33 @@ def dequantize_groups(q: QuantizedGroups, bits: int, spec: QuantSpec, dtype=torc
     return x if out is not None else x.to(dtype)
 
 
+def requantize_groups(x: torch.Tensor, bits, spec: QuantSpec) -> torch.Tensor:
+    """Groups `(..., G)` quantized and dequantized at each width of `bits` → `(len(bits), ..., G)` fp32: for each
+    width exactly `dequantize_groups(quantize_groups(x, b, spec), b, spec)`, with the group statistics taken once
+    and every width in the same few tensor ops (calibration prices all widths of a quantizer together)."""
+    if spec.kind not in ("minmax", "symmetric"):
+        raise ValueError(f"requantize_groups handles uniform grids, not {spec.id}")
+    x = x.to(torch.float32)
+    levels = torch.tensor([float((1 << b) - 1) for b in bits], device=x.device).view(-1, *[1] * x.dim())
+    if spec.kind == "symmetric":
+        amax = x.abs().amax(-1, keepdim=True)
+        scale = _round_scale(amax / (levels / 2.0), spec.scale_dtype).clamp_min(1e-12)
+        codes = torch.clamp(torch.floor(x / scale + (levels + 1) / 2.0), levels.new_zeros(()), levels)
+        return codes.sub_(levels / 2.0).mul_(scale)
+    lo = x.amin(-1, keepdim=True)
+    hi = x.amax(-1, keepdim=True)
+    if spec.zero == "code":
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+    scale = _round_scale((hi - lo) / levels, spec.scale_dtype).clamp_min(1e-12)
+    if spec.zero == "code":
+        zero = torch.clamp(torch.round(-lo / scale), levels.new_zeros(()), levels)
+        codes = torch.clamp(torch.round(x / scale) + zero, levels.new_zeros(()), levels)
+        return codes.sub_(zero).mul_(scale)
+    zero = _round_to(lo, spec.scale_dtype)
+    codes = torch.clamp(torch.round((x - zero) / scale), levels.new_zeros(()), levels)
+    return codes.mul_(scale).add_(zero)
+
+
 def to_groups(x: torch.Tensor, axis: str, group_size: int) -> torch.Tensor:
     """`(B, H, T, D)` → `(B, H, n, G)`-shaped groups. `tokens`: T must be a multiple of G; `channels`: D must."""
     B, H, T, D = x.shape

@@ -46,7 +46,8 @@ import torch
 
 from ..errors import RateQError
 from . import codebook, engine_formats, hadamard, lloydmax, outliers, qjl
-from .affine import QuantizedGroups, dequantize_groups, from_groups, quantize_groups, storage_dtype, to_groups
+from .affine import (QuantizedGroups, dequantize_groups, from_groups, quantize_groups, requantize_groups, storage_dtype,
+                     to_groups)
 from .pack import lookup, pack, packed_nbytes, unpack, unpack_levels
 from .rope import Rope, apply_rope, invert_rope
 from .spec import ENGINE_FORMATS, FULL_PRECISION_BITS, QuantSpec, check_bits
@@ -439,10 +440,14 @@ def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rop
 def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
                         rope: Rope | None = None) -> torch.Tensor:
     """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)` in `x.dtype`, so
-    calibration scores all bit widths of a unit in one call. For grids (minmax, symmetric; pre-RoPE and rotated
-    ones too, without outliers) RoPE is inverted, the rotation applied and the groups formed once, and each width
-    is dequantized in group layout: the same values as `fake_quantize`, without that work per width."""
-    if spec.kind not in ("minmax", "symmetric") or spec.outlier_frac:
+    calibration scores all bit widths of a unit in one call: the same values as `fake_quantize` at each width.
+    For grids (minmax, symmetric; pre-RoPE and rotated ones too, without outliers) and Lloyd–Max codebooks (without
+    QJL or outliers), RoPE is inverted, the rotation applied and the groups (or norms) formed once; grids then
+    quantize every width in the same tensor ops (`affine.requantize_groups`), and RoPE is reapplied once to all:
+    a few dozen tensor operations per quantizer instead of that many per width (each a kernel launch on a GPU)."""
+    grid = spec.kind in ("minmax", "symmetric") and not spec.outlier_frac
+    lloyd = spec.kind == "lloydmax" and not spec.qjl and not spec.outlier_frac
+    if not (grid or lloyd):
         return torch.stack([fake_quantize(x, b, spec, role, rope=rope) for b in bits])
     codec = codec_for(spec)
     for b in bits:
@@ -451,14 +456,25 @@ def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec
     y = x.to(torch.float32)
     if uses_rope:
         y = invert_rope(y, rope)
-    axis, G = spec.axis_for(role), spec.group_size
-    groups = to_groups(codec.rotate(y), axis, G)
-    outs = []
-    for b in bits:
-        if b >= FULL_PRECISION_BITS:  # stored as fp16 (pre-RoPE keys before RoPE), never rotated
-            z = y.to(torch.float16).to(torch.float32)
-        else:
-            z = codec.rotate(from_groups(dequantize_groups(quantize_groups(groups, b, spec), b, spec), axis, G,
-                                         x.shape), inverse=True)
-        outs.append(apply_rope(z, rope) if uses_rope else z)
-    return torch.stack(outs).to(x.dtype)
+    low = [b for b in bits if b < FULL_PRECISION_BITS]
+    B, h, T, D = x.shape
+    G, axis = spec.group_size, spec.axis_for(role)
+    stacked = None  # (len(low), B, h, T, D) in the rotated domain, when the widths come out as one tensor
+    if not low:
+        widths = []
+    elif grid:  # every width's dequantized groups at once, back to (B, h, T, D) layout in one copy
+        groups = requantize_groups(to_groups(codec.rotate(y), axis, G), low, spec)
+        stacked = from_groups(groups.flatten(0, 1), axis, G, (len(low) * B, h, T, D)).view(len(low), *x.shape)
+        widths = list(stacked)
+    else:  # Lloyd–Max: the groups' norms (rounded as stored) and unit vectors once, each width's codes from them
+        g = codec.rotate(y).reshape(B, h, T, D // G, G)
+        norm = g.norm(dim=-1, keepdim=True).to(storage_dtype(spec.scale_dtype)).to(torch.float32)
+        unit = g / norm.clamp_min(1e-30)
+        widths = [(norm * lloydmax.decode_unit(lloydmax.encode_unit(unit, b), b, G)).reshape(x.shape) for b in low]
+    if spec.rotation != "none":  # undone per width: one matmul each, as fake_quantize does it
+        widths, stacked = [codec.rotate(w, inverse=True) for w in widths], None
+    if stacked is None or len(low) < len(bits):
+        rest = iter(widths)  # full-precision widths are stored as fp16 (pre-RoPE keys before RoPE), never rotated
+        stacked = torch.stack([y.to(torch.float16).to(torch.float32) if b >= FULL_PRECISION_BITS else next(rest)
+                               for b in bits])
+    return (apply_rope(stacked, rope) if uses_rope else stacked).to(x.dtype)
