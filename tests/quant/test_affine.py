@@ -85,3 +85,14 @@ def test_accounting_matches_packed_bytes(spec, bits, role):
 def test_sixteen_bits_is_fp16_passthrough():
     x = kv()
     assert torch.equal(fake_quantize(x, 16, QuantSpec(), "k"), x.half().float())
+
+
+def test_constants_reach_a_device_once():
+    # Tables a quantizer reads on every call (the Hadamard signs, the widths' levels) are made once per device: a
+    # copy from the host on each call would wait for the device's queued work (a GPU's launches would stall).
+    from rateq.quant import hadamard
+    from rateq.quant.affine import _levels
+
+    assert hadamard.signs(64, 3, "cpu") is hadamard.signs(64, 3, "cpu")
+    assert _levels((1, 2, 8), "cpu") is _levels((1, 2, 8), "cpu")
+    assert _levels((1, 2, 8), "cpu").tolist() == [1.0, 3.0, 255.0]

@@ -87,6 +87,18 @@ def dequantize_groups(q: QuantizedGroups, bits: int, spec: QuantSpec, dtype=torc
     return x if out is not None else x.to(dtype)
 
 
+_LEVELS: dict = {}
+
+
+def _levels(bits: tuple[int, ...], device) -> torch.Tensor:
+    """`2**b − 1` of each width as fp32 on `device`, made once: a copy from the host per call would wait for the
+    device's queued work."""
+    key = (bits, str(device))
+    if key not in _LEVELS:
+        _LEVELS[key] = torch.tensor([float((1 << b) - 1) for b in bits], device=device)
+    return _LEVELS[key]
+
+
 def requantize_groups(x: torch.Tensor, bits, spec: QuantSpec) -> torch.Tensor:
     """Groups `(..., G)` quantized and dequantized at each width of `bits` → `(len(bits), ..., G)` fp32: for each
     width exactly `dequantize_groups(quantize_groups(x, b, spec), b, spec)`, with the group statistics taken once
@@ -94,7 +106,7 @@ def requantize_groups(x: torch.Tensor, bits, spec: QuantSpec) -> torch.Tensor:
     if spec.kind not in ("minmax", "symmetric"):
         raise ValueError(f"requantize_groups handles uniform grids, not {spec.id}")
     x = x.to(torch.float32)
-    levels = torch.tensor([float((1 << b) - 1) for b in bits], device=x.device).view(-1, *[1] * x.dim())
+    levels = _levels(tuple(bits), x.device).view(-1, *[1] * x.dim())
     if spec.kind == "symmetric":
         amax = x.abs().amax(-1, keepdim=True)
         scale = _round_scale(amax / (levels / 2.0), spec.scale_dtype).clamp_min(1e-12)

@@ -47,9 +47,16 @@ def _signs_cpu(d: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (d,), generator=g).to(torch.float32) * 2 - 1
 
 
+_SIGNS: dict = {}
+
+
 def signs(d: int, seed: int, device=None) -> torch.Tensor:
-    """The fixed ±1 vector `(d,)` of `seed` (same on every device)."""
-    return _signs_cpu(d, seed).to(device)
+    """The fixed ±1 vector `(d,)` of `seed` (same on every device), copied to each device once: a copy from the
+    host per call would wait for the device's queued work."""
+    key = (d, seed, str(device))
+    if key not in _SIGNS:
+        _SIGNS[key] = _signs_cpu(d, seed).to(device)
+    return _SIGNS[key]
 
 
 # Up to this head_dim the rotation runs as one dense matmul with the (cached) matrix the butterfly builds: in
