@@ -318,11 +318,9 @@ class Codec:
             norm = g.norm(dim=-1, keepdim=True).to(sdt).to(torch.float32)  # (B, h, T, D/G, 1)
             codes = lloydmax.encode_unit(g / norm.clamp_min(1e-30), base)
             parts["codes"], parts["norm"] = codes.reshape(B, h, T, D), norm.squeeze(-1)
-            g_hat = norm * lloydmax.decode_unit(codes, base, G)
-        else:
-            g_hat = torch.zeros_like(g)
         if s.qjl:
-            r = g - g_hat  # the residual of what is really stored (rounded norm included)
+            # the residual of what is really stored (rounded norm included)
+            r = g - norm * lloydmax.decode_unit(codes, base, G) if base >= 1 else g
             parts["qjl"] = qjl.encode(r, s.seed).reshape(B, h, T, D)
             parts["rnorm"] = r.norm(dim=-1).to(sdt).to(torch.float32)  # (B, h, T, D/G)
         return parts

@@ -28,6 +28,19 @@ def _check(bits: int) -> None:
         raise ValueError(f"bits must be in 1..8, got {bits}")
 
 
+_SHIFTS: dict = {}
+
+
+def _shifts(bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(code shifts (8,), byte shifts (bits,))` int64 on `device`, made once per (bits, device): a decode step packs
+    each new token, and on a GPU every tensor made is a kernel launch."""
+    key = (bits, str(device))
+    if key not in _SHIFTS:
+        _SHIFTS[key] = (torch.arange(8, device=device, dtype=torch.int64) * bits,
+                        torch.arange(bits, device=device, dtype=torch.int64) * 8)
+    return _SHIFTS[key]
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) along the last dim: `(..., n)` → uint8 `(..., packed_nbytes(n, bits))`."""
     _check(bits)
@@ -42,9 +55,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         c = F.pad(c, (0, pad))
     c = c.reshape(*lead, -1, 8)  # (..., groups, 8)
-    shifts = torch.arange(8, device=c.device, dtype=torch.int64) * bits
+    shifts, byte_shifts = _shifts(bits, c.device)
     word = (c << shifts).sum(-1, keepdim=True)  # (..., groups, 1): 8*bits ≤ 56 bits, no overflow
-    byte_shifts = torch.arange(bits, device=c.device, dtype=torch.int64) * 8
     out = (word >> byte_shifts) & 0xFF  # (..., groups, bits)
     return out.to(torch.uint8).reshape(*lead, -1)
 
