@@ -46,18 +46,19 @@ class QuantizedGroups:
     zero: torch.Tensor | None
 
 
-def quantize_groups(x: torch.Tensor, bits: int, spec: QuantSpec) -> QuantizedGroups:
-    """Quantize `(..., G)` groups along the last dim at `bits` in 1..8."""
-    if spec.kind not in ("minmax", "symmetric"):
-        raise ValueError(f"quantize_groups handles uniform grids; {spec.id} goes through rateq.quant.codec_for(spec)")
-    x = x.to(torch.float32)
-    levels = (1 << bits) - 1
+def _clip(t: torch.Tensor, levels) -> torch.Tensor:
+    """`t` clamped to the codes `[0, levels]` (`levels` a number, or a tensor of one per width)."""
+    return torch.clamp(t, 0, levels) if isinstance(levels, int) else torch.clamp(t, levels.new_zeros(()), levels)
+
+
+def _grid(x: torch.Tensor, levels, spec: QuantSpec):
+    """fp32 groups `(..., G)` → `(codes as floats, scale, zero or None)` on the grid of `levels + 1` levels; a tensor
+    `levels` of shape `(W, 1, …, 1)` gives every width at once, the group statistics taken once."""
     if spec.kind == "symmetric":
         # Mid-rise: 2**bits levels at ±(i + 1/2)·s, no zero level, so even 1 bit is a usable sign code.
         amax = x.abs().amax(-1, keepdim=True)
         scale = _round_scale(amax / (levels / 2.0), spec.scale_dtype).clamp_min(1e-12)
-        codes = torch.clamp(torch.floor(x / scale + (levels + 1) / 2.0), 0, levels)
-        return QuantizedGroups(codes.to(torch.uint8), scale, None)
+        return _clip(torch.floor(x / scale + (levels + 1) / 2.0), levels), scale, None
     lo = x.amin(-1, keepdim=True)
     hi = x.amax(-1, keepdim=True)
     if spec.zero == "code":
@@ -65,11 +66,26 @@ def quantize_groups(x: torch.Tensor, bits: int, spec: QuantSpec) -> QuantizedGro
         lo, hi = lo.clamp_max(0), hi.clamp_min(0)
     scale = _round_scale((hi - lo) / levels, spec.scale_dtype).clamp_min(1e-12)
     if spec.zero == "code":
-        zero = torch.clamp(torch.round(-lo / scale), 0, levels)
-        codes = torch.clamp(torch.round(x / scale) + zero, 0, levels)
-    else:
-        zero = _round_to(lo, spec.scale_dtype)
-        codes = torch.clamp(torch.round((x - zero) / scale), 0, levels)
+        zero = _clip(torch.round(-lo / scale), levels)
+        return _clip(torch.round(x / scale) + zero, levels), scale, zero
+    zero = _round_to(lo, spec.scale_dtype)
+    return _clip(torch.round((x - zero) / scale), levels), scale, zero
+
+
+def _restore_(x: torch.Tensor, levels, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Codes (as fp32 `x`, overwritten) → values."""
+    if spec.kind == "symmetric":
+        return x.sub_(levels / 2.0).mul_(scale)
+    if spec.zero == "code":
+        return x.sub_(zero).mul_(scale)
+    return x.mul_(scale).add_(zero)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, spec: QuantSpec) -> QuantizedGroups:
+    """Quantize `(..., G)` groups along the last dim at `bits` in 1..8."""
+    if spec.kind not in ("minmax", "symmetric"):
+        raise ValueError(f"quantize_groups handles uniform grids; {spec.id} goes through rateq.quant.codec_for(spec)")
+    codes, scale, zero = _grid(x.to(torch.float32), (1 << bits) - 1, spec)
     return QuantizedGroups(codes.to(torch.uint8), scale, zero)
 
 
@@ -78,12 +94,7 @@ def dequantize_groups(q: QuantizedGroups, bits: int, spec: QuantSpec, dtype=torc
     """Codes and metadata → values, in fp32 (then `dtype`). Elementwise, so metadata may be any view that
     broadcasts over the codes' groups; with `out` (fp32, the codes' shape) the values are written there, in place."""
     x = q.codes.to(torch.float32, copy=True) if out is None else out.copy_(q.codes)
-    if spec.kind == "symmetric":
-        x.sub_(((1 << bits) - 1) / 2.0).mul_(q.scale)
-    elif spec.zero == "code":
-        x.sub_(q.zero).mul_(q.scale)
-    else:
-        x.mul_(q.scale).add_(q.zero)
+    _restore_(x, (1 << bits) - 1, q.scale, q.zero, spec)
     return x if out is not None else x.to(dtype)
 
 
@@ -107,23 +118,8 @@ def requantize_groups(x: torch.Tensor, bits, spec: QuantSpec) -> torch.Tensor:
         raise ValueError(f"requantize_groups handles uniform grids, not {spec.id}")
     x = x.to(torch.float32)
     levels = _levels(tuple(bits), x.device).view(-1, *[1] * x.dim())
-    if spec.kind == "symmetric":
-        amax = x.abs().amax(-1, keepdim=True)
-        scale = _round_scale(amax / (levels / 2.0), spec.scale_dtype).clamp_min(1e-12)
-        codes = torch.clamp(torch.floor(x / scale + (levels + 1) / 2.0), levels.new_zeros(()), levels)
-        return codes.sub_(levels / 2.0).mul_(scale)
-    lo = x.amin(-1, keepdim=True)
-    hi = x.amax(-1, keepdim=True)
-    if spec.zero == "code":
-        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
-    scale = _round_scale((hi - lo) / levels, spec.scale_dtype).clamp_min(1e-12)
-    if spec.zero == "code":
-        zero = torch.clamp(torch.round(-lo / scale), levels.new_zeros(()), levels)
-        codes = torch.clamp(torch.round(x / scale) + zero, levels.new_zeros(()), levels)
-        return codes.sub_(zero).mul_(scale)
-    zero = _round_to(lo, spec.scale_dtype)
-    codes = torch.clamp(torch.round((x - zero) / scale), levels.new_zeros(()), levels)
-    return codes.mul_(scale).add_(zero)
+    codes, scale, zero = _grid(x, levels, spec)
+    return _restore_(codes, levels, scale, zero, spec)
 
 
 def to_groups(x: torch.Tensor, axis: str, group_size: int) -> torch.Tensor:
