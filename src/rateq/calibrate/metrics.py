@@ -159,13 +159,16 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
                 out[m][0].add_(sums, alpha=T / n_rows)
             if not Cv:
                 continue
-        if Cv:  # each value candidate's error δV (and its squared norm per position) once per batch row
-            dv_all = v_hat[:, b].float() - v[b].float()[None]  # (Cv, Hkv, S, D)
-            dv2_all = dv_all.pow(2).sum(-1) if "score" in metrics else None  # (Cv, Hkv, S)
-            dvc_all = dv_all.permute(1, 2, 0, 3).reshape(Hkv, S, Cv * D) if want_out else None
-            if dvc_all is not None and lowp:
-                dvc_all = dvc_all.to(matmul_dtype)
-            del dv_all
+        if Cv:  # each value candidate's error δV (and its squared norm per position) once per batch row, formed in
+            # place in the layout the chunks read (Hkv, S, Cv, D): one fp32 copy of the candidates, no other
+            dv = torch.empty(Hkv, S, Cv, D, device=dev).copy_(v_hat[:, b].permute(1, 2, 0, 3))
+            dv.sub_(v[b].float()[:, :, None])
+            dv2_all = dv.pow(2).sum(-1).permute(2, 0, 1).contiguous() if "score" in metrics else None  # (Cv, Hkv, S)
+            dvc_all = None
+            if want_out:
+                dvc_all = dv.view(Hkv, S, Cv * D)
+                dvc_all = dvc_all.to(matmul_dtype) if lowp else dvc_all
+            del dv
         # Query rows per chunk: bounded by `chunk_elements` for the widest temporary (Hkv, groups·rows, C, keys),
         # and by 1/row_split of the rows so that causal chunks skip most of the masked upper triangle.
         rows = max(1, min(n_rows, chunk_elements // max(1, Hq * C * S), max(32, -(-n_rows // row_split))))
