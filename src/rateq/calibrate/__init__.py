@@ -43,7 +43,8 @@ from .learn import learn_params
 from .metrics import METRICS
 
 __all__ = ["DEFAULT_BITS", "DEFAULT_METRIC", "DEFAULT_QUANTIZERS", "LOW_BIT_BUDGET", "LOW_BIT_QUANTIZERS", "METRICS",
-           "calibrate", "calibrate_metrics", "calibration_ids", "check_bits", "check_quantizers", "default_quantizers"]
+           "calibrate", "calibrate_metrics", "calibration_ids", "check_bits", "check_quantizers", "default_quantizers",
+           "scoring_defaults"]
 
 log = logging.getLogger("rateq.calibrate")
 
@@ -287,8 +288,7 @@ def calibrate_metrics(model, tokenizer, texts=None, *, metrics: Iterable[str] = 
             seed=seed, report=report)
     cal = Calibrator(fp.num_layers, fp.num_kv_heads, bits, specs, metrics, policy, reference=reference,
                      chunk_elements=chunk_elements, matmul_dtype=matmul_dtype, row_split=scoring["row_split"],
-                     params=params,
-                     query_stride=query_stride)
+                     params=params, query_stride=query_stride)
     needs_grad = cal.needs_grad
     nll = 0.0
     t_start = time.perf_counter()

@@ -220,8 +220,7 @@ class Calibrator:
         metrics = self.metrics if grad is not None else tuple(m for m in self.metrics if m != "fisher")
         sums = candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, chunk_elements=self.chunk_elements,
                                 matmul_dtype=self.matmul_dtype, row_split=self.row_split,
-                                query_stride=self.query_stride,
-                                query_offset=offset)
+                                query_stride=self.query_stride, query_offset=offset)
         for m, per_role in sums.items():  # role r: (Hkv, Cr) → every curve column each candidate prices
             dev = per_role[0].device
             held = self._sums.get((m, str(dev)))
