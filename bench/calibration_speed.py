@@ -13,6 +13,7 @@ the process's resident peak for `cpu`, torch's allocator peak for each GPU) and 
     python bench/calibration_speed.py --random-weights --config '{"num_hidden_layers": 2}' --n 1 --seq-len 256
     python bench/calibration_speed.py --device cuda --model qwen3-8b --random-weights     # bf16, 16 × 2048
     python bench/calibration_speed.py --device-map auto --model llama-3.1-70b --random-weights
+    python bench/calibration_speed.py --device cuda --model qwen3-8b --random-weights --profile  # where time goes
 
 Defaults follow the device, as `rateq calibrate` does: 16 × 2048 tokens in bf16 on CUDA (or a device map over
 GPUs), 4 × 1024 in fp32 on the CPU; the candidates are rateq's default set (`--quantizers default`, which may be
@@ -78,6 +79,33 @@ def peaks(found: dict) -> str:
     return ", ".join(f"{d} {format_bytes(b)}" for d, b in found.items())
 
 
+def profile_sequence(model, tok, texts, specs, metric: str, seq_len: int, query_stride) -> None:
+    """`--profile`: one more sequence calibrated under torch's profiler (its overhead included): the wall time, the
+    device's kernel time and share of the wall (where that share is low, the GPU waits on the host: launches or
+    read-backs), aten calls on the host, and the top operations by device time (host time on a CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = bool(cuda_devices(model))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        calibrate_metrics(model, tok, texts, n_samples=1, seq_len=seq_len, metrics=(metric,), quantizers=specs,
+                          query_stride=query_stride)
+        sync(model)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    host_ops = sum(e.count for e in events if e.device_type == DeviceType.CPU and (e.key or "").startswith("aten::"))
+    line = f"profile, 1 x {seq_len} tokens under the profiler: {wall:.2f} s wall, {host_ops} aten operations on the host"
+    if on_gpu:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+        line += (f"; {sum(e.count for e in kernels)} kernels, {busy:.2f} s of device time ({busy / wall:.0%} of the "
+                 f"wall)")
+    print(line)
+    print(events.table(sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total", row_limit=12))
+
+
 def config_overrides(text: str | None) -> dict:
     """`--config`: JSON text or a JSON file of config fields that replace the alias's (random weights only)."""
     if not text:
@@ -114,6 +142,8 @@ def main():
     ap.add_argument("--data", default=DEFAULT_CALIBRATION_TEXT, help="calibration text (real weights; default mix)")
     ap.add_argument("--query-stride", type=int, default=None,
                     help=f"score every N-th query row (default {DEFAULT_QUERY_STRIDE}; 1: every row)")
+    ap.add_argument("--profile", action="store_true",
+                    help="then one more sequence under torch's profiler: device time, its share of the wall, top ops")
     args = ap.parse_args()
 
     names = [x for q in args.quantizers.split(",") for x in (DEFAULT_QUANTIZERS if q == "default" else [q])]
@@ -188,6 +218,8 @@ def main():
               f"({target}){peak}; curves {tuple(curves.shape)} ({len(specs)} quantizers)")
         print(f"        {n} x {seq_len} tokens priced, query stride {curves.calibration['query_stride']}, batch "
               f"{args.batch_size}; plain {what} peak memory {peaks(plain_bytes)}")
+        if args.profile:
+            profile_sequence(model, tok, texts, specs, metric, seq_len, args.query_stride)
 
 
 if __name__ == "__main__":

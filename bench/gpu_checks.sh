@@ -2,9 +2,10 @@
 # Every check rateq's GPU figures rest on, in one run, each step under its own time limit so that one failure or
 # hang leaves the others' figures: the GPU-marked tests, one layer's candidate scoring at Qwen3-8B's shapes (the
 # fused key kernel against the torch path), calibration speed of Qwen3-8B (random weights, bf16, 16 x 2048 tokens,
-# the default candidates) against one plain forward + backward, and decode speed on the same GPU (the shipped
-# profile's mix of families, a uniform grid and learned codebooks, against DynamicCache and QuantizedCache); the
-# limits add up to 530 s, inside one device call of 600 s (the 70B step, 600 s more, needs a call of its own).
+# the default candidates) against one plain forward + backward, then one sequence under torch's profiler (the GPU's
+# busy share), and decode speed on the same GPU (the shipped profile's mix of families, a uniform grid and learned
+# codebooks, against DynamicCache and QuantizedCache); the limits add up to 530 s, inside one device call of 600 s
+# (the 70B step, 600 s more, needs a call of its own).
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]            # from the repository root, on a machine with a CUDA GPU
 #   RATEQ_GPU_70B=1 bash bench/gpu_checks.sh      # also a Llama-3.1-70B shape spread with --device-map auto
@@ -41,7 +42,8 @@ print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.tota
 EOF
 step tests 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/calibrate/test_scale.py tests/runtime/test_cuda.py
 step scoring-qwen3-8b 40 python3 bench/candidate_scoring.py --device cuda
-step calibration-qwen3-8b 220 python3 bench/calibration_speed.py --device cuda --model qwen3-8b --random-weights
+step calibration-qwen3-8b 220 python3 bench/calibration_speed.py --device cuda --model qwen3-8b --random-weights \
+    --profile
 step decode-qwen3-8b 140 python3 bench/decode_speed.py --device cuda --model qwen3-8b --random-weights \
     --contexts 4096,16384,32768 --steps 16 --backends quanto,hqq
 if [ "${RATEQ_GPU_70B:-0}" = 1 ]; then
