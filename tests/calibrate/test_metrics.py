@@ -182,3 +182,30 @@ def test_row_blocks_bound_each_block_as_its_rows_do(mask, rows):
         banned = (~block[:, ks:ke]).any(0).nonzero().flatten()  # where some row of the block may not attend
         assert (m0, m1) == ((int(banned[0]), int(banned[-1]) + 1) if banned.numel() else (0, 0))
         assert live == bool(block.any(-1).all())
+
+
+@pytest.mark.parametrize("mask", ["causal", "window", "padded", "packed"])
+def test_the_chunking_of_query_rows_changes_no_sum(mask):
+    # A GPU cuts a sequence's rows into 4 chunks, a CPU into 16 (scoring_defaults): each chunk reads only the band
+    # of keys its rows see, so every cut gives the same sums, up to the order fp32 adds them in.
+    from rateq.calibrate.metrics import LayerInputs, candidate_errors
+
+    g = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, T, D = 2, 4, 2, 300, 8
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    noise = torch.tensor([0.3, 0.03]).view(-1, 1, 1, 1, 1)
+    k_hat, v_hat = (x[None] + noise * torch.randn(2, B, Hkv, T, D, generator=g) for x in (k, v))
+    inp = LayerInputs(q, k, v, _masks(T)[mask][None].repeat(B, 1, 1), D ** -0.5)
+    grad = torch.randn(B, T, Hq, D, generator=g)
+    metrics = ("score", "output", "fisher")
+
+    def sums(split, chunk_elements=1 << 30):  # 150 sampled rows per sequence
+        return candidate_errors(inp, k_hat, v_hat, metrics, grad=grad, query_stride=2, row_split=split,
+                                chunk_elements=chunk_elements)
+
+    whole = sums(1)
+    for other in (sums(4), sums(16), sums(1, chunk_elements=Hq * 2 * T)):  # 4 and 5 chunks; a row per chunk
+        for m in metrics:
+            for r in range(2):
+                assert (whole[m][r] > 0).all()
+                torch.testing.assert_close(other[m][r], whole[m][r], rtol=1e-5, atol=0)
