@@ -18,7 +18,7 @@ from ..plan import Plan
 from ..policy import CachePolicy
 from ..errors import RateQError
 from ..quant.codec import fake_quantize, fake_quantize_multi
-from ..quant.rope import slice_rope
+from ..quant.rope import invert_rope, slice_rope
 from ..quant.spec import QuantSpec, holds_role
 from ..quant.params import unit_param
 from ..simulate import plan_transform
@@ -67,20 +67,23 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
     by_quantizer: dict[int, list[tuple[int, int]]] = {}
     for c, (qi, bi, *_) in enumerate(columns):
         by_quantizer.setdefault(qi, []).append((c, bi))
+    tables = unroped = None  # pre-RoPE keys: the positions' rotary tables, and the keys with RoPE undone, once
     for qi, cols in by_quantizer.items():
         spec = quantizers[qi]
-        tables = None
-        if spec.prerope and role == "k":
+        if spec.prerope and role == "k" and tables is None:
             if rope is None:
                 raise RateQError(f"{spec.id} quantizes keys before RoPE and needs the layer's rotary tables")
             tables = slice_rope(rope, start, end)
+            unroped = invert_rope(seg, tables)
         if spec.learned:  # one learned parameter per width
             heads = range(x.shape[1])
-            stored = [fake_quantize(seg, bits[bi], spec, role, rope=tables,
+            stored = [fake_quantize(seg, bits[bi], spec, role, rope=tables if spec.prerope else None,
                                     param=unit_param(params or {}, spec, bits[bi], layer, role, heads))
                       for _, bi in cols]
         else:
-            stored = fake_quantize_multi(seg, [bits[bi] for _, bi in cols], spec, role, rope=tables)
+            pre = spec.prerope and role == "k"
+            stored = fake_quantize_multi(seg, [bits[bi] for _, bi in cols], spec, role, rope=tables if pre else None,
+                                         unroped=unroped if pre else None)
         first = cols[0][0]
         if [c for c, _ in cols] == list(range(first, first + len(cols))):  # the quantizer's columns in a row
             out[first:first + len(cols), :, :, start:end] = stored if isinstance(stored, torch.Tensor) else \

@@ -176,26 +176,31 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
         # Causal and sliding-window masks: only a band of keys is visible to a block of queries, and its masked
         # pairs sit in a narrow band of columns (the diagonal block for causal masks). Bounds read on the CPU.
         host = inp.allowed if inp.allowed_host is None else inp.allowed_host
+        # Once per batch row, sliced by the chunks: the sampled queries scaled, |∂loss/∂output| (fisher), K and V
+        # in fp32.
+        qs = q[b, :, first::query_stride].float() * inp.scaling  # (Hq, n_rows, D)
+        ga = grad[b, first::query_stride].float().abs().permute(1, 0, 2) if "fisher" in metrics else None
+        kf, vf = k[b].float(), v[b].float()  # (Hkv, S, D)
+        kbf, vbf = (kf, vf) if same_base else (kb[b].float(), vb[b].float())
         for r0, r1, ks, ke, m0, m1, all_live in row_blocks(host[b, first::query_stride], rows):
             ts = slice(first + r0 * query_stride, first + (r1 - 1) * query_stride + 1, query_stride)
             ok = inp.allowed[b, ts, ks:ke]  # (Tc, Sc)
             Tc, Sc = r1 - r0, ke - ks
             # Each KV head's query heads stacked along rows: (Hkv, groups·Tc, D), no K/V repetition needed.
-            qg = q[b, :, ts].float().reshape(Hkv, groups * Tc, D)
+            qg = qs[:, r0:r1].reshape(Hkv, groups * Tc, D)
             # Only the masked band is touched, in place; a finite "minus infinity" keeps fully masked rows free of nan.
             banned = (~ok[:, m0:m1]).repeat(groups, 1)  # (groups·Tc, m1 − m0)
             # Rows that attend nothing (left padding) would get uniform weights: they contribute no error.
             live = None if all_live else ok.any(-1).float().repeat(groups)[:, None]
-            kc, vc = k[b, :, ks:ke].float(), v[b, :, ks:ke].float()  # (Hkv, Sc, D)
-            kbc, vbc = (kc, vc) if same_base else (kb[b, :, ks:ke].float(), vb[b, :, ks:ke].float())
+            kc, vc, kbc, vbc = (x[:, ks:ke] for x in (kf, vf, kbf, vbf))  # (Hkv, Sc, D)
             g = None  # |∂loss/∂output|: its square weights the output error (fisher)
-            if "fisher" in metrics:  # not in place: a strided view of the gradient backprop still uses
-                g = grad[b, ts].float().permute(1, 0, 2).reshape(Hkv, groups * Tc, D).abs()
+            if ga is not None:
+                g = ga[:, r0:r1].reshape(Hkv, groups * Tc, D)
                 if live is not None:
                     g = g * live
 
             def logits(keys):  # (Hkv, n, D) → (Hkv, groups·Tc, n) scaled scores, unmasked
-                return (qg * inp.scaling) @ keys.transpose(-1, -2)
+                return qg @ keys.transpose(-1, -2)
 
             def probs(raw, inplace=False):  # raw scores (…, Sc) → attention weights, capped and masked as the model
                 if inp.softcap:
@@ -222,7 +227,7 @@ def candidate_errors(inp: LayerInputs, k_hat: torch.Tensor, v_hat: torch.Tensor,
                 kh = k_hat[:, b, :, ks:ke].float().transpose(0, 1).reshape(Hkv, Ck * Sc, D)
                 if lowp:
                     dk = (kh.view(Hkv, Ck, Sc, D) - kc[:, None]).view(Hkv, Ck * Sc, D).to(matmul_dtype)
-                    ds = ((qg * inp.scaling).to(matmul_dtype) @ dk.transpose(-1, -2)).float().view(
+                    ds = (qg.to(matmul_dtype) @ dk.transpose(-1, -2)).float().view(
                         Hkv, groups * Tc, Ck, Sc)
                     s_hat = ds + s[:, :, None]
                 else:

@@ -436,13 +436,14 @@ def fake_quantize(x: torch.Tensor, bits: int, spec: QuantSpec, role: str, *, rop
 
 
 def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec: QuantSpec, role: str, *,
-                        rope: Rope | None = None) -> torch.Tensor:
+                        rope: Rope | None = None, unroped: torch.Tensor | None = None) -> torch.Tensor:
     """Fake-quantize `(B, H, T, D)` at several bit widths at once → `(len(bits), B, H, T, D)` in `x.dtype`, so
     calibration scores all bit widths of a unit in one call: the same values as `fake_quantize` at each width.
     For grids (minmax, symmetric; pre-RoPE and rotated ones too, without outliers) and Lloyd–Max codebooks (without
     QJL or outliers), RoPE is inverted, the rotation applied and the groups (or norms) formed once; grids then
     quantize every width in the same tensor ops (`affine.requantize_groups`), and RoPE is reapplied once to all:
-    a few dozen tensor operations per quantizer instead of that many per width (each a kernel launch on a GPU)."""
+    a few dozen tensor operations per quantizer instead of that many per width (each a kernel launch on a GPU).
+    `unroped`: `invert_rope(x, rope)` in fp32 where the caller has it (pre-RoPE keys of several quantizers)."""
     grid = spec.kind in ("minmax", "symmetric") and not spec.outlier_frac
     lloyd = spec.kind == "lloydmax" and not spec.qjl and not spec.outlier_frac
     if not (grid or lloyd):
@@ -453,7 +454,7 @@ def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec
     uses_rope = codec._uses_rope(role)
     y = x.to(torch.float32)
     if uses_rope:
-        y = invert_rope(y, rope)
+        y = invert_rope(y, rope) if unroped is None else unroped
     low = [b for b in bits if b < FULL_PRECISION_BITS]
     B, h, T, D = x.shape
     G, axis = spec.group_size, spec.axis_for(role)
