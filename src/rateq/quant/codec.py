@@ -469,7 +469,7 @@ def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec
         g = codec.rotate(y).reshape(B, h, T, D // G, G)
         norm = g.norm(dim=-1, keepdim=True).to(storage_dtype(spec.scale_dtype)).to(torch.float32)
         unit = g / norm.clamp_min(1e-30)
-        widths = [(norm * lloydmax.decode_unit(lloydmax.encode_unit(unit, b), b, G)).reshape(x.shape) for b in low]
+        widths = [(norm * lloydmax.round_unit(unit, b)).reshape(x.shape) for b in low]
     if spec.rotation != "none":  # undone per width: one matmul each, as fake_quantize does it
         widths, stacked = [codec.rotate(w, inverse=True) for w in widths], None
     if stacked is None or len(low) < len(bits):

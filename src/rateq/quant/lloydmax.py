@@ -103,3 +103,10 @@ def encode_unit(u: torch.Tensor, bits: int) -> torch.Tensor:
 def decode_unit(codes: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     levels, _ = codebook_tensors(bits, d, codes.device)
     return lookup(codes, levels)
+
+
+def round_unit(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """`decode_unit(encode_unit(u, bits), bits, d)`: each coordinate of the unit vectors `u (..., d)` at its nearest
+    level, without the codes in between (calibration's fake quantization, two tensor operations)."""
+    levels, bounds = codebook_tensors(bits, u.shape[-1], u.device)
+    return levels.index_select(0, torch.bucketize(u.contiguous(), bounds).view(-1)).view(u.shape)
