@@ -91,7 +91,13 @@ class Launches:
 
 
 def as_on_cuda() -> None:
-    """Triton's kernels take on the CPU what they take on CUDA; their launches are counted, not made."""
+    """Triton's kernels take on the CPU what they take on CUDA (where Triton imports); their launches are counted,
+    not made. Calibration scores with CUDA's settings."""
+    cuda = scoring_defaults("cuda")
+    # calibrate_metrics reads its settings from its module (`rateq.calibrate`, not the function of that name)
+    importlib.import_module("rateq.calibrate").scoring_defaults = lambda device_type: cuda
+    if not triton_scores.available():
+        return
     runs, kernel = triton_scores.runs, triton_scores._kernel
     triton_scores.runs = lambda inp, matmul_dtype, device: runs(inp, matmul_dtype, "cuda")
     triton_scores._kernel = lambda: (kernel(), Launches())[1]
@@ -106,9 +112,6 @@ def as_on_cuda() -> None:
         return True
 
     store.RoleStore._kernel = staticmethod(kernel_or_torch)
-    cuda = scoring_defaults("cuda")
-    # calibrate_metrics reads its settings from its module (`rateq.calibrate`, not the function of that name)
-    importlib.import_module("rateq.calibrate").scoring_defaults = lambda device_type: cuda
 
 
 def print_read_backs(count: Count, what: str) -> None:
