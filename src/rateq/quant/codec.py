@@ -465,7 +465,7 @@ def fake_quantize_multi(x: torch.Tensor, bits: list[int] | tuple[int, ...], spec
         groups = requantize_groups(to_groups(codec.rotate(y), axis, G), low, spec)
         stacked = from_groups(groups.flatten(0, 1), axis, G, (len(low) * B, h, T, D)).view(len(low), *x.shape)
         widths = list(stacked)
-    else:  # Lloyd–Max: the groups' norms (rounded as stored) and unit vectors once, each width's codes from them
+    else:  # Lloyd–Max: the groups' norms (rounded as stored) and unit vectors once, each width's levels from them
         g = codec.rotate(y).reshape(B, h, T, D // G, G)
         norm = g.norm(dim=-1, keepdim=True).to(storage_dtype(spec.scale_dtype)).to(torch.float32)
         unit = g / norm.clamp_min(1e-30)
