@@ -96,7 +96,8 @@ def profile_sequence(model, tok, texts, specs, metric: str, seq_len: int, query_
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     host_ops = sum(e.count for e in events if e.device_type == DeviceType.CPU and (e.key or "").startswith("aten::"))
-    line = f"profile, 1 x {seq_len} tokens under the profiler: {wall:.2f} s wall, {host_ops} aten operations on the host"
+    line = (f"profile, 1 x {seq_len} tokens under the profiler: {wall:.2f} s wall, {host_ops} aten calls on the host "
+            "(nested ones included)")
     if on_gpu:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         busy = sum(e.self_device_time_total for e in kernels) / 1e6
