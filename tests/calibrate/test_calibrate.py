@@ -237,24 +237,14 @@ def test_scoring_a_layer_reads_nothing_back_from_the_device(tiny, arch):
     # On a GPU a read-back (an item, a nonzero, a truth value) waits for every queued kernel: the layers' scoring
     # takes none (chunk bounds come from the mask's CPU copy), so the reads of a calibration (the loss per batch,
     # the curves' check at the end, the model's own mask making) do not grow with the layers or the chunks of rows.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default"}
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += str(func) in reads
-            return func(*args, **(kwargs or {}))
+    from dispatch_count import Dispatched  # tests/dispatch_count.py
 
     found = []
     for layers in (2, 4):
         kinds = ["sliding_attention", "full_attention"] * (layers // 2)  # gemma3: sliding-window layers too
         model = tiny(arch, kv_heads=2, num_hidden_layers=layers, **({"layer_types": kinds} if arch == "gemma3" else {}))
-        Count.n = 0
-        with Count():  # 2 × 96 tokens in batches of 2, every 2nd row scored in chunks of 8: 6 chunks per layer
+        with Dispatched() as d:  # 2 × 96 tokens in batches of 2, every 2nd row scored in chunks of 8: 6 per layer
             calibrate_metrics(model, None, ids(2, 96), metrics=("fisher",), quantizers=[SPEC16, QuantSpec(
                 group_size=16, prerope=True)], batch_size=2, query_stride=2, chunk_elements=8 * 4 * 14 * 96)
-        found.append(Count.n)
+        found.append(d.read_backs)
     assert found[0] == found[1] <= 4, found

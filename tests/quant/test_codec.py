@@ -135,24 +135,16 @@ def test_multi_matches_single_for_rotated_and_pre_rope_grids(spec_id):
 def test_multi_shares_its_work_across_widths(spec_id, per_width):
     # Calibration quantizes every unit at every width: on a GPU each tensor operation is a kernel launch, so the
     # widths share the groups, statistics and RoPE (views, which launch nothing, are not counted).
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += not func.is_view
-            return func(*args, **(kwargs or {}))
+    from dispatch_count import Dispatched  # tests/dispatch_count.py
 
     spec, x = rateq.parse_spec(spec_id), kv(5, (1, 2, 256, 64))
     ang = torch.arange(256)[:, None] * (1.0 / 10000 ** (torch.arange(0, 64, 2) / 64)).repeat(2)[None]
     ops = []
     for bits in ([2], [1, 2, 3, 4, 5, 6, 8]):
         fake_quantize_multi(x, bits, spec, "k", rope=(ang.cos(), ang.sin()))  # tables made on first use
-        Count.n = 0
-        with Count():
+        with Dispatched() as d:
             fake_quantize_multi(x, bits, spec, "k", rope=(ang.cos(), ang.sin()))
-        ops.append(Count.n)
+        ops.append(d.ops)
     assert ops[1] - ops[0] <= 6 * per_width, ops
 
 def test_pre_rope_codec_stores_pre_rope_keys():
