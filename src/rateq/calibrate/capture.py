@@ -85,9 +85,8 @@ def stored_candidates(x: torch.Tensor, role: str, bits, quantizers: list[QuantSp
             stored = fake_quantize_multi(seg, [bits[bi] for _, bi in cols], spec, role, rope=tables if pre else None,
                                          unroped=unroped if pre else None)
         first = cols[0][0]
-        if [c for c, _ in cols] == list(range(first, first + len(cols))):  # the quantizer's columns in a row
-            out[first:first + len(cols), :, :, start:end] = stored if isinstance(stored, torch.Tensor) else \
-                torch.stack(stored)
+        if isinstance(stored, torch.Tensor) and [c for c, _ in cols] == list(range(first, first + len(cols))):
+            out[first:first + len(cols), :, :, start:end] = stored  # the quantizer's columns in a row: one copy
         else:
             for (c, _), xs in zip(cols, stored):
                 out[c, :, :, start:end] = xs

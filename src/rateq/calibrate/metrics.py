@@ -61,6 +61,15 @@ def allowed_pairs(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, 
     return m > torch.finfo(m.dtype).min / 2
 
 
+def visible_band(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool `(..., S)` → per row, the first True column and one past the last (`S` and 0 where there is none)."""
+    S = m.shape[-1]
+    some = m.any(-1)
+    lo = torch.where(some, m.to(torch.uint8).argmax(-1), S)
+    hi = torch.where(some, S - m.flip(-1).to(torch.uint8).argmax(-1), 0)
+    return lo, hi
+
+
 def row_blocks(ok: torch.Tensor, rows: int) -> list[tuple[int, int, int, int, int, int, bool]]:
     """Blocks of `rows` consecutive query rows of `ok` `(n, S)` bool (the allowed pairs of the rows scored) →
     `[(r0, r1, ks, ke, m0, m1, live)]`: the block's rows `r0:r1`, the band of keys `ks:ke` any of them may attend
@@ -74,16 +83,9 @@ def row_blocks(ok: torch.Tensor, rows: int) -> list[tuple[int, int, int, int, in
     okp = torch.zeros(nb * rows, S, dtype=torch.bool)
     okp[:n] = ok
     cols = torch.arange(S)
-
-    def first_last(m):  # (nb, S) bool → first True column, one past the last (S, 0 where none)
-        some = m.any(-1)
-        lo = torch.where(some, m.to(torch.uint8).argmax(-1), S)
-        hi = torch.where(some, S - m.flip(-1).to(torch.uint8).argmax(-1), 0)
-        return lo, hi
-
-    ks, ke = first_last(okp.view(nb, rows, S).any(1))
+    ks, ke = visible_band(okp.view(nb, rows, S).any(1))
     ban = ((~okp) & real[:, None]).view(nb, rows, S).any(1) & (cols >= ks[:, None]) & (cols < ke[:, None])
-    m0, m1 = first_last(ban)
+    m0, m1 = visible_band(ban)
     live = (okp.any(-1) | ~real).view(nb, rows).all(-1)
     out = []
     for i, (a, b, c, d, e) in enumerate(zip(ks.tolist(), ke.tolist(), m0.tolist(), m1.tolist(), live.tolist())):

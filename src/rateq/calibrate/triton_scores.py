@@ -225,11 +225,10 @@ def key_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.T
     P = BLOCK_M // GP
     n_blocks = -(-n_rows // P)
     D_PAD = max(16, _next_pow2(D))
+    from .metrics import visible_band  # (metrics imports this module)
+
     # Each block's band of keys: from the first key any of its rows may attend to one past the last.
-    al = allowed[first::stride][:n_rows]  # (n_rows, S)
-    reach = al.any(-1)
-    lo_row = torch.where(reach, al.to(torch.uint8).argmax(-1), S)
-    hi_row = torch.where(reach, S - al.flip(-1).to(torch.uint8).argmax(-1), 0)
+    lo_row, hi_row = visible_band(allowed[first::stride][:n_rows])  # rows (n_rows,)
     pad = n_blocks * P - n_rows
     lo = torch.nn.functional.pad(lo_row, (0, pad), value=S).view(n_blocks, P).amin(-1).to(torch.int32)
     hi = torch.nn.functional.pad(hi_row, (0, pad), value=0).view(n_blocks, P).amax(-1).to(torch.int32)
